@@ -1,0 +1,151 @@
+"""REST API under ``/ai/``: pure request -> (status, JSON) handling, wired to Orthanc by plugin.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import PipelineConfig
+from .intake import Intake, StudyGone
+from .jobstore import Job, JobStateError, JobStore
+
+Response = tuple[int, Any]
+
+
+def job_json(job: Job, detail: bool = False, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": job.id,
+        "state": job.state,
+        "pipeline": job.pipeline,
+        "pipeline_version": job.pipeline_version,
+        "study": {"StudyInstanceUID": job.study_uid, "ID": job.orthanc_study_id},
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "stage": job.stage,
+        "error": job.error,
+        "created": job.created,
+        "started": job.started,
+        "finished": job.finished,
+        "duration_s": round(job.finished - job.started, 3) if job.finished and job.started else None,
+        "series": {
+            role: {k: v for k, v in r.items() if k != "instances"} | {"instances": len(r.get("instances", []))}
+            for role, r in job.input.get("roles", {}).items()
+        },
+        "timings": job.timings,
+        "outputs": job.outputs,
+    }
+    if detail:
+        out["key"] = {"fingerprint": job.fingerprint}
+        out["fhir"] = job.fhir
+        out["events"] = events or []
+        out["lease"] = {"owner": job.lease_owner, "expires": job.lease_expires}
+    return out
+
+
+def pipeline_json(p: PipelineConfig) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "version": p.version,
+        "enabled": p.enabled,
+        "priority": p.priority,
+        "description": p.description,
+        "algorithm": p.algorithm_name,
+        "model": {"name": p.model.name, "version": p.model.version or "latest"},
+        "inputs": [r.role for r in p.inputs],
+        "segments": [s.name for s in p.segments],
+    }
+
+
+@dataclass
+class Api:
+    store: JobStore
+    intake: Intake
+    pipelines: Callable[[], list[PipelineConfig]]
+    health: Callable[[], dict[str, Any]]
+
+    def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes) -> Response:
+        """Dispatch one request; ``path`` is relative to ``/ai`` (e.g. ``/jobs/abc``)."""
+        try:
+            for pattern, verb, fn in self._routes():
+                m = re.fullmatch(pattern, path)
+                if m and verb == method:
+                    return fn(query, body, *m.groups())
+            if any(re.fullmatch(p, path) for p, _, _ in self._routes()):
+                return 405, {"error": f"method {method} not allowed on /ai{path}"}
+            return 404, {"error": f"no such route: /ai{path}"}
+        except KeyError as e:
+            return 404, {"error": f"not found: {e.args[0]}"}
+        except JobStateError as e:
+            return 409, {"error": str(e)}
+        except ValueError as e:
+            return 400, {"error": str(e)}
+
+    def _routes(self) -> list[tuple[str, str, Callable[..., Response]]]:
+        return [
+            (r"/jobs", "GET", self.list_jobs),
+            (r"/jobs/([0-9a-f]+)", "GET", self.get_job),
+            (r"/jobs/([0-9a-f]+)/retry", "POST", self.retry_job),
+            (r"/jobs/([0-9a-f]+)/cancel", "POST", self.cancel_job),
+            (r"/studies/([0-9a-f-]+)/run", "POST", self.run_study),
+            (r"/studies/([0-9a-f-]+)/dry-run", "GET", self.dry_run),
+            (r"/pipelines", "GET", self.list_pipelines),
+            (r"/health", "GET", self.get_health),
+        ]
+
+    def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
+        limit = int(query.get("limit", "200"))
+        jobs = self.store.list(query.get("state") or None, query.get("study") or None, limit)
+        return 200, [job_json(j) for j in jobs]
+
+    def get_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
+        return 200, job_json(self.store.get(jid), detail=True, events=self.store.events(jid))
+
+    def retry_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
+        return 200, job_json(self.store.retry(jid))
+
+    def cancel_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
+        return 200, job_json(self.store.cancel(jid))
+
+    def run_study(self, query: Mapping[str, str], body: bytes, study_id: str) -> Response:
+        only: str | None = None
+        if body.strip():
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise ValueError("body must be JSON, e.g. {\"pipeline\": \"ct-lung\"}") from None
+            if not isinstance(data, dict):
+                raise ValueError("body must be a JSON object")
+            only = data.get("pipeline")
+            if only is not None and only not in {p.name for p in self.pipelines()}:
+                raise KeyError(f"pipeline {only}")
+        try:
+            results = self.intake.evaluate(study_id, only=only, rerun=True)
+        except StudyGone:
+            raise KeyError(f"study {study_id}") from None
+        return 200, [
+            {
+                "pipeline": r.decision.pipeline,
+                "matched": r.decision.matched,
+                "reason": r.decision.reason,
+                "job": job_json(r.job) if r.job else None,
+                "queued": r.created,
+            }
+            for r in results
+        ]
+
+    def dry_run(self, query: Mapping[str, str], body: bytes, study_id: str) -> Response:
+        try:
+            decisions = self.intake.dry_run(study_id)
+        except StudyGone:
+            raise KeyError(f"study {study_id}") from None
+        return 200, [d.to_json() for d in decisions]
+
+    def list_pipelines(self, query: Mapping[str, str], body: bytes) -> Response:
+        return 200, [pipeline_json(p) for p in self.pipelines()]
+
+    def get_health(self, query: Mapping[str, str], body: bytes) -> Response:
+        h = self.health()
+        return (200 if h.get("ok") else 503), h

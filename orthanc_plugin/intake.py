@@ -1,0 +1,236 @@
+"""Intake: Orthanc's change log -> routing decisions -> jobs.
+
+One loop reads ``/changes`` from the last sequence number we persisted, so the same code
+handles live STABLE_STUDY events (the callback only wakes the loop) and the catch-up after a
+restart. Orthanc forgets stability timers at shutdown, so studies whose series arrived
+without a later StableStudy are evaluated once the stable age has passed after the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import PipelineConfig
+from .jobstore import Job, JobStore
+from .routing import RouteDecision, SeriesInfo, StudyInfo, route
+from .uids import fingerprint, job_key
+
+log = logging.getLogger("orthanc_ai.intake")
+
+RestGet = Callable[[str], Any]  # path -> parsed JSON; raises on HTTP errors
+SEQ_KEY = "changes.last_seq"
+# Series-level keywords that /series/{id} does not carry; read from one instance.
+_INSTANCE_KEYWORDS = (
+    "ConvolutionKernel", "SliceThickness", "Manufacturer", "ManufacturerModelName", "ImageType",
+    "BodyPartExamined", "ContrastBolusAgent", "SOPClassUID", "KVP", "PixelSpacing",
+)  # fmt: skip
+PENDING_TTL_S = 3600.0
+
+
+class StudyGone(LookupError):
+    """The study no longer exists in Orthanc."""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    decision: RouteDecision
+    job: Job | None
+    created: bool
+
+
+class Intake:
+    def __init__(
+        self,
+        rest_get: RestGet,
+        store: JobStore,
+        pipelines: Callable[[], list[PipelineConfig]],
+        max_attempts: int = 3,
+        catch_up_delay_s: float = 10.0,
+    ) -> None:
+        self.rest_get = rest_get
+        self.store = store
+        self.pipelines = pipelines
+        self.max_attempts = max_attempts
+        self.catch_up_delay_s = catch_up_delay_s
+        self.wake = threading.Event()
+        self._pending: dict[str, tuple[int, float]] = {}  # study id -> (first seq, first seen)
+        self._catch_up: dict[str, float] = {}  # study id -> evaluate at
+        self._first_pass = True
+        self._cursor: int | None = None  # read position; the persisted one may lag behind it
+
+    # ------------------------------------------------------------------ study description
+
+    def describe_study(self, orthanc_study_id: str) -> StudyInfo:
+        try:
+            study = self.rest_get(f"/studies/{orthanc_study_id}")
+        except LookupError as e:
+            raise StudyGone(orthanc_study_id) from e
+        series: list[SeriesInfo] = []
+        for sid in study.get("Series", []):
+            try:
+                s = self.rest_get(f"/series/{sid}")
+            except LookupError:
+                continue  # deleted meanwhile
+            tags: dict[str, str] = {k: str(v) for k, v in s.get("MainDicomTags", {}).items()}
+            instances = tuple(s.get("Instances", []))
+            if instances:
+                try:
+                    extra = self.rest_get(f"/instances/{instances[0]}/simplified-tags")
+                except LookupError:
+                    extra = {}
+                for kw in _INSTANCE_KEYWORDS:
+                    v = extra.get(kw)
+                    if isinstance(v, str | int | float) and kw not in tags:
+                        tags[kw] = str(v)
+            series.append(SeriesInfo(sid, tags.get("SeriesInstanceUID", ""), tags, instances))
+        stags = {k: str(v) for k, v in study.get("MainDicomTags", {}).items()}
+        return StudyInfo(orthanc_study_id, stags.get("StudyInstanceUID", ""), stags, tuple(series))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def dry_run(self, orthanc_study_id: str) -> list[RouteDecision]:
+        study = self.describe_study(orthanc_study_id)
+        return [route(p, study) for p in self.pipelines()]
+
+    def evaluate(self, orthanc_study_id: str, only: str | None = None, rerun: bool = False) -> list[Enqueued]:
+        """Route the study and enqueue a job per matching pipeline (idempotent by job key).
+
+        ``rerun`` puts an existing finished job with the same key back into the queue.
+        """
+        study = self.describe_study(orthanc_study_id)
+        results: list[Enqueued] = []
+        for p in self.pipelines():
+            if only is not None and p.name != only:
+                continue
+            decision = route(p, study)
+            if not decision.matched:
+                results.append(Enqueued(decision, None, False))
+                continue
+            chosen = decision.chosen()
+            fp = fingerprint(i for s in chosen.values() for i in s.instance_ids)
+            key = job_key(study.study_instance_uid, p.name, p.version, fp)
+            job_input = {
+                "roles": {
+                    r.role: {
+                        "series_id": r.chosen.orthanc_id,
+                        "series_uid": r.chosen.series_instance_uid,
+                        "series_description": r.chosen.tags.get("SeriesDescription", ""),
+                        "instances": list(r.chosen.instance_ids),
+                        "reason": r.reason,
+                    }
+                    for r in decision.roles
+                    if r.chosen is not None
+                },
+            }
+            job, created = self.store.enqueue(
+                key, study.study_instance_uid, orthanc_study_id, p.name, p.version, fp, job_input,
+                priority=p.priority, max_attempts=self.max_attempts,
+            )  # fmt: skip
+            if not created and rerun and job.state in ("succeeded", "failed", "cancelled"):
+                job = self.store.retry(job.id, "run requested through the API")
+                created = True
+            log.info(
+                "study %s: pipeline %s %s job %s", orthanc_study_id, p.name, "queued" if created else "has", job.id
+            )
+            results.append(Enqueued(decision, job, created))
+        return results
+
+    # ------------------------------------------------------------------ change log
+
+    def start_seq(self) -> int:
+        stored = self.store.get_kv(SEQ_KEY)
+        if stored is not None:
+            return int(stored)
+        # First start on this store: begin at the present, do not reprocess the whole archive.
+        last = int(self.rest_get("/changes?last").get("Last", 0))
+        self.store.set_kv(SEQ_KEY, str(last))
+        return last
+
+    def process_changes(self, limit: int = 200) -> int:
+        """Handle every change after the persisted sequence number; returns how many were read."""
+        if self._cursor is None:
+            self._cursor = self.start_seq()
+        since = self._cursor
+        seen = 0
+        while True:
+            page = self.rest_get(f"/changes?since={since}&limit={limit}")
+            changes = page.get("Changes", [])
+            for ch in changes:
+                self._handle_change(ch)
+            seen += len(changes)
+            if changes:
+                since = int(page.get("Last", since))
+            self._cursor = since
+            self._persist(since)
+            if page.get("Done", True) or not changes:
+                break
+        if self._first_pass:
+            self._first_pass = False
+            now = time.time()
+            for sid in self._pending:
+                self._catch_up.setdefault(sid, now + self.catch_up_delay_s)
+            if self._catch_up:
+                log.info("catch-up: %d study(ies) without a stable event since restart", len(self._catch_up))
+        self._run_catch_up()
+        return seen
+
+    def _handle_change(self, ch: dict[str, Any]) -> None:
+        kind, rid, seq = ch.get("ChangeType"), str(ch.get("ID", "")), int(ch.get("Seq", 0))
+        if kind == "StableStudy":
+            self._pending.pop(rid, None)
+            self._catch_up.pop(rid, None)
+            self._safe_evaluate(rid)
+        elif kind == "NewSeries":
+            try:
+                study_id = str(self.rest_get(f"/series/{rid}").get("ParentStudy", ""))
+            except LookupError:
+                return
+            if study_id and study_id not in self._pending:
+                self._pending[study_id] = (seq, time.time())
+        elif kind == "Deleted" and ch.get("ResourceType") == "Study":
+            self._pending.pop(rid, None)
+            self._catch_up.pop(rid, None)
+
+    def _safe_evaluate(self, study_id: str) -> None:
+        try:
+            self.evaluate(study_id)
+        except StudyGone:
+            log.info("study %s deleted before it could be routed", study_id)
+        except Exception:
+            log.exception("routing study %s failed", study_id)
+
+    def _persist(self, last: int) -> None:
+        now = time.time()
+        for sid, (_, first_seen) in list(self._pending.items()):
+            if now - first_seen > PENDING_TTL_S:
+                del self._pending[sid]
+        # Never move past a series whose study has not been seen stable: after a restart the
+        # catch-up must see that series again.
+        safe = min([last, *(seq - 1 for seq, _ in self._pending.values())])
+        current = self.store.get_kv(SEQ_KEY)
+        if current is None or int(current) != safe:
+            self.store.set_kv(SEQ_KEY, str(safe))
+
+    def _run_catch_up(self) -> None:
+        now = time.time()
+        for sid, due in list(self._catch_up.items()):
+            if due <= now:
+                del self._catch_up[sid]
+                self._pending.pop(sid, None)
+                log.info("catch-up: routing study %s (no stable event after restart)", sid)
+                self._safe_evaluate(sid)
+
+    def run(self, stop: threading.Event, poll_s: float = 2.0) -> None:
+        """Loop until ``stop``: woken by STABLE_STUDY, and polling as a safety net."""
+        while not stop.is_set():
+            try:
+                self.process_changes()
+            except Exception:
+                log.exception("reading Orthanc's change log failed; will retry")
+            self.wake.wait(poll_s)
+            self.wake.clear()

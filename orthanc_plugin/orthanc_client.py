@@ -1,0 +1,122 @@
+"""Orthanc REST API as the workers use it: read instances, store outputs, delete them."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+# Transfer syntaxes pydicom decodes without optional plugins; anything else is decoded by Orthanc.
+_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+
+
+class OrthancError(RuntimeError):
+    """Orthanc answered with an error or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OrthancClient:
+    def __init__(
+        self, url: str, username: str | None = None, password: str | None = None, timeout_s: float = 60.0
+    ) -> None:
+        auth = httpx.BasicAuth(username, password or "") if username else None
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, auth=auth, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _check(self, r: httpx.Response, what: str) -> httpx.Response:
+        if r.status_code >= 400:
+            detail = ""
+            try:
+                body = r.json()
+                detail = body.get("Details") or body.get("Message") or ""
+            except ValueError:
+                detail = r.text[:200]
+            raise OrthancError(f"Orthanc refused {what}: HTTP {r.status_code} {detail}".strip(), r.status_code)
+        return r
+
+    def _request(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise OrthancError(f"Orthanc unreachable at {self.url} while trying to {what}: {e}") from e
+        return self._check(r, what)
+
+    def get_json(self, path: str) -> Any:
+        return self._request("GET", path, f"GET {path}").json()
+
+    def system(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.get_json("/system")
+        return result
+
+    def instance_file(self, instance_id: str) -> bytes:
+        return self._request("GET", f"/instances/{instance_id}/file", f"read instance {instance_id}").content
+
+    def instance_numpy(self, instance_id: str) -> NDArray[np.generic]:
+        """Pixels decoded by Orthanc (handles JPEG 2000/JPEG-LS/RLE through its codecs)."""
+        r = self._request("GET", f"/instances/{instance_id}/numpy", f"decode instance {instance_id}")
+        arr = np.load(io.BytesIO(r.content), allow_pickle=False)
+        return np.asarray(arr).reshape(arr.shape[-3:-1] if arr.ndim >= 3 and arr.shape[-1] == 1 else arr.shape)
+
+    def read_instances(self, instance_ids: Sequence[str], threads: int = 4) -> list[Dataset]:
+        """Download and parse instances (in parallel; order of ``instance_ids`` kept)."""
+
+        def one(iid: str) -> Dataset:
+            ds = pydicom.dcmread(io.BytesIO(self.instance_file(iid)))
+            ds.orthanc_id = iid  # remembered so pixels can be decoded by Orthanc if needed
+            return ds
+
+        if len(instance_ids) <= 1:
+            return [one(i) for i in instance_ids]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(one, instance_ids))
+
+    def pixels(self, ds: Dataset) -> NDArray[np.generic]:
+        """Decode locally when pydicom can do it alone, else ask Orthanc."""
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+        if ts in _NATIVE:
+            return np.asarray(ds.pixel_array)
+        iid = getattr(ds, "orthanc_id", None)
+        if iid is None:
+            return np.asarray(ds.pixel_array)
+        return self.instance_numpy(iid)
+
+    def store(self, ds: Dataset) -> dict[str, Any]:
+        """Store one instance; Orthanc must run with OverwriteInstances so a retry replaces."""
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        r = self._request(
+            "POST", "/instances", f"store {ds.get('Modality', '')} instance", content=buf.getvalue(),
+            headers={"Content-Type": "application/dicom"},
+        )  # fmt: skip
+        result: dict[str, Any] = r.json()
+        return result
+
+    def delete_instance(self, instance_id: str) -> None:
+        self._request("DELETE", f"/instances/{instance_id}", f"delete instance {instance_id}")
+
+    def lookup(self, uid: str) -> list[dict[str, Any]]:
+        r = self._request("POST", "/tools/lookup", "look up a UID", content=uid.encode("ascii"))
+        result: list[dict[str, Any]] = r.json()
+        return result
+
+    def study_exists(self, orthanc_study_id: str) -> bool:
+        try:
+            self._request("GET", f"/studies/{orthanc_study_id}", "read the study")
+        except OrthancError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True

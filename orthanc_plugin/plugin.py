@@ -1,0 +1,175 @@
+"""Wiring inside Orthanc: configuration, callbacks, REST routes, worker supervision.
+
+Only light work happens here (Orthanc's Python plugin shares one GIL with every Python
+route); volumes, inference and encoding run in the worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+import orthanc  # provided by Orthanc's Python plugin
+
+from .api import Api
+from .config import PipelineConfig, Settings, load_pipelines, load_settings, settings_to_json
+from .intake import Intake
+from .jobstore import JobStore
+from .supervisor import Supervisor
+
+log = logging.getLogger("orthanc_ai")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _OrthancLogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = f"[orthanc-ai] {record.name}: {self.format(record)}"
+        if record.levelno >= logging.ERROR:
+            orthanc.LogError(msg)
+        elif record.levelno >= logging.WARNING:
+            orthanc.LogWarning(msg)
+        else:
+            orthanc.LogInfo(msg)
+
+
+def _rest_get(path: str) -> Any:
+    try:
+        return json.loads(orthanc.RestApiGet(path))
+    except orthanc.OrthancException as e:
+        if e.args and e.args[0] == orthanc.ErrorCode.UNKNOWN_RESOURCE:
+            raise LookupError(path) from None
+        raise
+
+
+class Plugin:
+    def __init__(self) -> None:
+        config = json.loads(orthanc.GetConfiguration())
+        self.settings: Settings = load_settings(config, "Orthanc configuration (OrthancAI)")
+        self.pipelines: list[PipelineConfig] = load_pipelines(self.settings.pipelines_file)
+        assert self.settings.job_store is not None
+        self.store = JobStore(self.settings.job_store)
+        stable_age = float(config.get("StableAge", 60))
+        delay = self.settings.catch_up_delay_seconds
+        self.intake = Intake(
+            _rest_get,
+            JobStore(self.settings.job_store),  # the intake thread gets its own connection
+            lambda: self.pipelines,
+            max_attempts=self.settings.max_attempts,
+            catch_up_delay_s=stable_age if delay < 0 else delay,
+        )
+        self.api = Api(JobStore(self.settings.job_store), self.intake, lambda: self.pipelines, self.health)
+        self._api_lock = threading.Lock()
+        work_dir = self.settings.job_store.parent
+        settings_file = work_dir / "worker-settings.json"
+        settings_file.write_text(settings_to_json(self.settings))
+        python = self.settings.worker_python or Path(os.environ.get("ORTHANC_AI_VENV", ROOT / ".venv")) / "bin/python"
+        self.supervisor = Supervisor(
+            python, settings_file, self.settings.workers, self.settings.job_store,
+            self.settings.log_dir or work_dir / "logs",
+        )  # fmt: skip
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self._triton: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_change(self, change_type: int, level: int, resource: str) -> None:
+        if change_type == orthanc.ChangeType.STABLE_STUDY:
+            self.intake.wake.set()
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            self.start()
+        elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            self.shutdown()
+
+    def start(self) -> None:
+        self.supervisor.start()
+        for name, target in (("intake", lambda: self.intake.run(self.stop)), ("supervisor", self._supervise)):
+            t = threading.Thread(target=target, name=f"orthanc-ai-{name}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        log.warning(
+            "started: %d pipeline(s) [%s], %d worker(s), job store %s",
+            len(self.pipelines), ", ".join(p.name for p in self.pipelines), self.settings.workers,
+            self.settings.job_store,
+        )  # fmt: skip
+
+    def _supervise(self) -> None:
+        self.supervisor.run(self.stop)
+
+    def shutdown(self) -> None:
+        # Threads left running at ORTHANC_STOPPED hang Orthanc's shutdown: stop and join them.
+        self.stop.set()
+        self.intake.wake.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.supervisor.stop()
+        log.warning("stopped")
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> dict[str, Any]:
+        from .inference import TritonClient
+
+        if self._triton is None:
+            self._triton = TritonClient(self.settings.triton_url, use_shared_memory=False, timeout_s=3)
+        try:
+            triton_ok = bool(self._triton.is_ready())
+        except Exception:
+            triton_ok = False
+        workers = self.supervisor.status()
+        alive = sum(1 for w in workers if w["alive"])
+        queue = self.store.counts()
+        ok = triton_ok and alive == len(workers)
+        return {
+            "ok": ok,
+            "triton": {"url": self.settings.triton_url, "ready": triton_ok},
+            "workers": {"expected": len(workers), "alive": alive, "detail": workers},
+            "queue": queue,
+        }
+
+    # ------------------------------------------------------------------ REST
+
+    def rest(self, output: Any, uri: str, **request: Any) -> None:
+        method = str(request.get("method", "GET"))
+        query = {str(k): str(v) for k, v in (request.get("get") or {}).items()}
+        body = request.get("body") or b""
+        path = uri[len("/ai") :] or "/"
+        with self._api_lock:  # one sqlite connection serves the API
+            try:
+                status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body)
+            except Exception as e:
+                log.error("API %s %s failed: %s", method, path, traceback.format_exc())
+                status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
+        data = json.dumps(payload, indent=2, default=str)  # ASCII: len() is the byte length
+        if status == 200:
+            output.AnswerBuffer(data, "application/json")
+        else:
+            # Plugin 4.0 takes (status, body as str, length); no content type can be set here.
+            output.SendHttpStatus(status, data, len(data))
+
+
+_plugin: Plugin | None = None
+
+
+def register() -> None:
+    """Called by the entry script that Orthanc loads."""
+    global _plugin
+    handler = _OrthancLogHandler()
+    logging.getLogger("orthanc_ai").addHandler(handler)
+    logging.getLogger("orthanc_ai").setLevel(logging.INFO)
+    try:
+        _plugin = Plugin()
+    except Exception:
+        # An exception while the script loads kills Orthanc with only the class name logged.
+        orthanc.LogError("[orthanc-ai] cannot start:\n" + traceback.format_exc())
+        sys.stderr.flush()
+        raise
+    orthanc.RegisterOnChangeCallback(_plugin.on_change)
+    orthanc.RegisterRestCallback("/ai/(.*)", _plugin.rest)
+    orthanc.RegisterRestCallback("/ai", _plugin.rest)

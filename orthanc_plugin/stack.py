@@ -1,0 +1,202 @@
+"""The local stack: real Orthanc (Debian package) with our plugin, and real tritonserver.
+
+Used by ``make up`` / ``make down`` / ``make demo`` and by the integration tests, so the
+tests start the services exactly the way a user does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from .triton_server import TritonServer, TritonServerError, terminate_process
+
+ROOT = Path(__file__).resolve().parent.parent
+ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class OrthancServer:
+    """Orthanc started with ``config/orthanc.json``; settings passed as environment variables."""
+
+    storage: Path
+    http_port: int = 8042
+    dicom_port: int = 4242
+    triton_grpc_port: int = 8001
+    workers: int = 1
+    stable_age: int = 3
+    lease_seconds: float = 30.0
+    log_file: Path | None = None
+    config_file: Path = ROOT / "config" / "orthanc.json"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            ORTHANC_AI_ROOT=str(ROOT),
+            ORTHANC_AI_STORAGE=str(self.storage.resolve()),
+            ORTHANC_AI_HTTP_PORT=str(self.http_port),
+            ORTHANC_AI_DICOM_PORT=str(self.dicom_port),
+            ORTHANC_AI_TRITON_GRPC_PORT=str(self.triton_grpc_port),
+            ORTHANC_AI_WORKERS=str(self.workers),
+            ORTHANC_AI_STABLE_AGE=str(self.stable_age),
+            ORTHANC_AI_LEASE_SECONDS=str(self.lease_seconds),
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 30.0, detach: bool = False) -> OrthancServer:
+        if not ORTHANC_BIN.exists():
+            raise RuntimeError(f"{ORTHANC_BIN} not found: run `make install` (Debian package 'orthanc')")
+        self.storage.mkdir(parents=True, exist_ok=True)
+        log_file = self.log_file or self.storage.parent / "log" / "orthanc.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_file, "ab")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [str(ORTHANC_BIN), str(self.config_file)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(),
+            cwd=str(ROOT), start_new_session=detach,
+        )  # fmt: skip
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self._proc.returncode}; see {log_file}:\n{_tail(log_file)}")
+            try:
+                if httpx.get(f"{self.url}/ai/pipelines", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout:.0f} s; see {log_file}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+        return self._proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown callbacks run."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- CLI for make up/down
+
+
+VAR = ROOT / "var"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def up(workers: int, stable_age: int) -> int:
+    (VAR / "log").mkdir(parents=True, exist_ok=True)
+    triton_pid = _read_pid(VAR / "triton.pid")
+    if triton_pid is None:
+        triton = TritonServer(ROOT / "triton_models", log_file=VAR / "log" / "triton.log", model_control="poll")
+        try:
+            triton.start(timeout=120)
+        except TritonServerError as e:
+            print(f"error: Triton did not start: {e}", file=sys.stderr)
+            return 1
+        (VAR / "triton.pid").write_text(f"{triton.detach()}\n")
+        print(f"Triton     ready   gRPC 127.0.0.1:8001, HTTP http://127.0.0.1:8000 (log {VAR / 'log/triton.log'})")
+    else:
+        print(f"Triton     running (pid {triton_pid})")
+    orthanc_pid = _read_pid(VAR / "orthanc.pid")
+    if orthanc_pid is None:
+        server = OrthancServer(VAR / "orthanc-storage", workers=workers, stable_age=stable_age)
+        try:
+            server.start(timeout=60, detach=True)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        assert server.pid is not None
+        (VAR / "orthanc.pid").write_text(f"{server.pid}\n")
+        print(f"Orthanc    ready   {server.url}  (DICOMweb {server.url}/dicom-web/, log {VAR / 'log/orthanc.log'})")
+    else:
+        print(f"Orthanc    running (pid {orthanc_pid})")
+    return 0
+
+
+def down() -> int:
+    for name in ("orthanc", "triton"):
+        pid = _read_pid(VAR / f"{name}.pid")
+        if pid is not None:
+            terminate_process(pid, 30)
+            print(f"{name} stopped (pid {pid})")
+        with contextlib.suppress(OSError):
+            (VAR / f"{name}.pid").unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orthanc_plugin.stack", description="local Orthanc + Triton")
+    p.add_argument("action", choices=("up", "down"))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--stable-age", type=int, default=5)
+    args = p.parse_args(argv)
+    return up(args.workers, args.stable_age) if args.action == "up" else down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

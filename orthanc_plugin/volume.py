@@ -1,0 +1,234 @@
+"""Series of single-frame DICOM images -> a correctly ordered 3D volume, or a clear refusal.
+
+Slices are sorted by their position along the slice normal, never by file name or
+InstanceNumber. Everything that would make the voxel grid a lie (mixed orientations or
+sizes, uneven gaps, tilted gantry, repeated positions) is refused with a reason an admin
+can act on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+PixelReader = Callable[[Dataset], NDArray[np.generic]]
+
+ORIENTATION_TOL = 1e-3  # direction cosines
+SPACING_REL_TOL = 0.05  # gaps may differ by 5% (scanner rounding), no more
+MIN_SLICES = 3
+
+
+class VolumeError(ValueError):
+    """The series cannot be made into a volume; the message says why, for an admin."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D image: ``voxels[z, y, x]`` with ``datasets[z]`` the source slice of plane z."""
+
+    voxels: NDArray[np.float32]
+    datasets: tuple[Dataset, ...]
+    spacing: tuple[float, float, float]  # (between slices, between rows, between columns) in mm
+    origin: tuple[float, float, float]  # ImagePositionPatient of the first slice
+    row_direction: tuple[float, float, float]  # direction of increasing column index
+    column_direction: tuple[float, float, float]  # direction of increasing row index
+    normal: tuple[float, float, float]
+    temporal_positions: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.voxels.shape
+        return int(z), int(y), int(x)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        dz, dy, dx = self.spacing
+        return dz * dy * dx / 1000.0
+
+
+def _floats(ds: Dataset, keyword: str, n: int) -> NDArray[np.float64] | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) else None
+
+
+def _sop(ds: Dataset) -> str:
+    return str(ds.get("SOPInstanceUID", "?"))
+
+
+def default_pixels(ds: Dataset) -> NDArray[np.generic]:
+    """Decode pixels with pydicom (native and the compressed syntaxes its plugins handle)."""
+    return np.asarray(ds.pixel_array)
+
+
+def _check_image(ds: Dataset) -> None:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise VolumeError(
+            f"instance {_sop(ds)} has no pixel data (SOP class {ds.get('SOPClassUID', '?')}): not an image"
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise VolumeError(
+            f"instance {_sop(ds)} is multi-frame ({frames} frames): enhanced/multi-frame images are not supported yet"
+        )
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if spp != 1:
+        raise VolumeError(
+            f"instance {_sop(ds)} has {spp} samples per pixel ({ds.get('PhotometricInterpretation', '?')}):"
+            " colour images cannot be used"
+        )
+
+
+def _temporal_groups(datasets: Sequence[Dataset], positions: NDArray[np.float64]) -> list[list[int]] | None:
+    """Split into temporal positions when the series has several; None when it has one."""
+    tpi = [ds.get("TemporalPositionIdentifier") for ds in datasets]
+    if all(t is not None for t in tpi) and len(set(tpi)) > 1:
+        keys: list[object] = [int(t) for t in tpi]
+    else:
+        rounded = Counter(np.round(positions, 2).tolist())
+        if max(rounded.values()) == 1:
+            return None
+        acq = [ds.get("AcquisitionNumber") for ds in datasets]
+        if all(a is not None for a in acq) and len(set(acq)) > 1:
+            keys = [int(a) for a in acq]
+        else:
+            return None  # duplicates without a temporal attribute: caller reports duplicated slices
+    groups: dict[object, list[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        groups[k].append(i)
+    return [groups[k] for k in sorted(groups, key=lambda k: int(str(k)))]
+
+
+def build_volume(
+    datasets: Sequence[Dataset],
+    pixels: PixelReader = default_pixels,
+    temporal_position: int | None = None,
+    min_slices: int = MIN_SLICES,
+) -> Volume:
+    """Assemble the volume; raises :class:`VolumeError` with the reason when it cannot."""
+    if not datasets:
+        raise VolumeError("the series has no instances")
+    for ds in datasets:
+        _check_image(ds)
+
+    iops = []
+    ipps = []
+    for ds in datasets:
+        iop = _floats(ds, "ImageOrientationPatient", 6)
+        ipp = _floats(ds, "ImagePositionPatient", 3)
+        if iop is None:
+            raise VolumeError(f"instance {_sop(ds)} has no valid ImageOrientationPatient: its orientation is unknown")
+        if ipp is None:
+            raise VolumeError(f"instance {_sop(ds)} has no valid ImagePositionPatient: its position is unknown")
+        iops.append(iop)
+        ipps.append(ipp)
+    iop0 = iops[0]
+    for ds, iop in zip(datasets, iops, strict=True):
+        if np.max(np.abs(iop - iop0)) > ORIENTATION_TOL:
+            raise VolumeError(
+                f"mixed orientations in one series: instance {_sop(ds)} has ImageOrientationPatient "
+                f"{np.round(iop, 4).tolist()}, the first has {np.round(iop0, 4).tolist()}"
+            )
+    row_dir, col_dir = iop0[:3], iop0[3:]
+    normal = np.cross(row_dir, col_dir)
+    if abs(np.linalg.norm(normal) - 1.0) > 1e-2 or abs(float(np.dot(row_dir, col_dir))) > 1e-2:
+        raise VolumeError(f"ImageOrientationPatient {iop0.tolist()} is not two orthogonal unit vectors")
+    positions = np.array([float(np.dot(p, normal)) for p in ipps])
+
+    n_temporal = 1
+    groups = _temporal_groups(datasets, positions)
+    indices = list(range(len(datasets)))
+    if groups is not None:
+        n_temporal = len(groups)
+        if temporal_position is None:
+            raise VolumeError(
+                f"the series has {n_temporal} temporal positions; the pipeline must declare which one to use"
+                " (input 'temporal_position')"
+            )
+        if not 1 <= temporal_position <= n_temporal:
+            raise VolumeError(
+                f"the pipeline asks for temporal position {temporal_position}, the series has {n_temporal}"
+            )
+        indices = groups[temporal_position - 1]
+
+    if len(indices) < min_slices:
+        raise VolumeError(f"the series has {len(indices)} slice(s); at least {min_slices} are needed for a volume")
+
+    shapes = {(int(datasets[i].Rows), int(datasets[i].Columns)) for i in indices}
+    if len(shapes) > 1:
+        raise VolumeError(f"slices of different sizes in one series (Rows x Columns): {sorted(shapes)}")
+    spacings = set()
+    exact_spacing: NDArray[np.float64] | None = None
+    for i in indices:
+        ps = _floats(datasets[i], "PixelSpacing", 2)
+        if ps is None or min(ps) <= 0:
+            raise VolumeError(f"instance {_sop(datasets[i])} has no valid PixelSpacing")
+        spacings.add(tuple(np.round(ps, 4).tolist()))
+        exact_spacing = ps if exact_spacing is None else exact_spacing
+    if len(spacings) > 1:
+        raise VolumeError(f"slices with different PixelSpacing in one series: {sorted(spacings)}")
+
+    order = sorted(indices, key=lambda i: positions[i])
+    pos = positions[order]
+    gaps = np.diff(pos)
+    if np.any(gaps < 1e-3):
+        k = int(np.argmin(gaps))
+        raise VolumeError(
+            f"duplicated slices: instances {_sop(datasets[order[k]])} and {_sop(datasets[order[k + 1]])}"
+            f" are at the same position ({pos[k]:.2f} mm along the normal)"
+        )
+    step = float(np.median(gaps))
+    uneven = np.abs(gaps - step) > SPACING_REL_TOL * step
+    if np.any(uneven):
+        k = int(np.argmax(uneven))
+        what = "a slice is probably missing" if gaps[k] > step else "uneven spacing"
+        raise VolumeError(
+            f"{what}: gap of {gaps[k]:.2f} mm between positions {pos[k]:.2f} and {pos[k + 1]:.2f} mm,"
+            f" the series' usual gap is {step:.2f} mm"
+        )
+    # The in-plane offset between consecutive slices must be along the normal; otherwise the
+    # slices are sheared (gantry tilt) and a rectangular grid would misplace every voxel.
+    first, last = ipps[order[0]], ipps[order[-1]]
+    travel = last - first
+    along = float(np.dot(travel, normal))
+    sideways = float(np.linalg.norm(travel - along * normal))
+    if sideways > 0.01 * abs(along) + 0.5:
+        raise VolumeError(
+            f"slice positions drift {sideways:.1f} mm sideways over {abs(along):.1f} mm (gantry tilt or sheared"
+            " acquisition): resample the series before analysis"
+        )
+
+    rows, cols = shapes.pop()
+    voxels = np.empty((len(order), rows, cols), dtype=np.float32)
+    for z, i in enumerate(order):
+        ds = datasets[i]
+        arr = pixels(ds)
+        if arr.shape != (rows, cols):
+            raise VolumeError(f"instance {_sop(ds)}: decoded pixels have shape {arr.shape}, expected {(rows, cols)}")
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        np.multiply(arr, slope, out=voxels[z], casting="unsafe")
+        voxels[z] += intercept
+
+    assert exact_spacing is not None
+    ps = exact_spacing
+    return Volume(
+        voxels=voxels,
+        datasets=tuple(datasets[i] for i in order),
+        spacing=(step, float(ps[0]), float(ps[1])),
+        origin=(float(first[0]), float(first[1]), float(first[2])),
+        row_direction=(float(row_dir[0]), float(row_dir[1]), float(row_dir[2])),
+        column_direction=(float(col_dir[0]), float(col_dir[1]), float(col_dir[2])),
+        normal=(float(normal[0]), float(normal[1]), float(normal[2])),
+        temporal_positions=n_temporal,
+    )

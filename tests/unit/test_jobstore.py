@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from orthanc_plugin.jobstore import JobStateError, JobStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(tmp_path / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+def enqueue(store: JobStore, key: str = "k1", max_attempts: int = 3):
+    return store.enqueue(key, "1.2.3", "oid", "ct-lung", "1.0.0", "fp", {"roles": {}}, max_attempts=max_attempts)
+
+
+def test_enqueue_is_idempotent(store):
+    j1, created1 = enqueue(store)
+    j2, created2 = enqueue(store)
+    assert created1 and not created2 and j1.id == j2.id
+    assert store.counts()["queued"] == 1
+
+
+def test_claim_lease_and_succeed(store):
+    enqueue(store)
+    job = store.claim("w1", lease_s=30)
+    assert job is not None and job.state == "running" and job.attempts == 1
+    assert store.claim("w2", lease_s=30) is None  # nobody else gets it
+    store.record_stage(job.id, "w1", "fetch", 0.25)
+    assert store.succeed(job.id, "w1", {"seg": {"SOPInstanceUID": "1.2"}}, {"resourceType": "Bundle"})
+    done = store.get(job.id)
+    assert done.state == "succeeded" and done.timings == {"fetch": 0.25} and done.fhir == {"resourceType": "Bundle"}
+    assert [e["kind"] for e in store.events(job.id)] == ["queued", "running", "succeeded"]
+
+
+def test_expired_lease_goes_back_to_queue(store):
+    enqueue(store)
+    job = store.claim("dead", lease_s=0.05)
+    time.sleep(0.1)
+    again = store.claim("alive", lease_s=30)
+    assert again is not None and again.id == job.id and again.attempts == 2 and again.lease_owner == "alive"
+    assert not store.heartbeat(job.id, "dead", 30)  # the old owner lost it
+    assert not store.succeed(job.id, "dead", {}, None)
+    assert "requeued" in [e["kind"] for e in store.events(job.id)]
+
+
+def test_release_owner_requeues_at_once(store):
+    enqueue(store)
+    job = store.claim("w:1", lease_s=300)
+    assert store.release_owner("w:1", "worker died") == 1
+    assert store.get(job.id).state == "queued"
+
+
+def test_lost_too_often_fails_with_reason(store):
+    enqueue(store, max_attempts=1)
+    job = store.claim("w", lease_s=300)
+    store.release_owner("w", "worker died")
+    failed = store.get(job.id)
+    assert failed.state == "failed" and "worker lost during attempt 1 of 1" in (failed.error or "")
+
+
+def test_retryable_failure_backs_off_then_fails(store):
+    enqueue(store, max_attempts=2)
+    job = store.claim("w", 30)
+    assert store.fail(job.id, "w", "Triton unreachable", retryable=True, backoff_s=60) == "queued"
+    assert store.claim("w", 30) is None  # backoff not over
+    assert store.get(job.id).not_before > time.time() + 50
+
+
+def test_non_retryable_failure_and_retry(store):
+    enqueue(store)
+    job = store.claim("w", 30)
+    assert store.fail(job.id, "w", "input not usable: a slice is missing", retryable=False, backoff_s=1) == "failed"
+    with pytest.raises(JobStateError):
+        store.cancel(job.id)
+    again = store.retry(job.id)
+    assert again.state == "queued" and again.attempts == 0 and again.error is None
+
+
+def test_retry_running_refused_and_cancel(store):
+    enqueue(store)
+    job = store.claim("w", 30)
+    with pytest.raises(JobStateError):
+        store.retry(job.id)
+    assert store.cancel(job.id).state == "cancelled"
+    assert not store.heartbeat(job.id, "w", 30)
+
+
+def test_list_filters_and_kv(store):
+    enqueue(store, "a")
+    enqueue(store, "b")
+    assert len(store.list()) == 2 and len(store.list(state="queued", study_uid="1.2.3")) == 2
+    assert store.list(study_uid="9.9") == []
+    with pytest.raises(ValueError):
+        store.list(state="bogus")
+    assert store.get_kv("x") is None
+    store.set_kv("x", "1")
+    store.set_kv("x", "2")
+    assert store.get_kv("x") == "2"
+
+
+def test_two_processes_never_claim_the_same_job(tmp_path):
+    import multiprocessing as mp
+
+    path = tmp_path / "jobs.sqlite"
+    s = JobStore(path)
+    for i in range(40):
+        enqueue(s, f"k{i}")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_claim_all, [(str(path), "a"), (str(path), "b")])
+    claimed = results[0] + results[1]
+    assert len(claimed) == 40 and len(set(claimed)) == 40
+
+
+def _claim_all(path: str, owner: str) -> list[str]:
+    from pathlib import Path
+
+    s = JobStore(Path(path))
+    out = []
+    while (j := s.claim(owner, 30)) is not None:
+        out.append(j.id)
+    return out
