@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="run an AI worker process")
     w.add_argument("--settings", required=True, help="JSON file with an OrthancAI section")
     w.add_argument("--owner", default=None, help="lease owner name (default host:pid)")
+    w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     c = sub.add_parser("check-config", help="validate a pipelines file and exit")
     c.add_argument("pipelines_file")
     args = parser.parse_args(argv)
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         from .worker import main as worker_main
 
-        return worker_main(args.settings, args.owner)
+        return worker_main(args.settings, args.owner, args.parent_pid)
     if args.command == "check-config":
         from pathlib import Path
 
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(e, file=sys.stderr)
             return 2
-        print(f"{args.pipelines_file}: {len(pipelines)} pipeline(s) OK: {', '.join(p.name for p in pipelines)}")
+        print(
+            f"{args.pipelines_file}: {len(pipelines)} pipeline(s) OK: {', '.join(p.name for p in pipelines)}"
+        )
         return 0
     return 2
 

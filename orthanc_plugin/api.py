@@ -31,7 +31,8 @@ def job_json(job: Job, detail: bool = False, events: list[dict[str, Any]] | None
         "finished": job.finished,
         "duration_s": round(job.finished - job.started, 3) if job.finished and job.started else None,
         "series": {
-            role: {k: v for k, v in r.items() if k != "instances"} | {"instances": len(r.get("instances", []))}
+            role: {k: v for k, v in r.items() if k != "instances"}
+            | {"instances": len(r.get("instances", []))}
             for role, r in job.input.get("roles", {}).items()
         },
         "timings": job.timings,
@@ -97,7 +98,7 @@ class Api:
 
     def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
         limit = int(query.get("limit", "200"))
-        jobs = self.store.list(query.get("state") or None, query.get("study") or None, limit)
+        jobs = self.store.list_jobs(query.get("state") or None, query.get("study") or None, limit)
         return 200, [job_json(j) for j in jobs]
 
     def get_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
@@ -115,7 +116,7 @@ class Api:
             try:
                 data = json.loads(body)
             except ValueError:
-                raise ValueError("body must be JSON, e.g. {\"pipeline\": \"ct-lung\"}") from None
+                raise ValueError('body must be JSON, e.g. {"pipeline": "ct-lung"}') from None
             if not isinstance(data, dict):
                 raise ValueError("body must be a JSON object")
             only = data.get("pipeline")

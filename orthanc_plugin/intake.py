@@ -135,7 +135,11 @@ class Intake:
                 job = self.store.retry(job.id, "run requested through the API")
                 created = True
             log.info(
-                "study %s: pipeline %s %s job %s", orthanc_study_id, p.name, "queued" if created else "has", job.id
+                "study %s: pipeline %s %s job %s",
+                orthanc_study_id,
+                p.name,
+                "queued" if created else "has",
+                job.id,
             )
             results.append(Enqueued(decision, job, created))
         return results

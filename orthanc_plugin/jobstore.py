@@ -105,7 +105,9 @@ class JobStore:
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(
+            str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -126,7 +128,10 @@ class JobStore:
         self._db.execute("COMMIT")
 
     def _event(self, db: sqlite3.Connection, jid: str, kind: str, detail: str = "") -> None:
-        db.execute("INSERT INTO job_events(job_id, ts, kind, detail) VALUES (?,?,?,?)", (jid, time.time(), kind, detail))
+        db.execute(
+            "INSERT INTO job_events(job_id, ts, kind, detail) VALUES (?,?,?,?)",
+            (jid, time.time(), kind, detail),
+        )
 
     # ------------------------------------------------------------------ intake side
 
@@ -228,7 +233,12 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, finished=?, updated=?"
                 " WHERE id=?",
-                (f"worker lost during attempt {r['attempts']} of {r['max_attempts']} ({why})", now, now, r["id"]),
+                (
+                    f"worker lost during attempt {r['attempts']} of {r['max_attempts']} ({why})",
+                    now,
+                    now,
+                    r["id"],
+                ),
             )
             self._event(db, r["id"], "failed", why)
         else:
@@ -269,7 +279,8 @@ class JobStore:
             timings = json.loads(row["timings"])
             timings[stage] = round(seconds, 4)
             db.execute(
-                "UPDATE jobs SET timings=?, stage=?, updated=? WHERE id=?", (json.dumps(timings), stage, time.time(), jid)
+                "UPDATE jobs SET timings=?, stage=?, updated=? WHERE id=?",
+                (json.dumps(timings), stage, time.time(), jid),
             )
 
     def update_input(self, jid: str, owner: str, updates: dict[str, Any]) -> None:
@@ -290,7 +301,12 @@ class JobStore:
                 (json.dumps(outputs), json.dumps(fhir) if fhir is not None else None, now, now, jid, owner),
             )
             if cur.rowcount == 1:
-                self._event(db, jid, "succeeded", ", ".join(f"{k}={v}" for k, v in outputs.items() if "uid" in k.lower()))
+                self._event(
+                    db,
+                    jid,
+                    "succeeded",
+                    ", ".join(f"{k}={v}" for k, v in outputs.items() if "uid" in k.lower()),
+                )
             return cur.rowcount == 1
 
     def fail(self, jid: str, owner: str, error: str, retryable: bool, backoff_s: float) -> str:
@@ -298,7 +314,8 @@ class JobStore:
         now = time.time()
         with self._tx() as db:
             row = db.execute(
-                "SELECT attempts, max_attempts FROM jobs WHERE id=? AND state='running' AND lease_owner=?", (jid, owner)
+                "SELECT attempts, max_attempts FROM jobs WHERE id=? AND state='running' AND lease_owner=?",
+                (jid, owner),
             ).fetchone()
             if row is None:
                 return "lost"
@@ -309,7 +326,9 @@ class JobStore:
                     " updated=? WHERE id=?",
                     (error, now + delay, now, jid),
                 )
-                self._event(db, jid, "requeued", f"attempt {row['attempts']} failed, retry in {delay:.0f} s: {error}")
+                self._event(
+                    db, jid, "requeued", f"attempt {row['attempts']} failed, retry in {delay:.0f} s: {error}"
+                )
                 return "queued"
             db.execute(
                 "UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, finished=?, updated=?"
@@ -331,7 +350,7 @@ class JobStore:
         row = self._db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
         return None if row is None else Job.from_row(row)
 
-    def list(self, state: str | None = None, study_uid: str | None = None, limit: int = 200) -> list[Job]:
+    def list_jobs(self, state: str | None = None, study_uid: str | None = None, limit: int = 200) -> list[Job]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
         if state:
             if state not in STATES:
@@ -360,7 +379,10 @@ class JobStore:
 
     def set_kv(self, key: str, value: str) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO kv(key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+            db.execute(
+                "INSERT INTO kv(key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
 
 
 class JobStateError(RuntimeError):

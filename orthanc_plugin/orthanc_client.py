@@ -44,14 +44,25 @@ class OrthancClient:
                 detail = body.get("Details") or body.get("Message") or ""
             except ValueError:
                 detail = r.text[:200]
-            raise OrthancError(f"Orthanc refused {what}: HTTP {r.status_code} {detail}".strip(), r.status_code)
+            raise OrthancError(
+                f"Orthanc refused {what}: HTTP {r.status_code} {detail}".strip(), r.status_code
+            )
         return r
 
     def _request(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise OrthancError(f"Orthanc unreachable at {self.url} while trying to {what}: {e}") from e
+        for attempt in (1, 2):
+            try:
+                r = self._http.request(method, path, **kw)
+                break
+            except (httpx.RemoteProtocolError, httpx.ConnectError) as e:
+                # A kept-alive connection closed by Orthanc in the meantime: one fresh try. Storing
+                # is idempotent too (same SOPInstanceUID, OverwriteInstances).
+                if attempt == 2:
+                    raise OrthancError(
+                        f"Orthanc unreachable at {self.url} while trying to {what}: {e}"
+                    ) from e
+            except httpx.HTTPError as e:
+                raise OrthancError(f"Orthanc unreachable at {self.url} while trying to {what}: {e}") from e
         return self._check(r, what)
 
     def get_json(self, path: str) -> Any:
@@ -68,7 +79,9 @@ class OrthancClient:
         """Pixels decoded by Orthanc (handles JPEG 2000/JPEG-LS/RLE through its codecs)."""
         r = self._request("GET", f"/instances/{instance_id}/numpy", f"decode instance {instance_id}")
         arr = np.load(io.BytesIO(r.content), allow_pickle=False)
-        return np.asarray(arr).reshape(arr.shape[-3:-1] if arr.ndim >= 3 and arr.shape[-1] == 1 else arr.shape)
+        return np.asarray(arr).reshape(
+            arr.shape[-3:-1] if arr.ndim >= 3 and arr.shape[-1] == 1 else arr.shape
+        )
 
     def read_instances(self, instance_ids: Sequence[str], threads: int = 4) -> list[Dataset]:
         """Download and parse instances (in parallel; order of ``instance_ids`` kept)."""

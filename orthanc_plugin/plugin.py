@@ -68,7 +68,10 @@ class Plugin:
         work_dir = self.settings.job_store.parent
         settings_file = work_dir / "worker-settings.json"
         settings_file.write_text(settings_to_json(self.settings))
-        python = self.settings.worker_python or Path(os.environ.get("ORTHANC_AI_VENV", ROOT / ".venv")) / "bin/python"
+        python = (
+            self.settings.worker_python
+            or Path(os.environ.get("ORTHANC_AI_VENV", ROOT / ".venv")) / "bin/python"
+        )
         self.supervisor = Supervisor(
             python, settings_file, self.settings.workers, self.settings.job_store,
             self.settings.log_dir or work_dir / "logs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -12,23 +13,34 @@ from .preprocess import resize
 
 
 def labels_from_probabilities(
-    probabilities: NDArray[np.floating], shape: tuple[int, int, int], largest_component: bool = True
+    probabilities: NDArray[np.floating[Any]],
+    shape: tuple[int, int, int],
+    largest_component: bool = True,
+    slab: int = 16,
 ) -> NDArray[np.uint8]:
     """``probabilities[c, z, y, x]`` on the model grid -> uint8 labels on the source grid ``shape``.
 
-    Each channel is resampled linearly before the argmax, so the boundary is placed where the
-    classes cross rather than on the model's coarse voxels.
+    Each channel is resampled linearly before the argmax, so boundaries fall where the
+    classes cross rather than on the model's coarse voxels. The slice axis is resampled
+    first at model resolution, then the image plane ``slab`` slices at a time, so memory
+    stays bounded however long the series is.
     """
     if probabilities.ndim != 4:
         raise ValueError(f"expected probabilities shaped (classes, z, y, x), got {probabilities.shape}")
-    n = probabilities.shape[0]
-    best = np.zeros(shape, dtype=np.float32)
-    labels = np.zeros(shape, dtype=np.uint8)
-    for c in range(n):
-        up = resize(probabilities[c], shape, order=1)
-        better = up > best
-        labels[better] = c
-        best = np.maximum(best, up, out=best)
+    n, _, my, mx = probabilities.shape
+    nz, ny, nx = shape
+    along_z = [resize(probabilities[c], (nz, my, mx)) for c in range(n)]
+    labels = np.empty(shape, dtype=np.uint8)
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        best = resize(along_z[0][z0:z1], (z1 - z0, ny, nx))
+        out = np.zeros((z1 - z0, ny, nx), dtype=np.uint8)
+        for c in range(1, n):
+            up = resize(along_z[c][z0:z1], (z1 - z0, ny, nx))
+            better = up > best
+            out[better] = c
+            np.maximum(best, up, out=best)
+        labels[z0:z1] = out
     if largest_component:
         keep_largest_components(labels, range(1, n))
     return labels
@@ -48,6 +60,8 @@ def keep_largest_components(labels: NDArray[np.uint8], values: Sequence[int] | r
         labels[mask & (comp != int(np.argmax(sizes)))] = 0
 
 
-def volumes_ml(labels: NDArray[np.integer], values: Sequence[int], voxel_volume_ml: float) -> dict[int, float]:
+def volumes_ml(
+    labels: NDArray[np.integer[Any]], values: Sequence[int], voxel_volume_ml: float
+) -> dict[int, float]:
     counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
     return {v: float(counts[v]) * voxel_volume_ml for v in values}

@@ -9,12 +9,14 @@ sorted by position along the slice normal (ascending), rows and columns as store
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
 
-def window(volume: NDArray[np.floating], low: float, high: float) -> NDArray[np.float32]:
+def window(volume: NDArray[np.floating[Any]], low: float, high: float) -> NDArray[np.float32]:
     """Clip intensities to ``[low, high]`` and scale them linearly to ``[0, 1]``."""
     if not high > low:
         raise ValueError(f"window: high ({high}) must be greater than low ({low})")
@@ -22,7 +24,7 @@ def window(volume: NDArray[np.floating], low: float, high: float) -> NDArray[np.
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def minmax(volume: NDArray[np.floating]) -> NDArray[np.float32]:
+def minmax(volume: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
     """Scale intensities to ``[0, 1]`` by the volume's own minimum and maximum."""
     v = np.asarray(volume, dtype=np.float32)
     lo, hi = float(v.min()), float(v.max())
@@ -31,18 +33,52 @@ def minmax(volume: NDArray[np.floating]) -> NDArray[np.float32]:
     return (v - np.float32(lo)) / np.float32(hi - lo)
 
 
-def resize(volume: NDArray[np.floating], shape: tuple[int, int, int], order: int = 1) -> NDArray[np.float32]:
-    """Resample a 3D array to ``shape`` (linear by default), corners of the grid kept aligned.
+def _axis_weights(n_in: int, n_out: int) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.float32]]:
+    """Source indices and weights for linear resampling of one axis, voxel centres aligned."""
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
 
-    ``grid_mode=True`` treats voxels as cells, so a voxel centre maps to the same physical
-    place in both grids (what half-pixel-aware resampling in torch does with
-    ``align_corners=False``).
+
+def resize(
+    volume: NDArray[np.floating[Any]], shape: tuple[int, int, int], order: int = 1
+) -> NDArray[np.float32]:
+    """Resample a 3D array to ``shape``; linear (``order=1``) or nearest (``order=0``).
+
+    Voxels are cells: an output voxel centre maps to the same physical place in the input
+    (like ``scipy.ndimage.zoom(grid_mode=True, mode="nearest")`` and torch's
+    ``align_corners=False``). Linear resampling is done one axis at a time, which is exact
+    for trilinear interpolation and an order of magnitude faster than a generic zoom.
     """
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"resize: target shape must be three positive sizes, got {shape}")
+    if order not in (0, 1):
+        raise ValueError(f"resize: order must be 0 (nearest) or 1 (linear), got {order}")
     v = np.asarray(volume, dtype=np.float32)
+    if v.ndim != 3:
+        raise ValueError(f"resize: expected a 3D array, got shape {v.shape}")
     if v.shape == tuple(shape):
         return v.copy()
-    zoom = [t / s for t, s in zip(shape, v.shape, strict=True)]
-    out = ndimage.zoom(v, zoom, order=order, mode="nearest", grid_mode=True, prefilter=False)
-    return np.asarray(out, dtype=np.float32)
+    if order == 0:
+        zoom = [t / s for t, s in zip(shape, v.shape, strict=True)]
+        out = ndimage.zoom(v, zoom, order=0, mode="nearest", grid_mode=True, prefilter=False)
+        return np.asarray(out, dtype=np.float32)
+    # Shrinking axes first, growing ones last: every pass then works on the smallest array.
+    for axis in sorted(range(3), key=lambda ax: shape[ax] / v.shape[ax]):
+        n_in, n_out = v.shape[axis], shape[axis]
+        if n_in == n_out:
+            continue
+        lo, hi, w = _axis_weights(n_in, n_out)
+        wshape = [1, 1, 1]
+        wshape[axis] = n_out
+        wb = w.reshape(wshape)
+        a = np.take(v, lo, axis=axis)
+        b = np.take(v, hi, axis=axis)
+        # a + (b - a) * w, in place to keep peak memory at three copies of the largest pass.
+        b -= a
+        b *= wb
+        a += b
+        v = a
+    return v

@@ -216,5 +216,7 @@ def route(pipeline: PipelineConfig, study: StudyInfo) -> RouteDecision:
             used[r.chosen.orthanc_id] = r.role
     missing = [r.role for r in roles if r.required and r.chosen is None]
     if missing:
-        return RouteDecision(pipeline.name, False, roles, "required role(s) without a series: " + ", ".join(missing))
+        return RouteDecision(
+            pipeline.name, False, roles, "required role(s) without a series: " + ", ".join(missing)
+        )
     return RouteDecision(pipeline.name, True, roles, "all required roles found")

@@ -87,7 +87,9 @@ class OrthancServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self._proc.returncode}; see {log_file}:\n{_tail(log_file)}")
+                raise RuntimeError(
+                    f"Orthanc exited with {self._proc.returncode}; see {log_file}:\n{_tail(log_file)}"
+                )
             try:
                 if httpx.get(f"{self.url}/ai/pipelines", timeout=1).status_code == 200:
                     return self
@@ -152,14 +154,18 @@ def up(workers: int, stable_age: int) -> int:
     (VAR / "log").mkdir(parents=True, exist_ok=True)
     triton_pid = _read_pid(VAR / "triton.pid")
     if triton_pid is None:
-        triton = TritonServer(ROOT / "triton_models", log_file=VAR / "log" / "triton.log", model_control="poll")
+        triton = TritonServer(
+            ROOT / "triton_models", log_file=VAR / "log" / "triton.log", model_control="poll"
+        )
         try:
             triton.start(timeout=120)
         except TritonServerError as e:
             print(f"error: Triton did not start: {e}", file=sys.stderr)
             return 1
         (VAR / "triton.pid").write_text(f"{triton.detach()}\n")
-        print(f"Triton     ready   gRPC 127.0.0.1:8001, HTTP http://127.0.0.1:8000 (log {VAR / 'log/triton.log'})")
+        print(
+            f"Triton     ready   gRPC 127.0.0.1:8001, HTTP http://127.0.0.1:8000 (log {VAR / 'log/triton.log'})"
+        )
     else:
         print(f"Triton     running (pid {triton_pid})")
     orthanc_pid = _read_pid(VAR / "orthanc.pid")
@@ -172,7 +178,9 @@ def up(workers: int, stable_age: int) -> int:
             return 1
         assert server.pid is not None
         (VAR / "orthanc.pid").write_text(f"{server.pid}\n")
-        print(f"Orthanc    ready   {server.url}  (DICOMweb {server.url}/dicom-web/, log {VAR / 'log/orthanc.log'})")
+        print(
+            f"Orthanc    ready   {server.url}  (DICOMweb {server.url}/dicom-web/, log {VAR / 'log/orthanc.log'})"
+        )
     else:
         print(f"Orthanc    running (pid {orthanc_pid})")
     return 0

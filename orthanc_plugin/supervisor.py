@@ -59,7 +59,8 @@ class Supervisor:
         env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
         env.setdefault("PYTHONUNBUFFERED", "1")
         slot.proc = subprocess.Popen(
-            [str(self.python), "-m", "orthanc_plugin", "worker", "--settings", str(self.settings_file)],
+            [str(self.python), "-m", "orthanc_plugin", "worker", "--settings", str(self.settings_file),
+             "--parent-pid", str(os.getpid())],
             stdout=slot.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(root),
             start_new_session=True,  # a Ctrl-C to Orthanc's terminal reaches us, not the workers directly
         )  # fmt: skip
@@ -81,10 +82,18 @@ class Supervisor:
                 owner = f"{self.host}:{slot.proc.pid}"
                 store = JobStore(self.store_path)
                 try:
-                    n = store.release_owner(owner, f"worker {slot.index} (pid {slot.proc.pid}) exited with {code}")
+                    n = store.release_owner(
+                        owner, f"worker {slot.index} (pid {slot.proc.pid}) exited with {code}"
+                    )
                 finally:
                     store.close()
-                log.warning("worker %d (pid %d) exited with %s; %d job(s) requeued", slot.index, slot.proc.pid, code, n)
+                log.warning(
+                    "worker %d (pid %d) exited with %s; %d job(s) requeued",
+                    slot.index,
+                    slot.proc.pid,
+                    code,
+                    n,
+                )
                 # Back off when a worker dies right after starting (broken set-up), up to 30 s.
                 if time.time() - slot.started < 10:
                     slot.restarts += 1

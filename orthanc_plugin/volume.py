@@ -127,9 +127,13 @@ def build_volume(
         iop = _floats(ds, "ImageOrientationPatient", 6)
         ipp = _floats(ds, "ImagePositionPatient", 3)
         if iop is None:
-            raise VolumeError(f"instance {_sop(ds)} has no valid ImageOrientationPatient: its orientation is unknown")
+            raise VolumeError(
+                f"instance {_sop(ds)} has no valid ImageOrientationPatient: its orientation is unknown"
+            )
         if ipp is None:
-            raise VolumeError(f"instance {_sop(ds)} has no valid ImagePositionPatient: its position is unknown")
+            raise VolumeError(
+                f"instance {_sop(ds)} has no valid ImagePositionPatient: its position is unknown"
+            )
         iops.append(iop)
         ipps.append(ipp)
     iop0 = iops[0]
@@ -162,7 +166,9 @@ def build_volume(
         indices = groups[temporal_position - 1]
 
     if len(indices) < min_slices:
-        raise VolumeError(f"the series has {len(indices)} slice(s); at least {min_slices} are needed for a volume")
+        raise VolumeError(
+            f"the series has {len(indices)} slice(s); at least {min_slices} are needed for a volume"
+        )
 
     shapes = {(int(datasets[i].Rows), int(datasets[i].Columns)) for i in indices}
     if len(shapes) > 1:
@@ -214,7 +220,9 @@ def build_volume(
         ds = datasets[i]
         arr = pixels(ds)
         if arr.shape != (rows, cols):
-            raise VolumeError(f"instance {_sop(ds)}: decoded pixels have shape {arr.shape}, expected {(rows, cols)}")
+            raise VolumeError(
+                f"instance {_sop(ds)}: decoded pixels have shape {arr.shape}, expected {(rows, cols)}"
+            )
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         np.multiply(arr, slope, out=voxels[z], casting="unsafe")

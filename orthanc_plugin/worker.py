@@ -26,8 +26,8 @@ from .config import PipelineConfig, Settings
 from .inference import InferenceError, TritonClient
 from .jobstore import Job, JobStore
 from .orthanc_client import OrthancClient, OrthancError
-from .results import AlgorithmInfo, SegmentSpec, StudyRef, VolumeMeasurement
-from .uids import derived_uuid, output_uids
+from .results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+from .uids import output_uids
 from .volume import Volume, VolumeError, build_volume
 
 log = logging.getLogger("orthanc_ai.worker")
@@ -86,9 +86,13 @@ class Worker:
 
     # ------------------------------------------------------------------ loop
 
-    def run_forever(self, poll_s: float = 0.5) -> None:
+    def run_forever(self, poll_s: float = 0.5, parent_pid: int | None = None) -> None:
         log.info("worker %s started", self.owner)
         while not self.stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                # Orthanc died without stopping us: a new Orthanc starts its own workers.
+                log.warning("worker %s: parent process %d is gone, exiting", self.owner, parent_pid)
+                break
             job = self.store.claim(self.owner, self.settings.lease_seconds)
             if job is None:
                 self.stop.wait(poll_s)
@@ -115,7 +119,8 @@ class Worker:
             except (BadInput, VolumeError) as e:
                 return self._failed(job, f"input not usable: {e}", retryable=False)
             except InferenceError as e:
-                return self._failed(job, f"inference failed: {e}", retryable=True)
+                # Unreachable/not ready is worth retrying; a shape or type mismatch is not.
+                return self._failed(job, f"inference failed: {e}", retryable=e.retryable)
             except OrthancError as e:
                 return self._failed(job, str(e), retryable=e.status is None or e.status >= 500)
             except Exception as e:  # noqa: BLE001 - a bug must fail the job, not the worker
@@ -199,7 +204,9 @@ class Worker:
         vols = postprocess.volumes_ml(labels, values, volume.voxel_volume_ml)
         present = [s for s in specs if vols[s.label] > 0]
         if not present:
-            raise BadInput(f"the model found none of the segments ({', '.join(s.name for s in specs)}) in this series")
+            raise BadInput(
+                f"the model found none of the segments ({', '.join(s.name for s in specs)}) in this series"
+            )
         measurements = [VolumeMeasurement(s.label, round(vols[s.label], 2)) for s in present]
         algorithm = AlgorithmInfo(
             name=p.algorithm_name,
@@ -231,7 +238,9 @@ class Worker:
         first = volume.datasets[0]
         fhir = None
         if p.outputs.fhir:
-            fhir = self._stage(ctx, "fhir_build", lambda: self._fhir(job, first, present, measurements, algorithm))
+            fhir = self._stage(
+                ctx, "fhir_build", lambda: self._fhir(first, present, measurements, algorithm, uids)
+            )
 
         def store() -> dict[str, Any]:
             if not self.orthanc.study_exists(job.orthanc_study_id):
@@ -273,29 +282,18 @@ class Worker:
 
     def _fhir(
         self,
-        job: Job,
         first: Dataset,
         present: list[SegmentSpec],
         measurements: list[VolumeMeasurement],
         algorithm: AlgorithmInfo,
+        uids: OutputUIDs,
     ) -> dict[str, Any]:
-        study = StudyRef(
-            study_instance_uid=job.study_uid,
-            patient_id=str(first.get("PatientID", "")),
-            accession_number=str(first.get("AccessionNumber", "")) or None,
-            study_date=str(first.get("StudyDate", "")) or None,
-        )
         return fhir_report.build_diagnostic_report(
-            study,
-            present,
-            measurements,
-            algorithm,
-            report_id=derived_uuid(job.key, "fhir-report"),
-            issued=datetime.now(UTC),
+            StudyRef.from_dataset(first), present, measurements, algorithm, ids=uids, issued=datetime.now(UTC)
         )
 
 
-def main(settings_path: str, owner: str | None = None) -> int:
+def main(settings_path: str, owner: str | None = None, parent_pid: int | None = None) -> int:
     """Entry of ``python -m orthanc_plugin worker``."""
     import json
     from pathlib import Path
@@ -317,7 +315,7 @@ def main(settings_path: str, owner: str | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     try:
-        worker.run_forever()
+        worker.run_forever(parent_pid=parent_pid)
     finally:
         triton.close()
         orthanc.close()

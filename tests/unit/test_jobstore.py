@@ -15,7 +15,9 @@ def store(tmp_path):
 
 
 def enqueue(store: JobStore, key: str = "k1", max_attempts: int = 3):
-    return store.enqueue(key, "1.2.3", "oid", "ct-lung", "1.0.0", "fp", {"roles": {}}, max_attempts=max_attempts)
+    return store.enqueue(
+        key, "1.2.3", "oid", "ct-lung", "1.0.0", "fp", {"roles": {}}, max_attempts=max_attempts
+    )
 
 
 def test_enqueue_is_idempotent(store):
@@ -33,7 +35,11 @@ def test_claim_lease_and_succeed(store):
     store.record_stage(job.id, "w1", "fetch", 0.25)
     assert store.succeed(job.id, "w1", {"seg": {"SOPInstanceUID": "1.2"}}, {"resourceType": "Bundle"})
     done = store.get(job.id)
-    assert done.state == "succeeded" and done.timings == {"fetch": 0.25} and done.fhir == {"resourceType": "Bundle"}
+    assert (
+        done.state == "succeeded"
+        and done.timings == {"fetch": 0.25}
+        and done.fhir == {"resourceType": "Bundle"}
+    )
     assert [e["kind"] for e in store.events(job.id)] == ["queued", "running", "succeeded"]
 
 
@@ -74,7 +80,10 @@ def test_retryable_failure_backs_off_then_fails(store):
 def test_non_retryable_failure_and_retry(store):
     enqueue(store)
     job = store.claim("w", 30)
-    assert store.fail(job.id, "w", "input not usable: a slice is missing", retryable=False, backoff_s=1) == "failed"
+    assert (
+        store.fail(job.id, "w", "input not usable: a slice is missing", retryable=False, backoff_s=1)
+        == "failed"
+    )
     with pytest.raises(JobStateError):
         store.cancel(job.id)
     again = store.retry(job.id)
@@ -93,10 +102,10 @@ def test_retry_running_refused_and_cancel(store):
 def test_list_filters_and_kv(store):
     enqueue(store, "a")
     enqueue(store, "b")
-    assert len(store.list()) == 2 and len(store.list(state="queued", study_uid="1.2.3")) == 2
-    assert store.list(study_uid="9.9") == []
+    assert len(store.list_jobs()) == 2 and len(store.list_jobs(state="queued", study_uid="1.2.3")) == 2
+    assert store.list_jobs(study_uid="9.9") == []
     with pytest.raises(ValueError):
-        store.list(state="bogus")
+        store.list_jobs(state="bogus")
     assert store.get_kv("x") is None
     store.set_kv("x", "1")
     store.set_kv("x", "2")

@@ -66,7 +66,10 @@ def test_our_outputs_never_selected_even_if_rule_allows(ct_lung):
 
 def test_tie_is_deterministic(ct_lung):
     a, b = series("1"), series("2")
-    assert route(ct_lung, study(a, b)).chosen()["ct"].orthanc_id == route(ct_lung, study(b, a)).chosen()["ct"].orthanc_id
+    assert (
+        route(ct_lung, study(a, b)).chosen()["ct"].orthanc_id
+        == route(ct_lung, study(b, a)).chosen()["ct"].orthanc_id
+    )
 
 
 def test_more_slices_preferred_when_kernels_equal(ct_lung):
@@ -83,7 +86,11 @@ def test_disabled_pipeline(ct_lung):
 def test_invalid_config_names_file_and_key(tmp_path):
     bad = tmp_path / "p.yaml"
     text = (ROOT / "config" / "pipelines.yaml").read_text()
-    bad.write_text(text.replace("ImageCount: {min: 20}", "ImageCount: {min: 20, max: 3}").replace("matches: \"(?i)topogram", "matches: \"(?i)[topogram"))
+    bad.write_text(
+        text.replace("ImageCount: {min: 20}", "ImageCount: {min: 20, max: 3}").replace(
+            'matches: "(?i)topogram', 'matches: "(?i)[topogram'
+        )
+    )
     with pytest.raises(ConfigError) as e:
         load_pipelines(bad)
     msg = str(e.value)

@@ -1,0 +1,49 @@
+# orthanc-ai: the two commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PY := .venv/bin/python
+MODEL := triton_models/ct_lung/1/model.onnx
+
+.PHONY: help install model up down demo test test-unit lint bench clean
+
+help:
+	@echo "make demo   install, start Orthanc + Triton, process the demo chest CT, show the results"
+	@echo "make test   install, then run the whole test suite (starts real Orthanc and Triton)"
+	@echo "make up / make down   start / stop the local stack (Orthanc :8042, Triton :8000/:8001)"
+	@echo "make lint   ruff + mypy;  make bench   benchmarks;  make model   rebuild the ct_lung ONNX"
+
+install:
+	@bash scripts/install.sh
+
+# The ONNX is committed; it is rebuilt only when absent (or with `make model FORCE=1`).
+$(MODEL):
+	@bash scripts/build_models.sh
+
+model:
+	@if [ -n "$(FORCE)" ]; then rm -f $(MODEL); fi
+	@$(MAKE) --no-print-directory $(MODEL)
+
+up: install $(MODEL)
+	@$(PY) -m orthanc_plugin.stack up
+
+down:
+	@$(PY) -m orthanc_plugin.stack down
+
+demo: up
+	@$(PY) scripts/demo.py
+
+test: install $(MODEL)
+	@$(PY) -m pytest -q -rfEs tests
+
+test-unit: install
+	@$(PY) -m pytest -q tests/unit
+
+lint: install
+	@.venv/bin/ruff check orthanc_plugin tests triton_backends triton_models scripts bench
+	@.venv/bin/ruff format --check orthanc_plugin tests triton_backends triton_models scripts bench
+	@.venv/bin/mypy
+
+bench: install $(MODEL)
+	@$(PY) bench/triton_transport.py
+
+clean: down
+	rm -rf var test-artifacts

@@ -1,0 +1,138 @@
+"""Per-stage timings of the real path: Orthanc + plugin + worker + Triton, one study, N runs.
+
+Starts its own Triton and Orthanc on free ports (like the tests), uploads a study, lets the
+pipeline run, then retries the same job N-1 times (a retry replaces its outputs) and prints the
+median, min and max of every stage the worker recorded, plus the worker's peak memory.
+
+    .venv/bin/python bench/pipeline_stages.py [--study ../shared/data/ct/A0001-5mm] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from orthanc_plugin.stack import OrthancServer, free_port  # noqa: E402
+from orthanc_plugin.triton_server import TritonServer  # noqa: E402
+
+STAGES = (
+    "fetch", "volume", "preprocess", "inference", "postprocess", "seg_encode", "sr_encode", "fhir_build", "store",
+    "total",
+)  # fmt: skip
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {os.cpu_count()} CPU(s), {cpu}, Python {platform.python_version()}"
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def wait_done(c: httpx.Client, jid: str, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = c.get(f"/ai/jobs/{jid}").json()
+        if j["state"] in ("succeeded", "failed", "cancelled"):
+            return dict(j)
+        time.sleep(0.2)
+    raise SystemExit(f"job {jid} did not finish in {timeout} s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--study", type=Path, action="append", help="folder(s) of DICOM files (one study)")
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args()
+    folders = args.study or [ROOT.parent / "shared" / "data" / "ct" / "A0001-5mm"]
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        triton = TritonServer(
+            ROOT / "triton_models", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+            log_file=tmp / "triton.log", backend_root=tmp / "backends",
+        ).start(timeout=120)  # fmt: skip
+        orthanc = OrthancServer(
+            tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton.grpc_port,
+            workers=1, stable_age=1, log_file=tmp / "orthanc.log",
+        ).start(timeout=60)  # fmt: skip
+        try:
+            with httpx.Client(base_url=orthanc.url, timeout=120) as c:
+                n_files = 0
+                t0 = time.perf_counter()
+                study = ""
+                for folder in folders:
+                    for f in sorted(folder.glob("*.dcm")):
+                        r = c.post("/instances", content=f.read_bytes())
+                        r.raise_for_status()
+                        study = r.json()["ParentStudy"]
+                        n_files += 1
+                upload_s = time.perf_counter() - t0
+                uid = c.get(f"/studies/{study}").json()["MainDicomTags"]["StudyInstanceUID"]
+                t_uploaded = time.time()
+                jobs: list = []
+                while not jobs:
+                    jobs = c.get("/ai/jobs", params={"study": uid}).json()
+                    time.sleep(0.1)
+                intake_delay = jobs[0]["created"] - t_uploaded
+                runs = [wait_done(c, jobs[0]["id"])]
+                for _ in range(args.runs - 1):
+                    c.post(f"/ai/jobs/{jobs[0]['id']}/retry").raise_for_status()
+                    runs.append(wait_done(c, jobs[0]["id"]))
+                failed = [r for r in runs if r["state"] != "succeeded"]
+                if failed:
+                    raise SystemExit(f"job failed: {failed[0]['error']}")
+                (worker,) = c.get("/ai/health").json()["workers"]["detail"]
+                rss = peak_rss_mb(worker["pid"])
+        finally:
+            orthanc.stop()
+            triton.stop()
+
+    shape = runs[0]["outputs"]["volume"]["shape"]
+    print(f"machine: {machine()}")
+    print(f"study: {', '.join(str(f) for f in folders)}: {n_files} instances, volume {shape} (z, y, x)")
+    print(
+        f"upload over REST: {upload_s:.2f} s; intake delay after the last upload (StableAge 1 s): {intake_delay:.2f} s"
+    )
+    print(f"runs: {len(runs)} (first run included; later runs are retries of the same job)\n")
+    print(f"{'stage':<12} {'median s':>9} {'min s':>8} {'max s':>8}")
+    for stage in STAGES:
+        vals = [r["timings"][stage] for r in runs if stage in r["timings"]]
+        if vals:
+            print(f"{stage:<12} {statistics.median(vals):9.3f} {min(vals):8.3f} {max(vals):8.3f}")
+    non_inf = [r["timings"]["total"] - r["timings"]["inference"] for r in runs]
+    print(
+        f"{'all but inference':<12} {statistics.median(non_inf):9.3f} {min(non_inf):8.3f} {max(non_inf):8.3f}"
+    )
+    if rss is not None:
+        print(f"\nworker peak memory (VmHWM): {rss:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Real services for integration tests: tritonserver from the wheel, Orthanc from Debian, our plugin.
+
+They are started the same way `make up` starts them (orthanc_plugin.stack), on free ports in a
+temporary folder, so a running local stack is never disturbed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from orthanc_plugin.stack import ROOT, OrthancServer, free_port
+from orthanc_plugin.triton_server import TritonServer
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    tmp = tmp_path_factory.mktemp("triton")
+    server = TritonServer(
+        ROOT / "triton_models",
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        log_file=tmp / "triton.log", backend_root=tmp / "backends",
+    )  # fmt: skip
+    server.start(timeout=120)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[OrthancServer]:
+    tmp = tmp_path_factory.mktemp("orthanc")
+    server = OrthancServer(
+        tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton.grpc_port,
+        workers=1, stable_age=2, lease_seconds=8, log_file=tmp / "orthanc.log",
+    )  # fmt: skip
+    server.start(timeout=60)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api(orthanc: OrthancServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=orthanc.url, timeout=60) as c:
+        yield c
+
+
+def upload_folder(client: httpx.Client, folder: Path) -> str:
+    """POST every file of ``folder`` to Orthanc; returns the Orthanc study id."""
+    study = ""
+    files = sorted(folder.glob("*.dcm"))
+    assert files, f"no DICOM files in {folder}"
+    for f in files:
+        r = client.post("/instances", content=f.read_bytes(), headers={"Content-Type": "application/dicom"})
+        r.raise_for_status()
+        study = r.json()["ParentStudy"]
+    return study
+
+
+def study_uid(client: httpx.Client, study_id: str) -> str:
+    return str(client.get(f"/studies/{study_id}").json()["MainDicomTags"]["StudyInstanceUID"])
+
+
+def wait_for(
+    what: str,
+    fn: Callable[[], Any],
+    timeout: float = 180,
+    period: float = 0.5,
+    orthanc: OrthancServer | None = None,
+) -> Any:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(period)
+    log = ""
+    if orthanc is not None and orthanc.log_file is not None:
+        log = "\n".join(orthanc.log_file.read_text(errors="replace").splitlines()[-40:])
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last value {last!r}\n{log}")
+
+
+def wait_job_done(client: httpx.Client, uid: str, timeout: float = 240, **kw: Any) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        jobs = client.get("/ai/jobs", params={"study": uid}).json()
+        if jobs and all(j["state"] in TERMINAL for j in jobs):
+            return dict(client.get(f"/ai/jobs/{jobs[0]['id']}").json())
+        return None
+
+    return dict(wait_for(f"the job of study {uid}", done, timeout, **kw))
+
+
+def series_by_modality(client: httpx.Client, study_id: str, modality: str) -> list[dict[str, Any]]:
+    return [
+        s
+        for s in client.get(f"/studies/{study_id}/series").json()
+        if s["MainDicomTags"].get("Modality") == modality
+    ]

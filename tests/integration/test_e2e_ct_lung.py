@@ -1,0 +1,214 @@
+"""The whole path on real Orthanc + real Triton: chest CT in, SEG + SR + FHIR out, exactly once."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import highdicom as hd
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from orthanc_plugin.stack import OrthancServer
+
+from ..conftest import CT_A0001, CT_B40, CT_B70, require_data
+from .conftest import series_by_modality, study_uid, upload_folder, wait_for, wait_job_done
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def processed(orthanc: OrthancServer) -> dict:
+    """Upload the two-series demo study once and wait for its job."""
+    require_data(CT_B40, CT_B70)
+    with httpx.Client(base_url=orthanc.url, timeout=60) as c:
+        upload_folder(c, CT_B70)
+        sid = upload_folder(c, CT_B40)
+        uid = study_uid(c, sid)
+        job = wait_job_done(c, uid, orthanc=orthanc)
+    return {"study_id": sid, "study_uid": uid, "job": job}
+
+
+def _instance(api: httpx.Client, series: dict) -> pydicom.Dataset:
+    (iid,) = series["Instances"]
+    return pydicom.dcmread(io.BytesIO(api.get(f"/instances/{iid}/file").content))
+
+
+def _b40_uids(api: httpx.Client, study_id: str) -> tuple[str, set[str]]:
+    for s in series_by_modality(api, study_id, "CT"):
+        if s["MainDicomTags"].get("SeriesDescription", "").endswith("B40f") or "B40" in str(
+            api.get(f"/instances/{s['Instances'][0]}/simplified-tags").json().get("ConvolutionKernel")
+        ):
+            sops = {
+                api.get(f"/instances/{i}/simplified-tags").json()["SOPInstanceUID"] for i in s["Instances"]
+            }
+            return s["MainDicomTags"]["SeriesInstanceUID"], sops
+    raise AssertionError("B40f series not found")
+
+
+def test_job_succeeds_on_the_soft_tissue_series(processed: dict) -> None:
+    job = processed["job"]
+    assert job["state"] == "succeeded", job["error"]
+    assert job["pipeline"] == "ct-lung" and job["attempts"] == 1
+    ct = job["series"]["ct"]
+    assert ct["instances"] == 30
+    assert "soft-tissue reconstruction kernel" in ct["reason"] and "B40f" in ct["reason"]
+    for stage in (
+        "fetch",
+        "volume",
+        "preprocess",
+        "inference",
+        "postprocess",
+        "seg_encode",
+        "sr_encode",
+        "store",
+    ):
+        assert stage in job["timings"], f"stage {stage} not timed: {job['timings']}"
+    assert job["outputs"]["model"]["name"] == "ct_lung" and job["outputs"]["model"]["version"] == "1"
+
+
+def test_seg_in_study_aligned_with_source(processed: dict, api: httpx.Client) -> None:
+    segs = series_by_modality(api, processed["study_id"], "SEG")
+    assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
+    ds = _instance(api, segs[0])
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    src_series, src_sops = _b40_uids(api, processed["study_id"])
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src_series
+    assert ds.StudyInstanceUID == processed["study_uid"]
+    names = {seg.get_segment_description(n).SegmentLabel for n in seg.segment_numbers}
+    assert names == {"Right lung", "Left lung"}
+    # Every frame points at a slice of the source series.
+    frame_refs = {
+        f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for f in ds.PerFrameFunctionalGroupsSequence
+    }
+    assert frame_refs <= src_sops and len(frame_refs) >= 10
+    assert ds.ContributingEquipmentSequence[0].Manufacturer == "orthanc-ai"
+
+
+def test_volumes_plausible_and_left_is_left(processed: dict, api: httpx.Client) -> None:
+    m = {x["segment"]: x["volume_ml"] for x in processed["job"]["outputs"]["measurements"]}
+    for name in ("Right lung", "Left lung"):
+        assert 500 <= m[name] <= 4000, f"{name}: {m[name]} mL"
+    seg_ds = _instance(api, series_by_modality(api, processed["study_id"], "SEG")[0])
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    # Patient left is +x in DICOM's LPS frame: the left lung must lie at larger x than the right one.
+    frames = seg_ds.pixel_array.reshape(
+        len(seg_ds.PerFrameFunctionalGroupsSequence), seg_ds.Rows, seg_ds.Columns
+    )
+    shared = seg_ds.SharedFunctionalGroupsSequence[0]
+    iop = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    row_mm, col_mm = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    xs: dict[str, list[float]] = {}
+    for i, f in enumerate(seg_ds.PerFrameFunctionalGroupsSequence):
+        n = f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        label = seg.get_segment_description(n).SegmentLabel
+        ipp = [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+        r, c = np.nonzero(frames[i])
+        xs.setdefault(label, []).extend((ipp[0] + c * col_mm * iop[0] + r * row_mm * iop[3]).tolist())
+    assert np.mean(xs["Left lung"]) > np.mean(xs["Right lung"]) + 50
+
+
+def test_sr_references_seg_and_has_volumes(processed: dict, api: httpx.Client) -> None:
+    srs = series_by_modality(api, processed["study_id"], "SR")
+    assert len(srs) == 1
+    ds = _instance(api, srs[0])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert ds.VerificationFlag == "UNVERIFIED"
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    seg_uid = processed["job"]["outputs"]["seg"]["SOPInstanceUID"]
+    text = str(ds)
+    assert seg_uid in text
+    values = sorted(float(g.get_measurements()[0].value) for g in groups)
+    expected = sorted(m["volume_ml"] for m in processed["job"]["outputs"]["measurements"])
+    assert values == pytest.approx(expected, rel=1e-3)
+
+
+def test_fhir_report_parses_and_references_the_study(processed: dict) -> None:
+    bundle = Bundle.model_validate(processed["job"]["fhir"])
+    assert bundle.type == "transaction"
+    kinds = [e.resource.__resource_type__ for e in bundle.entry]
+    assert kinds.count("DiagnosticReport") == 1 and kinds.count("Observation") == 2 and "Device" in kinds
+    report = next(e.resource for e in bundle.entry if e.resource.__resource_type__ == "DiagnosticReport")
+    assert report.status == "preliminary"
+    assert processed["study_uid"] in report.model_dump_json()
+
+
+def test_reupload_and_retry_do_not_duplicate(
+    processed: dict, api: httpx.Client, orthanc: OrthancServer
+) -> None:
+    sid, uid = processed["study_id"], processed["study_uid"]
+    seg_before = processed["job"]["outputs"]["seg"]["SOPInstanceUID"]
+    upload_folder(api, CT_B40)
+    upload_folder(api, CT_B70)
+    time.sleep(4)  # longer than StableAge: a second stable event would have been handled by now
+    jobs = api.get("/ai/jobs", params={"study": uid}).json()
+    assert len(jobs) == 1, jobs
+    r = api.post(f"/ai/jobs/{jobs[0]['id']}/retry")
+    assert r.status_code == 200 and r.json()["state"] == "queued"
+    job = wait_job_done(api, uid, orthanc=orthanc)
+    assert job["state"] == "succeeded" and job["outputs"]["seg"]["SOPInstanceUID"] == seg_before
+    assert len(series_by_modality(api, sid, "SEG")) == 1 and len(series_by_modality(api, sid, "SR")) == 1
+    assert [
+        len(s["Instances"]) for s in series_by_modality(api, sid, "SEG") + series_by_modality(api, sid, "SR")
+    ] == [1, 1]
+    assert len(api.get("/ai/jobs", params={"study": uid}).json()) == 1
+
+
+def test_killed_worker_job_finishes_once(processed: dict, api: httpx.Client, orthanc: OrthancServer) -> None:
+    sid, uid = processed["study_id"], processed["study_uid"]
+    r = api.post(f"/ai/studies/{sid}/run", json={"pipeline": "ct-lung"})
+    assert r.status_code == 200 and r.json()[0]["queued"], r.text
+    jid = r.json()[0]["job"]["id"]
+
+    def running() -> bool:
+        j = api.get(f"/ai/jobs/{jid}").json()
+        return j["state"] == "running" and j["stage"] not in (None, "claimed")
+
+    wait_for("the job to run", running, timeout=60, period=0.05)
+    (worker,) = api.get("/ai/health").json()["workers"]["detail"]
+    os.kill(worker["pid"], signal.SIGKILL)
+
+    job = wait_job_done(api, uid, orthanc=orthanc)
+    assert job["state"] == "succeeded", job["error"]
+    assert job["attempts"] == 2
+    assert any(e["kind"] == "requeued" for e in job["events"]), job["events"]
+    assert len(series_by_modality(api, sid, "SEG")) == 1 and len(series_by_modality(api, sid, "SR")) == 1
+    health = wait_for(
+        "the worker to be restarted", lambda: api.get("/ai/health").json()["workers"]["alive"] == 1
+    )
+    assert health
+
+
+def test_api_basics(processed: dict, api: httpx.Client) -> None:
+    assert [p["name"] for p in api.get("/ai/pipelines").json()] == ["ct-lung"]
+    assert api.get("/ai/jobs", params={"state": "succeeded"}).json()
+    assert api.get("/ai/jobs", params={"state": "bogus"}).status_code == 400
+    assert api.get("/ai/jobs/0123456789abcdef0123").status_code == 404
+    assert api.post("/ai/jobs/0123456789abcdef0123/retry").status_code == 404
+    assert api.get("/ai/health").json()["triton"]["ready"] is True
+    dry = api.get(f"/ai/studies/{processed['study_id']}/dry-run").json()
+    assert dry[0]["matched"] and "B40f" in dry[0]["roles"][0]["reason"]
+
+
+def test_stable_event_lost_at_restart_is_caught_up(orthanc: OrthancServer, api: httpx.Client) -> None:
+    """Orthanc forgets pending stable events when it stops; the plugin catches up from /changes."""
+    require_data(CT_A0001)
+    orthanc.stop()
+    orthanc.stable_age = 60  # the study will not become stable before we kill Orthanc
+    orthanc.start(timeout=60)
+    sid = upload_folder(api, CT_A0001)
+    uid = study_uid(api, sid)
+    orthanc.kill()  # crash: the pending stable event is gone for good
+    orthanc.stable_age = 2
+    orthanc.start(timeout=60)
+    job = wait_job_done(api, uid, timeout=240, orthanc=orthanc)
+    assert job["state"] == "succeeded", job["error"]
+    assert len(series_by_modality(api, sid, "SEG")) == 1
