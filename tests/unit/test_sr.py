@@ -226,6 +226,8 @@ def test_bad_measurements_are_refused(ct: list[pydicom.Dataset], seg: pydicom.Da
         make_sr(ct, seg, labels, (VolumeMeasurement(1, 1.0), VolumeMeasurement(1, 2.0)))
     with pytest.raises(ValueError, match="shape"):
         make_sr(ct, seg, labels[:-1])
+    with pytest.raises(ValueError, match="no voxel in labels"):
+        make_sr(ct, seg, np.where(labels == 2, 0, labels).astype(np.uint8))
     with pytest.raises(ValueError, match="volume_ml"):
         VolumeMeasurement(1, float("nan"))
 

@@ -1,0 +1,219 @@
+"""Label map -> DICOM Segmentation (BINARY), the overlay that OHIF shows.
+
+The SEG references its source series (ReferencedSeriesSequence, which OHIF needs to
+make a display set), describes every segment with codes, a tracking identifier and a
+recommended CIELab colour (OHIF's segment colour), and names the algorithm in
+ContributingEquipmentSequence as IHE AI Results asks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from pydicom import Dataset
+from pydicom.valuerep import DA, TM
+
+from .codes import PROCESSING_EQUIPMENT
+from .results import AlgorithmInfo, SegmentSpec, check_uid
+from .uids import derived_uid
+
+#: DeviceSerialNumber (Type 1 in the Enhanced General Equipment module): software has none.
+DEVICE_SERIAL_NUMBER = "n/a"
+
+_CS_UNSAFE = re.compile(r"[^A-Z0-9_]+")
+
+
+class EmptySegmentationError(ValueError):
+    """No segment has a single voxel: there is nothing to encode (the caller decides what then)."""
+
+
+def segment_tracking_uid(seg_sop_instance_uid: str, label: int) -> str:
+    """Tracking UID of segment ``label``: a pure function of the SEG's UID, so retries agree."""
+    return derived_uid(seg_sop_instance_uid, f"segment-tracking-{label}")
+
+
+def content_label(name: str) -> str:
+    """``ContentLabel`` (CS: upper case, digits and "_", at most 16 chars) from a name."""
+    body = _CS_UNSAFE.sub("_", name.upper()).strip("_")
+    if not body.startswith("AI_"):
+        body = f"AI_{body}" if body else "AI"
+    return body[:16].rstrip("_")
+
+
+def check_source_images(source_images: Sequence[Dataset]) -> tuple[int, int]:
+    """Check one series of same-sized images with distinct UIDs; return (Rows, Columns)."""
+    if len(source_images) == 0:
+        raise ValueError("source_images is empty")
+    first = source_images[0]
+    for attr in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns"):
+        if attr not in first:
+            raise ValueError(f"source_images[0] has no {attr}")
+    rows, cols = int(first.Rows), int(first.Columns)
+    seen: set[str] = set()
+    for i, ds in enumerate(source_images):
+        if ds.get("SeriesInstanceUID") != first.SeriesInstanceUID:
+            raise ValueError(f"source_images[{i}] belongs to another series than source_images[0]")
+        if ds.get("StudyInstanceUID") != first.StudyInstanceUID:
+            raise ValueError(f"source_images[{i}] belongs to another study than source_images[0]")
+        if (int(ds.get("Rows", -1)), int(ds.get("Columns", -1))) != (rows, cols):
+            raise ValueError(f"source_images[{i}] is not {rows}x{cols} like source_images[0]")
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid in seen:
+            raise ValueError(f"source_images[{i}] repeats SOPInstanceUID of an earlier image")
+        seen.add(uid)
+    return rows, cols
+
+
+def check_segments(segments: Sequence[SegmentSpec]) -> None:
+    """Raise ``ValueError`` unless segments are non-empty with unique labels and tracking ids."""
+    if len(segments) == 0:
+        raise ValueError("segments is empty")
+    for s in segments:
+        if not isinstance(s, SegmentSpec):
+            raise TypeError(f"segments must hold SegmentSpec, got {type(s).__name__}")
+    labels = [s.label for s in segments]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"segments repeat a label: {sorted(labels)}")
+    ids = [s.tracking_id for s in segments]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"segments repeat a tracking_id: {sorted(ids)}")
+
+
+def check_series_description(value: str) -> None:
+    """Raise ``ValueError`` unless ``value`` fits SeriesDescription (LO, at most 64 chars)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 64 or "\\" in value:
+        raise ValueError(f"series_description must be 1..64 characters without a backslash, got {value!r}")
+
+
+def check_labels(labels: NDArray[np.integer[Any]], n_images: int, rows: int, cols: int) -> NDArray[np.uint8]:
+    """Return ``labels`` as uint8 after checking shape ``(n_images, rows, cols)`` and range."""
+    if not isinstance(labels, np.ndarray):
+        raise TypeError(f"labels must be a numpy array, got {type(labels).__name__}")
+    if labels.shape != (n_images, rows, cols):
+        raise ValueError(
+            f"labels has shape {labels.shape}, expected {(n_images, rows, cols)} "
+            "(one slice per source image, Rows x Columns)"
+        )
+    if labels.dtype != np.uint8 and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must have an integer dtype (uint8), got {labels.dtype}")
+    if labels.dtype != np.uint8 and labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
+        raise ValueError("labels values must lie in 0..255")
+    return labels.astype(np.uint8, copy=False)
+
+
+def build_seg(
+    source_images: Sequence[Dataset],
+    labels: NDArray[np.integer[Any]],
+    segments: Sequence[SegmentSpec],
+    algorithm: AlgorithmInfo,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    series_description: str,
+    content_creation: dt.datetime | None = None,
+) -> Dataset:
+    """Encode ``labels`` (slice i aligned with ``source_images[i]``) as a BINARY DICOM SEG.
+
+    Segments are numbered 1..K in the order of their labels, over the segments that
+    have at least one voxel; segments without voxels are left out (an empty segment
+    has no frames, and viewers handle that badly). Raises :class:`EmptySegmentationError`
+    when no segment has a voxel, ``ValueError`` for inconsistent input.
+    """
+    rows, cols = check_source_images(source_images)
+    check_segments(segments)
+    if not isinstance(algorithm, AlgorithmInfo):
+        raise TypeError("algorithm must be an AlgorithmInfo")
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    if not isinstance(series_number, int) or not 0 <= series_number < 2**31:
+        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    check_series_description(series_description)
+    lab = check_labels(labels, len(source_images), rows, cols)
+
+    counts = np.bincount(lab.ravel(), minlength=256)
+    by_label = {s.label: s for s in segments}
+    unknown = sorted(int(v) for v in np.flatnonzero(counts[1:]) + 1 if int(v) not in by_label)
+    if unknown:
+        raise ValueError(f"labels contain values with no segment: {unknown}")
+    present = [by_label[k] for k in sorted(by_label) if counts[k] > 0]
+    if not present:
+        raise EmptySegmentationError("no segment has any voxel in labels")
+
+    # highdicom's label-map input wants segment numbers 1..K; remap only when needed.
+    if [s.label for s in present] == list(range(1, len(present) + 1)):
+        pixel_array = lab
+    else:
+        lut = np.zeros(256, dtype=np.uint8)
+        for number, spec in enumerate(present, start=1):
+            lut[spec.label] = number
+        pixel_array = lut[lab]
+
+    created = content_creation or dt.datetime.now(dt.UTC).astimezone()
+    algorithm_id = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=algorithm.family.to_highdicom(),
+        version=algorithm.version,
+        parameters=algorithm.parameters,
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=spec.name,
+            segmented_property_category=spec.category.to_highdicom(),
+            segmented_property_type=spec.type.to_highdicom(),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm_id,
+            tracking_uid=segment_tracking_uid(sop_instance_uid, spec.label),
+            tracking_id=spec.tracking_id,
+            anatomic_regions=(
+                [spec.anatomic_region.to_highdicom()] if spec.anatomic_region is not None else None
+            ),
+            display_color=hd.color.CIELabColor.from_rgb(*spec.color_rgb),
+        )
+        for number, spec in enumerate(present, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=algorithm.manufacturer,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        content_description=f"{algorithm.name} {algorithm.version}"[:64],
+        content_label=content_label(algorithm.name),
+        series_description=series_description,
+        omit_empty_frames=True,
+        contributing_equipment=[algorithm_equipment(algorithm, created)],
+    )
+    seg.ContentDate = DA(created.date())
+    seg.ContentTime = TM(created.time())
+    return seg
+
+
+def algorithm_equipment(algorithm: AlgorithmInfo, when: dt.datetime) -> hd.ContributingEquipment:
+    """ContributingEquipmentSequence item naming the algorithm (IHE AI Results).
+
+    Purpose of reference is (109102, DCM, "Processing Equipment"), from DICOM PS3.16
+    CID 7005 "Contributing Equipment Purposes of Reference": equipment that processed
+    composite instances to create new ones (see :data:`orthanc_plugin.codes.PROCESSING_EQUIPMENT`).
+    """
+    return hd.ContributingEquipment(
+        manufacturer=algorithm.manufacturer,
+        purpose_of_reference=PROCESSING_EQUIPMENT.to_highdicom(),
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        contribution_datetime=when,
+        contribution_description=f"AI model {algorithm.model_name} version {algorithm.model_version}"[:1024],
+    )

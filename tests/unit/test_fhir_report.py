@@ -1,0 +1,236 @@
+"""FHIR R4 DiagnosticReport bundle: validity (fhir.resources R4B), references, idempotency."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from orthanc_plugin.codes import Code
+from orthanc_plugin.fhir_report import (
+    DICOM_UID_SYSTEM,
+    URI_SYSTEM,
+    build_diagnostic_report,
+    device_uuid,
+    report_summary,
+    validate_bundle,
+)
+from orthanc_plugin.results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "fhir" / "examples" / "ct-lung-diagnosticreport.json"
+
+ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
+ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+LUNG = Code("39607008", "SCT", "Lung")
+NODULE = Code("27925004", "SCT", "Nodule")
+SEGMENTS = (
+    SegmentSpec(1, "Lung", ANATOMICAL_STRUCTURE, LUNG, None, (128, 174, 128), "lung"),
+    SegmentSpec(2, "Nodule", ABNORMAL_STRUCTURE, NODULE, LUNG, (241, 214, 145), "nodule"),
+)
+ALGORITHM = AlgorithmInfo(name="lung-seg", version="1.2.0", model_name="lung_unet", model_version="3")
+MEASUREMENTS = (VolumeMeasurement(1, 4321.987), VolumeMeasurement(2, 1.25))
+# Synthetic study: made-up UIDs and identifiers, no real patient.
+STUDY = StudyRef(
+    study_instance_uid="2.25.123456789012345678901234567890",
+    patient_id="EXAMPLE-PATIENT-0001",
+    accession_number="EXAMPLE-ACC-0001",
+    study_date=dt.date(2024, 1, 15),
+)
+IDS = OutputUIDs("2.25.11", "2.25.12", "2.25.21", "2.25.22", key="example-job-key")
+ISSUED = dt.datetime(2024, 1, 15, 10, 30, tzinfo=dt.UTC)
+
+
+def example_bundle() -> dict[str, Any]:
+    return build_diagnostic_report(STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, ISSUED)
+
+
+def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> dict[str, Any]:
+    return example_bundle()
+
+
+def test_validates_as_r4_transaction(bundle: dict[str, Any]) -> None:
+    parsed = Bundle.model_validate(bundle)
+    assert parsed.type == "transaction"
+    kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert kinds == ["Device", "Observation", "Observation", "DiagnosticReport"]
+
+
+def test_entries_are_conditional_creates(bundle: dict[str, Any]) -> None:
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        (ours,) = [i for i in resource["identifier"] if i["system"] == URI_SYSTEM]
+        assert entry["fullUrl"] == ours["value"]
+        assert entry["fullUrl"].startswith("urn:uuid:")
+        assert entry["request"] == {
+            "method": "POST",
+            "url": resource["resourceType"],
+            "ifNoneExist": f"identifier={URI_SYSTEM}|{ours['value']}",
+        }
+        assert "id" not in resource  # the server assigns ids
+
+
+def test_references_resolve_inside_the_bundle(bundle: dict[str, Any]) -> None:
+    full_urls = {e["fullUrl"]: e["resource"]["resourceType"] for e in bundle["entry"]}
+    (device,) = resources(bundle, "Device")
+    (report,) = resources(bundle, "DiagnosticReport")
+    observations = resources(bundle, "Observation")
+    assert [full_urls[r["reference"]] for r in report["result"]] == ["Observation", "Observation"]
+    device_url = f"urn:uuid:{device_uuid(ALGORITHM)}"
+    assert full_urls[device_url] == "Device"
+    study_ref = {
+        "type": "ImagingStudy",
+        "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{STUDY.study_instance_uid}"},
+    }
+    patient_ref = {"type": "Patient", "identifier": {"value": STUDY.patient_id}}
+    assert report["imagingStudy"] == [study_ref]
+    assert report["subject"] == patient_ref
+    for obs in observations:
+        assert obs["device"] == {"reference": device_url}
+        assert obs["derivedFrom"] == [study_ref]
+        assert obs["subject"] == patient_ref
+    assert device["deviceName"][0] == {"name": "lung-seg", "type": "manufacturer-name"}
+    assert {v["value"] for v in device["version"]} == {"1.2.0", "3"}
+
+
+def test_report_content(bundle: dict[str, Any]) -> None:
+    (report,) = resources(bundle, "DiagnosticReport")
+    assert report["status"] == "preliminary"
+    assert report["category"][0]["coding"][0]["code"] == "RAD"
+    assert report["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "18748-4",
+        "display": "Diagnostic imaging study",
+    }
+    assert report["effectiveDateTime"] == "2024-01-15"
+    assert report["issued"] == "2024-01-15T10:30:00.000+00:00"
+    assert report["basedOn"][0]["identifier"]["value"] == "EXAMPLE-ACC-0001"
+    assert {"system": DICOM_UID_SYSTEM, "value": "urn:oid:2.25.22"}.items() <= report["identifier"][1].items()
+    assert "conclusion" not in report
+    assert "EXAMPLE-PATIENT" not in report["text"]["div"]
+
+
+def test_observations(bundle: dict[str, Any]) -> None:
+    lung, nodule = resources(bundle, "Observation")
+    for obs in (lung, nodule):
+        assert obs["status"] == "preliminary"
+        assert obs["category"][0]["coding"][0]["code"] == "imaging"
+        assert obs["code"]["coding"][0] == {
+            "system": "http://snomed.info/sct",
+            "code": "118565006",
+            "display": "Volume",
+        }
+    assert lung["valueQuantity"] == {
+        "value": 4321.987,
+        "unit": "mL",
+        "system": "http://unitsofmeasure.org",
+        "code": "mL",
+    }
+    assert nodule["valueQuantity"]["value"] == 1.25
+    assert lung["bodySite"]["coding"][0]["code"] == LUNG.value  # an anatomical structure is its own site
+    assert nodule["bodySite"]["coding"][0]["code"] == LUNG.value  # the nodule's anatomic region
+    assert lung["code"]["text"] == "Lung volume"
+
+
+def test_same_job_same_bundle_other_job_other_ids(bundle: dict[str, Any]) -> None:
+    assert example_bundle() == bundle
+    other = build_diagnostic_report(
+        STUDY,
+        SEGMENTS,
+        MEASUREMENTS,
+        ALGORITHM,
+        OutputUIDs("2.25.1", "2.25.2", "2.25.3", "2.25.4", "other"),
+        ISSUED,
+    )
+    urls = [e["fullUrl"] for e in bundle["entry"]]
+    other_urls = [e["fullUrl"] for e in other["entry"]]
+    assert urls[0] == other_urls[0]  # the same algorithm is one Device
+    assert not set(urls[1:]) & set(other_urls[1:])
+
+
+def test_report_id_instead_of_output_uids() -> None:
+    report_id = "6f1c3d2e-0a4b-4c5d-8e9f-0123456789ab"
+    bundle = build_diagnostic_report(
+        STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, report_id=report_id, issued=ISSUED
+    )
+    validate_bundle(bundle)
+    assert bundle["entry"][-1]["fullUrl"] == f"urn:uuid:{report_id}"
+    with pytest.raises(ValueError, match="ids or report_id"):
+        build_diagnostic_report(STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, issued=ISSUED)
+    with pytest.raises(ValueError, match="UUID"):
+        build_diagnostic_report(STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, report_id="nope", issued=ISSUED)
+
+
+def test_summary(bundle: dict[str, Any]) -> None:
+    with_conclusion = build_diagnostic_report(
+        STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, ISSUED, conclusion="AI volumetry, not yet read."
+    )
+    summary = report_summary(with_conclusion)
+    assert summary == {
+        "id": bundle["entry"][-1]["fullUrl"],
+        "status": "preliminary",
+        "conclusion": "AI volumetry, not yet read.",
+        "observations": [
+            {"name": "Lung volume", "value": 4321.987, "unit": "mL"},
+            {"name": "Nodule volume", "value": 1.25, "unit": "mL"},
+        ],
+    }
+
+
+def test_study_time_with_zone_is_kept() -> None:
+    study = StudyRef(
+        "2.25.5", "P", study_date=dt.datetime(2024, 1, 15, 8, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    )
+    (report,) = resources(
+        build_diagnostic_report(study, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, ISSUED), "DiagnosticReport"
+    )
+    assert report["effectiveDateTime"] == "2024-01-15T08:00:00+01:00"
+    naive = StudyRef("2.25.5", "P", study_date=dt.datetime(2024, 1, 15, 8, 0))
+    (report,) = resources(
+        build_diagnostic_report(naive, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, ISSUED), "DiagnosticReport"
+    )
+    assert report["effectiveDateTime"] == "2024-01-15"  # FHIR needs a zone with a time
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="time zone"):
+        build_diagnostic_report(STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, dt.datetime(2024, 1, 1))
+    with pytest.raises(ValueError, match="no segment"):
+        build_diagnostic_report(STUDY, SEGMENTS[:1], MEASUREMENTS, ALGORITHM, IDS, ISSUED)
+    with pytest.raises(ValueError, match="empty"):
+        build_diagnostic_report(STUDY, SEGMENTS, (), ALGORITHM, IDS, ISSUED)
+    broken = example_bundle()
+    broken["entry"][1]["resource"]["valueQuantity"]["value"] = "a lot"
+    with pytest.raises(ValueError, match="not a valid FHIR R4 bundle"):
+        validate_bundle(broken)
+
+
+def test_study_ref_from_the_ct_and_never_in_repr(ct_b40: list[pydicom.Dataset]) -> None:
+    study = StudyRef.from_dataset(ct_b40[0])
+    assert study.study_instance_uid == ct_b40[0].StudyInstanceUID
+    assert study.patient_id == ct_b40[0].PatientID
+    assert study.study_date == dt.datetime(2007, 4, 25, 17, 33, 33)
+    assert study.accession_number is None  # empty in the file
+    assert study.patient_id not in repr(study)
+    with pytest.raises(ValueError, match="patient_id"):
+        StudyRef("2.25.1", "")
+
+
+def test_example_file_is_what_the_code_makes(bundle: dict[str, Any]) -> None:
+    text = json.dumps(bundle, indent=2, ensure_ascii=False) + "\n"
+    if os.environ.get("ORTHANC_AI_WRITE_EXAMPLES") == "1":
+        EXAMPLE.parent.mkdir(parents=True, exist_ok=True)
+        EXAMPLE.write_text(text, encoding="utf-8")
+    assert EXAMPLE.read_text(encoding="utf-8") == text, (
+        f"{EXAMPLE} is stale: rerun with ORTHANC_AI_WRITE_EXAMPLES=1"
+    )
