@@ -1,0 +1,146 @@
+"""Intake logic against a fake Orthanc change log: cursor, catch-up after restart, idempotency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orthanc_plugin.config import load_pipelines
+from orthanc_plugin.intake import SEQ_KEY, Intake
+from orthanc_plugin.jobstore import JobStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FakeOrthanc:
+    def __init__(self) -> None:
+        self.changes: list[dict[str, Any]] = []
+        self.studies: dict[str, dict[str, Any]] = {}
+        self.series: dict[str, dict[str, Any]] = {}
+
+    def add_study(self, sid: str, kernels: list[str], n: int = 30) -> None:
+        series_ids = []
+        for k in kernels:
+            ser = f"{sid}-{k}"
+            series_ids.append(ser)
+            self.series[ser] = {
+                "ParentStudy": sid,
+                "MainDicomTags": {
+                    "Modality": "CT",
+                    "SeriesInstanceUID": f"1.2.{len(self.series)}",
+                    "SeriesNumber": "2",
+                },
+                "Instances": [f"{ser}-i{i}" for i in range(n)],
+                "_kernel": k,
+            }
+            self.log("NewSeries", ser, "Series")
+        self.studies[sid] = {
+            "MainDicomTags": {"StudyInstanceUID": f"1.2.840.{len(self.studies)}"},
+            "Series": series_ids,
+        }
+
+    def log(self, kind: str, rid: str, level: str = "Study") -> None:
+        self.changes.append(
+            {"ChangeType": kind, "ID": rid, "ResourceType": level, "Seq": len(self.changes) + 1}
+        )
+
+    def get(self, path: str) -> Any:
+        if path.startswith("/changes"):
+            if path == "/changes?last":
+                return {"Last": len(self.changes)}
+            q = dict(p.split("=") for p in path.split("?")[1].split("&"))
+            since, limit = int(q["since"]), int(q["limit"])
+            page = [c for c in self.changes if c["Seq"] > since][:limit]
+            return {"Changes": page, "Last": page[-1]["Seq"] if page else since, "Done": len(page) < limit}
+        kind, rid = path.split("/")[1:3]
+        if kind == "studies":
+            if rid not in self.studies:
+                raise LookupError(path)
+            return self.studies[rid]
+        if kind == "series":
+            return self.series[rid]
+        if kind == "instances":
+            ser = rid.rsplit("-i", 1)[0]
+            return {"ConvolutionKernel": self.series[ser]["_kernel"], "SliceThickness": "5"}
+        raise LookupError(path)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    pipelines = load_pipelines(ROOT / "config" / "pipelines.yaml")
+    orthanc = FakeOrthanc()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    return orthanc, store, pipelines
+
+
+def make_intake(orthanc, store, pipelines, delay=0.0) -> Intake:
+    return Intake(orthanc.get, store, lambda: pipelines, catch_up_delay_s=delay)
+
+
+def test_stable_study_enqueues_once(setup):
+    orthanc, store, pipelines = setup
+    intake = make_intake(orthanc, store, pipelines)
+    intake.process_changes()  # first start: begins at the present
+    orthanc.add_study("s1", ["B70f", "B40f"])
+    orthanc.log("StableStudy", "s1")
+    intake.process_changes()
+    jobs = store.list_jobs()
+    assert len(jobs) == 1 and jobs[0].input["roles"]["ct"]["series_id"] == "s1-B40f"
+    # Our outputs arrive, the study is stable again: same inputs, so no second job.
+    orthanc.log("NewSeries", "s1-B40f", "Series")
+    orthanc.log("StableStudy", "s1")
+    intake.process_changes()
+    assert len(store.list_jobs()) == 1
+    assert int(store.get_kv(SEQ_KEY) or 0) == len(orthanc.changes)
+
+
+def test_first_start_does_not_reprocess_the_archive(setup):
+    orthanc, store, pipelines = setup
+    orthanc.add_study("old", ["B40f"])
+    orthanc.log("StableStudy", "old")
+    make_intake(orthanc, store, pipelines).process_changes()
+    assert store.list_jobs() == []
+
+
+def test_lost_stable_event_is_caught_up_after_restart(setup):
+    orthanc, store, pipelines = setup
+    first = make_intake(orthanc, store, pipelines)
+    first.process_changes()
+    orthanc.add_study("s2", ["B40f"])  # series arrive...
+    first.process_changes()  # ...are seen, but Orthanc stops before the study is stable
+    assert store.list_jobs() == []
+    # The persisted position must not have moved past the pending series.
+    assert int(store.get_kv(SEQ_KEY) or 0) < orthanc.changes[-1]["Seq"]
+    restarted = make_intake(orthanc, store, pipelines, delay=0.0)
+    restarted.process_changes()
+    jobs = store.list_jobs()
+    assert len(jobs) == 1 and jobs[0].orthanc_study_id == "s2"
+
+
+def test_stable_events_after_restart_are_not_lost(setup):
+    orthanc, store, pipelines = setup
+    make_intake(orthanc, store, pipelines).process_changes()
+    orthanc.add_study("s3", ["B40f"])
+    orthanc.log("StableStudy", "s3")  # happened while the plugin was down
+    make_intake(orthanc, store, pipelines).process_changes()
+    assert [j.orthanc_study_id for j in store.list_jobs()] == ["s3"]
+
+
+def test_deleted_study_is_skipped(setup):
+    orthanc, store, pipelines = setup
+    intake = make_intake(orthanc, store, pipelines)
+    intake.process_changes()
+    orthanc.log("StableStudy", "gone")
+    intake.process_changes()
+    assert store.list_jobs() == []
+
+
+def test_dry_run_explains(setup):
+    orthanc, store, pipelines = setup
+    orthanc.add_study("s4", ["B70f"], n=5)
+    (d,) = make_intake(orthanc, store, pipelines).dry_run("s4")
+    assert not d.matched
+    (failures,) = d.roles[0].rejected.values()
+    assert any("ImageCount is 5, below minimum 20" in m for m in failures)
