@@ -6,6 +6,7 @@ temporary folder, so a running local stack is never disturbed.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +24,10 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     tmp = tmp_path_factory.mktemp("triton")
+    # Another model repository can be tried with ORTHANC_AI_MODEL_REPO; the default is the project's.
+    repo = Path(os.environ.get("ORTHANC_AI_MODEL_REPO", ROOT / "triton_models"))
     server = TritonServer(
-        ROOT / "triton_models",
+        repo,
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
         log_file=tmp / "triton.log", backend_root=tmp / "backends",
     )  # fmt: skip

@@ -88,7 +88,8 @@ def test_seg_in_study_aligned_with_source(processed: dict, api: httpx.Client) ->
         for f in ds.PerFrameFunctionalGroupsSequence
     }
     assert frame_refs <= src_sops and len(frame_refs) >= 10
-    assert ds.ContributingEquipmentSequence[0].Manufacturer == "orthanc-ai"
+    ours = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "orthanc-ai"]
+    assert len(ours) == 1 and ours[0].SoftwareVersions
 
 
 def test_volumes_plausible_and_left_is_left(processed: dict, api: httpx.Client) -> None:
