@@ -74,7 +74,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
         triton = TritonServer(
-            ROOT / "triton_models", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+            Path(os.environ.get("ORTHANC_AI_MODEL_REPO", ROOT / "triton_models")), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             log_file=tmp / "triton.log", backend_root=tmp / "backends",
         ).start(timeout=120)  # fmt: skip
         orthanc = OrthancServer(

@@ -52,12 +52,19 @@ def keep_largest_components(labels: NDArray[np.uint8], values: Sequence[int] | r
         mask = labels == v
         if not mask.any():
             continue
-        comp, n = ndimage.label(mask)
+        # Work inside the label's bounding box: the organ is a fraction of the field of view.
+        box = tuple(
+            slice(int(idx[0]), int(idx[-1]) + 1)
+            for idx in (np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
+        )
+        crop = mask[box]
+        comp, n = ndimage.label(crop)
         if n <= 1:
             continue
         sizes = np.bincount(comp.ravel())
         sizes[0] = 0
-        labels[mask & (comp != int(np.argmax(sizes)))] = 0
+        drop = crop & (comp != int(np.argmax(sizes)))
+        labels[box][drop] = 0
 
 
 def volumes_ml(

@@ -1,0 +1,41 @@
+import numpy as np
+from scipy import ndimage
+
+from orthanc_plugin.postprocess import keep_largest_components, labels_from_probabilities, volumes_ml
+from orthanc_plugin.preprocess import resize
+
+
+def test_resize_matches_scipy_linear_zoom():
+    a = np.random.default_rng(1).random((9, 17, 13), dtype=np.float32)
+    for shape in [(20, 40, 30), (4, 8, 5), (9, 34, 6)]:
+        ref = ndimage.zoom(
+            a,
+            [t / s for t, s in zip(shape, a.shape)],
+            order=1,
+            mode="nearest",
+            grid_mode=True,
+            prefilter=False,
+        )
+        np.testing.assert_allclose(resize(a, shape), ref, atol=1e-5)
+
+
+def test_labels_match_full_resolution_argmax_and_drop_islands():
+    rng = np.random.default_rng(2)
+    p = rng.random((3, 16, 32, 32), dtype=np.float32) * 0.1
+    p[0] += 0.5
+    p[1, 2:12, 4:28, 2:14] = 0.9
+    p[2, 2:12, 4:28, 18:30] = 0.9
+    p[1, 14, 30, 30] = 0.95  # an island of label 1 far from its organ
+    shape = (24, 64, 64)
+    labels = labels_from_probabilities(p, shape, largest_component=False)
+    full = np.argmax(np.stack([resize(p[c], shape) for c in range(3)]), axis=0)
+    np.testing.assert_array_equal(labels, full)
+    assert ndimage.label(labels == 1)[1] == 2
+    keep_largest_components(labels, [1, 2])
+    assert ndimage.label(labels == 1)[1] == 1 and ndimage.label(labels == 2)[1] == 1
+
+
+def test_volumes_ml():
+    labels = np.zeros((2, 3, 4), dtype=np.uint8)
+    labels[0, :, :2] = 1
+    assert volumes_ml(labels, [1, 2], 0.5) == {1: 3.0, 2: 0.0}
