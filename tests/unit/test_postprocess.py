@@ -25,7 +25,7 @@ def test_labels_match_full_resolution_argmax_and_drop_islands():
     p[0] += 0.5
     p[1, 2:12, 4:28, 2:14] = 0.9
     p[2, 2:12, 4:28, 18:30] = 0.9
-    p[1, 14, 30, 30] = 0.95  # an island of label 1 far from its organ
+    p[1, 13:16, 28:32, 28:32] = 0.95  # an island of label 1 far from its organ
     shape = (24, 64, 64)
     labels = labels_from_probabilities(p, shape, largest_component=False)
     full = np.argmax(np.stack([resize(p[c], shape) for c in range(3)]), axis=0)
