@@ -46,6 +46,16 @@ def job_json(job: Job, detail: bool = False, events: list[dict[str, Any]] | None
     return out
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        raise ValueError('body must be JSON, e.g. {"pipeline": "ct-lung"}') from None
+    if not isinstance(data, dict):
+        raise ValueError("body must be a JSON object")
+    return data
+
+
 def pipeline_json(p: PipelineConfig) -> dict[str, Any]:
     return {
         "name": p.name,
@@ -66,6 +76,7 @@ class Api:
     intake: Intake
     pipelines: Callable[[], list[PipelineConfig]]
     health: Callable[[], dict[str, Any]]
+    reload: Callable[[], list[PipelineConfig]] | None = None
 
     def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes) -> Response:
         """Dispatch one request; ``path`` is relative to ``/ai`` (e.g. ``/jobs/abc``)."""
@@ -90,8 +101,10 @@ class Api:
             (r"/jobs/([0-9a-f]+)", "GET", self.get_job),
             (r"/jobs/([0-9a-f]+)/retry", "POST", self.retry_job),
             (r"/jobs/([0-9a-f]+)/cancel", "POST", self.cancel_job),
-            (r"/studies/([0-9a-f-]+)/run", "POST", self.run_study),
-            (r"/studies/([0-9a-f-]+)/dry-run", "GET", self.dry_run),
+            (r"/studies/([0-9A-Za-z._-]+)/run", "POST", self.run_study),
+            (r"/studies/([0-9A-Za-z._-]+)/dry-run", "GET", self.dry_run),
+            (r"/routes/dry-run", "POST", self.dry_run_body),
+            (r"/routes/reload", "POST", self.reload_routes),
             (r"/pipelines", "GET", self.list_pipelines),
             (r"/health", "GET", self.get_health),
         ]
@@ -143,6 +156,19 @@ class Api:
         except StudyGone:
             raise KeyError(f"study {study_id}") from None
         return 200, [d.to_json() for d in decisions]
+
+    def dry_run_body(self, query: Mapping[str, str], body: bytes) -> Response:
+        data = _json_object(body)
+        study = data.get("study")
+        if not isinstance(study, str) or not study:
+            raise ValueError('body must name the Orthanc study id: {"study": "<orthanc-study-id>"}')
+        return self.dry_run(query, b"", study)
+
+    def reload_routes(self, query: Mapping[str, str], body: bytes) -> Response:
+        if self.reload is None:
+            return 501, {"error": "reloading is not available"}
+        pipelines = self.reload()  # raises ConfigError (a ValueError): the old rules stay in force
+        return 200, {"reloaded": True, "pipelines": [pipeline_json(p) for p in pipelines]}
 
     def list_pipelines(self, query: Mapping[str, str], body: bytes) -> Response:
         return 200, [pipeline_json(p) for p in self.pipelines()]

@@ -63,7 +63,13 @@ class Plugin:
             max_attempts=self.settings.max_attempts,
             catch_up_delay_s=stable_age if delay < 0 else delay,
         )
-        self.api = Api(JobStore(self.settings.job_store), self.intake, lambda: self.pipelines, self.health)
+        self.api = Api(
+            JobStore(self.settings.job_store),
+            self.intake,
+            lambda: self.pipelines,
+            self.health,
+            self.reload_pipelines,
+        )
         self._api_lock = threading.Lock()
         work_dir = self.settings.job_store.parent
         settings_file = work_dir / "worker-settings.json"
@@ -113,6 +119,17 @@ class Plugin:
             t.join(timeout=10)
         self.supervisor.stop()
         log.warning("stopped")
+
+    def reload_pipelines(self) -> list[PipelineConfig]:
+        """Re-read the pipelines file; on error the running rules stay and the error is raised.
+
+        Workers read the file when they start; the supervisor restarts them so they see it too.
+        """
+        pipelines = load_pipelines(self.settings.pipelines_file)
+        self.pipelines = pipelines
+        self.supervisor.restart_all()
+        log.warning("pipelines reloaded: %s", ", ".join(f"{p.name} {p.version}" for p in pipelines))
+        return pipelines
 
     # ------------------------------------------------------------------ health
 

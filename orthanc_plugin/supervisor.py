@@ -123,6 +123,14 @@ class Supervisor:
                 for s in self.slots
             ]
 
+    def restart_all(self) -> None:
+        """Ask every worker to finish its current job and exit; ``check`` starts fresh ones."""
+        with self._lock:
+            for s in self.slots:
+                if s.proc is not None and s.proc.poll() is None:
+                    s.proc.send_signal(signal.SIGTERM)
+                    s.started = 0.0  # not a crash: no back-off when it is restarted
+
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._lock:
             procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
