@@ -9,13 +9,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import PipelineConfig
+from .fhir_api import FhirReports
 from .intake import Intake, StudyGone
 from .jobstore import Job, JobStateError, JobStore
+from .outbox import Outbox
 
 Response = tuple[int, Any]
 
 
-def job_json(job: Job, detail: bool = False, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def job_json(
+    job: Job,
+    detail: bool = False,
+    events: list[dict[str, Any]] | None = None,
+    delivery: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": job.id,
         "state": job.state,
@@ -37,6 +44,7 @@ def job_json(job: Job, detail: bool = False, events: list[dict[str, Any]] | None
         },
         "timings": job.timings,
         "outputs": job.outputs,
+        "delivery": delivery,
     }
     if detail:
         out["key"] = {"fingerprint": job.fingerprint}
@@ -78,6 +86,14 @@ class Api:
     health: Callable[[], dict[str, Any]]
     reload: Callable[[], list[PipelineConfig]] | None = None
 
+    def __post_init__(self) -> None:
+        self.reports = FhirReports(self.store.path)
+        self.outbox = Outbox(self.store.path)
+
+    def _job(self, job: Job, detail: bool = False) -> dict[str, Any]:
+        events = self.store.events(job.id) if detail else None
+        return job_json(job, detail, events, self.outbox.status_for_job(job.id))
+
     def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes) -> Response:
         """Dispatch one request; ``path`` is relative to ``/ai`` (e.g. ``/jobs/abc``)."""
         try:
@@ -107,21 +123,34 @@ class Api:
             (r"/routes/reload", "POST", self.reload_routes),
             (r"/pipelines", "GET", self.list_pipelines),
             (r"/health", "GET", self.get_health),
+            (r"/fhir/DiagnosticReport", "GET", self.search_reports),
+            (r"/fhir/(DiagnosticReport|Observation|Device)/([0-9A-Fa-f-]+)", "GET", self.read_fhir),
+            (r"/deliveries", "GET", self.list_deliveries),
         ]
 
     def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
         limit = int(query.get("limit", "200"))
         jobs = self.store.list_jobs(query.get("state") or None, query.get("study") or None, limit)
-        return 200, [job_json(j) for j in jobs]
+        return 200, [self._job(j) for j in jobs]
 
     def get_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
-        return 200, job_json(self.store.get(jid), detail=True, events=self.store.events(jid))
+        return 200, self._job(self.store.get(jid), detail=True)
 
     def retry_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
-        return 200, job_json(self.store.retry(jid))
+        return 200, self._job(self.store.retry(jid))
 
     def cancel_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
-        return 200, job_json(self.store.cancel(jid))
+        return 200, self._job(self.store.cancel(jid))
+
+    def search_reports(self, query: Mapping[str, str], body: bytes) -> Response:
+        return 200, self.reports.search(query)
+
+    def read_fhir(self, query: Mapping[str, str], body: bytes, resource_type: str, rid: str) -> Response:
+        return 200, self.reports.read(resource_type, rid)
+
+    def list_deliveries(self, query: Mapping[str, str], body: bytes) -> Response:
+        limit = int(query.get("limit", "200"))
+        return 200, self.outbox.list(query.get("state") or None, limit=limit)
 
     def run_study(self, query: Mapping[str, str], body: bytes, study_id: str) -> Response:
         only: str | None = None

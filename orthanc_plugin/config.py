@@ -205,13 +205,17 @@ class Settings(_Strict):
         default=None, alias="FhirTokenEnv", description="environment variable holding the bearer token"
     )
     fhir_version: Literal["R4", "R5"] = Field(default="R4", alias="FhirVersion")
-    fhir_verify_tls: bool | Path = Field(default=True, alias="FhirVerifyTls", description="false, true or a CA file")
+    fhir_verify_tls: bool | Path = Field(
+        default=True, alias="FhirVerifyTls", description="false, true or a CA file"
+    )
     fhir_timeout_seconds: float = Field(default=30.0, gt=0, alias="FhirTimeoutSeconds")
     delivery_max_backoff_seconds: float = Field(default=300.0, gt=0, alias="DeliveryMaxBackoffSeconds")
 
     @field_validator("fhir_base_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None  # an empty value (e.g. an unset ${VAR} in orthanc.json) means no delivery
         if v is not None and not re.match(r"^https?://[^/]+", v):
             raise ValueError(f"must be an http(s) URL, got {v!r}")
         return v.rstrip("/") if v else v

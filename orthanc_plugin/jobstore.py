@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .outbox import enqueue_in
 from .uids import job_id
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -292,7 +293,15 @@ class JobStore:
             data.update(updates)
             db.execute("UPDATE jobs SET input=? WHERE id=?", (json.dumps(data), jid))
 
-    def succeed(self, jid: str, owner: str, outputs: dict[str, Any], fhir: dict[str, Any] | None) -> bool:
+    def succeed(
+        self,
+        jid: str,
+        owner: str,
+        outputs: dict[str, Any],
+        fhir: dict[str, Any] | None,
+        deliver_to: str | None = None,
+    ) -> bool:
+        """Record the results; with ``deliver_to``, queue the FHIR bundle for it in the same transaction."""
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
@@ -307,6 +316,9 @@ class JobStore:
                     "succeeded",
                     ", ".join(f"{k}={v}" for k, v in outputs.items() if "uid" in k.lower()),
                 )
+                if fhir is not None and deliver_to:
+                    enqueue_in(db, jid, fhir, deliver_to, now)
+                    self._event(db, jid, "fhir_queued", f"report queued for delivery to {deliver_to}")
             return cur.rowcount == 1
 
     def fail(self, jid: str, owner: str, error: str, retryable: bool, backoff_s: float) -> str:
@@ -350,7 +362,9 @@ class JobStore:
         row = self._db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
         return None if row is None else Job.from_row(row)
 
-    def list_jobs(self, state: str | None = None, study_uid: str | None = None, limit: int = 200) -> list[Job]:
+    def list_jobs(
+        self, state: str | None = None, study_uid: str | None = None, limit: int = 200
+    ) -> list[Job]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
         if state:
             if state not in STATES:

@@ -21,6 +21,7 @@ from .api import Api
 from .config import PipelineConfig, Settings, load_pipelines, load_settings, settings_to_json
 from .intake import Intake
 from .jobstore import JobStore
+from .outbox import Outbox
 from .supervisor import Supervisor
 
 log = logging.getLogger("orthanc_ai")
@@ -54,6 +55,7 @@ class Plugin:
         self.pipelines: list[PipelineConfig] = load_pipelines(self.settings.pipelines_file)
         assert self.settings.job_store is not None
         self.store = JobStore(self.settings.job_store)
+        self.outbox = Outbox(self.settings.job_store)  # health reads the delivery backlog
         stable_age = float(config.get("StableAge", 60))
         delay = self.settings.catch_up_delay_seconds
         self.intake = Intake(
@@ -151,6 +153,7 @@ class Plugin:
             "triton": {"url": self.settings.triton_url, "ready": triton_ok},
             "workers": {"expected": len(workers), "alive": alive, "detail": workers},
             "queue": queue,
+            "fhir_backlog": self.outbox.backlog(),
         }
 
     # ------------------------------------------------------------------ REST

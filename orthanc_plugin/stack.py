@@ -69,6 +69,13 @@ class OrthancServer:
             ORTHANC_AI_STABLE_AGE=str(self.stable_age),
             ORTHANC_AI_LEASE_SECONDS=str(self.lease_seconds),
         )
+        # FHIR delivery: off unless the caller's environment or extra_env names a URL.
+        for name, default in (
+            ("ORTHANC_AI_FHIR_URL", ""),
+            ("ORTHANC_AI_FHIR_TOKEN", ""),
+            ("ORTHANC_AI_DELIVERY_MAX_BACKOFF", "300"),
+        ):
+            env.setdefault(name, default)
         env.update(self.extra_env)
         return env
 

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 
 from . import fhir_report, postprocess, preprocess, seg, sr
 from .config import PipelineConfig, Settings
+from .fhir_delivery import start_delivery_thread
 from .inference import InferenceError, TritonClient
 from .jobstore import Job, JobStore
 from .orthanc_client import OrthancClient, OrthancError
@@ -126,7 +127,7 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - a bug must fail the job, not the worker
                 log.exception("job %s: unexpected error", job.id)
                 return self._failed(job, f"internal error: {type(e).__name__}: {e}", retryable=True)
-        if self.store.succeed(job.id, self.owner, outputs, fhir):
+        if self.store.succeed(job.id, self.owner, outputs, fhir, deliver_to=self.settings.fhir_base_url):
             log.info("job %s: succeeded", job.id)
             return "succeeded"
         log.warning("job %s: finished but no longer leased to us; result left to the new owner", job.id)
@@ -314,9 +315,14 @@ def main(settings_path: str, owner: str | None = None, parent_pid: int | None = 
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    # Deliveries run beside the jobs, in every worker: the outbox lease keeps them apart.
+    delivery = start_delivery_thread(settings, worker.owner, worker.stop)
     try:
         worker.run_forever(parent_pid=parent_pid)
     finally:
+        worker.stop.set()
+        if delivery is not None:
+            delivery.join(timeout=5)  # an unfinished POST is re-sent after its lease: harmless
         triton.close()
         orthanc.close()
         store.close()

@@ -134,3 +134,22 @@ def _claim_all(path: str, owner: str) -> list[str]:
     while (j := s.claim(owner, 30)) is not None:
         out.append(j.id)
     return out
+
+
+def test_succeed_queues_the_report_for_delivery_in_the_same_transaction(store):
+    from orthanc_plugin.outbox import Outbox
+
+    enqueue(store)
+    job = store.claim("w1", lease_s=30)
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+    assert store.succeed(job.id, "w1", {}, bundle, deliver_to="http://ehr.example/fhir")
+    outbox = Outbox(store.path)
+    status = outbox.status_for_job(job.id)
+    assert status["state"] == "pending" and status["destination"] == "http://ehr.example/fhir"
+    assert "fhir_queued" in [e["kind"] for e in store.events(job.id)]
+    # A lost lease records nothing, and queues nothing.
+    enqueue(store, "k2")
+    other = store.claim("w1", lease_s=30)
+    assert not store.succeed(other.id, "someone-else", {}, bundle, deliver_to="http://ehr.example/fhir")
+    assert outbox.status_for_job(other.id) is None
+    outbox.close()

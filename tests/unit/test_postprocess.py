@@ -10,7 +10,7 @@ def test_resize_matches_scipy_linear_zoom():
     for shape in [(20, 40, 30), (4, 8, 5), (9, 34, 6)]:
         ref = ndimage.zoom(
             a,
-            [t / s for t, s in zip(shape, a.shape)],
+            [t / s for t, s in zip(shape, a.shape, strict=True)],
             order=1,
             mode="nearest",
             grid_mode=True,
