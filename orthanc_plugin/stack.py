@@ -157,8 +157,53 @@ def _read_pid(path: Path) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
+EHR_PORT = 8090
+
+
+def start_detached(name: str, args: list[str], ready_url: str, timeout: float = 30.0) -> int:
+    """Start ``args`` in its own session with a pid file under var/, wait until ``ready_url`` answers."""
+    log = open(VAR / "log" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=str(ROOT),
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {VAR / 'log' / f'{name}.log'}")
+        try:
+            if httpx.get(ready_url, timeout=1).status_code < 500:
+                (VAR / f"{name}.pid").write_text(f"{proc.pid}\n")
+                return proc.pid
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{name} did not answer on {ready_url} within {timeout:.0f} s")
+
+
 def up(workers: int, stable_age: int) -> int:
     (VAR / "log").mkdir(parents=True, exist_ok=True)
+    # The project's small FHIR server stands in for the hospital's EHR, unless one is configured.
+    fhir_url = os.environ.get("ORTHANC_AI_FHIR_URL")
+    if fhir_url is None:
+        fhir_url = f"http://127.0.0.1:{EHR_PORT}"
+        if _read_pid(VAR / "ehr.pid") is None:
+            try:
+                start_detached(
+                    "ehr",
+                    [sys.executable, "-m", "orthanc_plugin.ehr_server", "--port", str(EHR_PORT),
+                     "--data", str(VAR / "ehr-data.jsonl")],
+                    f"{fhir_url}/metadata",
+                )  # fmt: skip
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+        print(f"EHR (FHIR) ready   {fhir_url}  (the project's test FHIR server; data in var/ehr-data.jsonl)")
     triton_pid = _read_pid(VAR / "triton.pid")
     if triton_pid is None:
         triton = TritonServer(
@@ -177,7 +222,10 @@ def up(workers: int, stable_age: int) -> int:
         print(f"Triton     running (pid {triton_pid})")
     orthanc_pid = _read_pid(VAR / "orthanc.pid")
     if orthanc_pid is None:
-        server = OrthancServer(VAR / "orthanc-storage", workers=workers, stable_age=stable_age)
+        server = OrthancServer(
+            VAR / "orthanc-storage", workers=workers, stable_age=stable_age,
+            extra_env={"ORTHANC_AI_FHIR_URL": fhir_url},
+        )  # fmt: skip
         try:
             server.start(timeout=60, detach=True)
         except RuntimeError as e:
@@ -194,7 +242,7 @@ def up(workers: int, stable_age: int) -> int:
 
 
 def down() -> int:
-    for name in ("orthanc", "triton"):
+    for name in ("orthanc", "triton", "ehr"):
         pid = _read_pid(VAR / f"{name}.pid")
         if pid is not None:
             terminate_process(pid, 30)

@@ -19,18 +19,17 @@ SERIES = ("A0002-B70f", "A0002-B40f")
 
 
 def upload(client: httpx.Client, folder: Path) -> tuple[str, int]:
+    """POST every file; returns (Orthanc study id, instances sent)."""
     files = sorted(folder.glob("*.dcm"))
     if not files:
         sys.exit(f"no DICOM files in {folder}: the shared data must sit beside the repository")
     study = ""
-    new = 0
     for f in files:
         r = client.post("/instances", content=f.read_bytes(), headers={"Content-Type": "application/dicom"})
         r.raise_for_status()
         body = r.json()
         study = body["ParentStudy"]
-        new += body.get("Status") == "Success"
-    return study, new
+    return study, len(files)
 
 
 def main() -> int:
@@ -46,9 +45,13 @@ def main() -> int:
 
     print("== Uploading the demo study (chest CT, two reconstructions of one acquisition)")
     study_id = ""
+    known_series = set(client.get("/series").json())
     for name in SERIES:
-        study_id, new = upload(client, DATA / name)
-        print(f"   {name}: {new} new instance(s)" + ("" if new else " (already stored)"))
+        study_id, sent = upload(client, DATA / name)
+        print(f"   {name}: {sent} instance(s) sent")
+    again = [s for s in client.get(f"/studies/{study_id}").json()["Series"] if s in known_series]
+    if again:
+        print("   (sent before: same UIDs, so Orthanc replaces them and the job key is unchanged)")
     study = client.get(f"/studies/{study_id}").json()
     study_uid = study["MainDicomTags"]["StudyInstanceUID"]
     print(f"   study {study_id} (StudyInstanceUID {study_uid})")
@@ -106,6 +109,18 @@ def main() -> int:
               f"{len(fhir.get('entry', []))} entries; full bundle at /ai/jobs/{job['id']})")  # fmt: skip
         print(json.dumps(report, indent=2)[:3000])
 
+    delivery = job.get("delivery") or {}
+    if delivery:
+        print(f"\n== Delivery to the EHR ({delivery.get('destination')}): {delivery.get('state')}"
+              + (f", last error: {delivery['last_error']}" if delivery.get("last_error") else ""))  # fmt: skip
+        if delivery.get("state") != "delivered":
+            for _ in range(20):
+                time.sleep(1)
+                delivery = client.get(f"/ai/jobs/{job['id']}").json().get("delivery") or {}
+                if delivery.get("state") == "delivered":
+                    print("   delivered")
+                    break
+
     base = args.orthanc
     print("\n== Look at it")
     print(f"   Orthanc Explorer: {base}/app/explorer.html#study?uuid={study_id}")
@@ -113,6 +128,9 @@ def main() -> int:
     print(f"   All jobs:         {base}/ai/jobs")
     print(f"   Health:           {base}/ai/health")
     print(f"   DICOMweb:         {base}/dicom-web/studies/{study_uid}/series")
+    print(f"   Reports (ours):   {base}/ai/fhir/DiagnosticReport?study={study_uid}")
+    if delivery.get("destination"):
+        print(f"   Reports (EHR):    {delivery['destination']}/DiagnosticReport?study={study_uid}")
     return 0 if job["state"] == "succeeded" else 1
 
 
