@@ -55,7 +55,9 @@ def keep_largest_components(labels: NDArray[np.uint8], values: Sequence[int] | r
         # Work inside the label's bounding box: the organ is a fraction of the field of view.
         box = tuple(
             slice(int(idx[0]), int(idx[-1]) + 1)
-            for idx in (np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
+            for idx in (
+                np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)
+            )
         )
         crop = mask[box]
         comp, n = ndimage.label(crop)
