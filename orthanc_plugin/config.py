@@ -136,6 +136,9 @@ class SegmentConfig(_Strict):
 
 class Outputs(_Strict):
     seg: bool = True
+    seg_type: Literal["BINARY", "LABELMAP"] = Field(
+        default="BINARY", description="LABELMAP: one frame per slice holding every label (DICOM 2024b+ viewers)"
+    )
     sr: bool = True
     fhir: bool = True
     series_number: int = Field(default=9900, ge=1, le=99999, description="SEG gets this, SR this + 1")

@@ -197,6 +197,23 @@ def test_api_basics(processed: dict, api: httpx.Client) -> None:
     assert api.get("/ai/health").json()["triton"]["ready"] is True
     dry = api.get(f"/ai/studies/{processed['study_id']}/dry-run").json()
     assert dry[0]["matched"] and "B40f" in dry[0]["roles"][0]["reason"]
+    assert api.post("/ai/routes/dry-run", json={"study": processed["study_id"]}).json() == dry
+    reloaded = api.post("/ai/routes/reload")
+    assert reloaded.status_code == 200 and reloaded.json()["pipelines"][0]["name"] == "ct-lung"
+    # Our read API serves the FHIR report we produced, found by the study.
+    found = api.get("/ai/fhir/DiagnosticReport", params={"study": processed["study_uid"]}).json()
+    assert found["resourceType"] == "Bundle" and found["total"] == 1
+    report = found["entry"][0]["resource"]
+    assert api.get(f"/ai/fhir/DiagnosticReport/{report['id']}").json()["id"] == report["id"]
+
+
+def test_stored_outputs_pass_dciodvfy(processed: dict, api: httpx.Client, tmp_path) -> None:
+    """What the pipeline really stored, not only what the unit tests build, must be conformant."""
+    from ..unit.test_seg import run_dciodvfy
+
+    for modality in ("SEG", "SR"):
+        (series,) = series_by_modality(api, processed["study_id"], modality)
+        run_dciodvfy(_instance(api, series), tmp_path)
 
 
 def test_stable_event_lost_at_restart_is_caught_up(orthanc: OrthancServer, api: httpx.Client) -> None:
