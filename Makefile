@@ -13,6 +13,7 @@ help:
 
 install:
 	@bash scripts/install.sh
+	@bash scripts/install_viewer.sh
 
 # The ONNX is committed; it is rebuilt only when absent (or with `make model FORCE=1`).
 $(MODEL):

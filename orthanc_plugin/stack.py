@@ -158,6 +158,7 @@ def _read_pid(path: Path) -> int | None:
 
 
 EHR_PORT = 8090
+VIEWER_PORT = 3000
 
 
 def start_detached(name: str, args: list[str], ready_url: str, timeout: float = 30.0) -> int:
@@ -238,11 +239,18 @@ def up(workers: int, stable_age: int) -> int:
         )
     else:
         print(f"Orthanc    running (pid {orthanc_pid})")
+    from .viewer import DEFAULT_CONFIG, DEFAULT_DIST, ViewerError, start_background
+
+    try:
+        start_background("http://127.0.0.1:8042", VIEWER_PORT, DEFAULT_DIST, DEFAULT_CONFIG)
+    except ViewerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def down() -> int:
-    for name in ("orthanc", "triton", "ehr"):
+    for name in ("viewer", "orthanc", "triton", "ehr"):
         pid = _read_pid(VAR / f"{name}.pid")
         if pid is not None:
             terminate_process(pid, 30)

@@ -123,6 +123,10 @@ def main() -> int:
 
     base = args.orthanc
     print("\n== Look at it")
+    print(f"   Viewer (OHIF):    http://127.0.0.1:3000/viewer?StudyInstanceUIDs={study_uid}")
+    print(
+        "                     double-click the SEG (series 9901) for the overlay, the SR (9902) for the volumes"
+    )
     print(f"   Orthanc Explorer: {base}/app/explorer.html#study?uuid={study_id}")
     print(f"   Job (JSON):       {base}/ai/jobs/{job['id']}")
     print(f"   All jobs:         {base}/ai/jobs")

@@ -1,0 +1,139 @@
+"""OHIF 3.13 shows what the plugin stored: the SEG as an overlay on the CT, the SR's measurements.
+
+Real Orthanc + real Triton (the session fixtures), the viewer proxy of ``orthanc_plugin.viewer``,
+and headless Debian Chromium driven by ``ohif_check.mjs`` (playwright-core). The assertions are on
+what OHIF itself reports through ``window.services`` and Cornerstone, not only on pixels; the
+screenshots ``test-artifacts/ohif-seg.png`` and ``ohif-sr.png`` are kept for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from orthanc_plugin.stack import ROOT, OrthancServer, free_port
+from orthanc_plugin.viewer import DEFAULT_DIST, ViewerServer
+
+from ..conftest import CT_B40, require_data
+from .conftest import study_uid, upload_folder, wait_job_done
+
+pytestmark = pytest.mark.integration
+
+CHECK_SCRIPT = Path(__file__).with_name("ohif_check.mjs")
+CHROMIUM = Path(os.environ.get("ORTHANC_AI_CHROMIUM", "/usr/bin/chromium"))
+PLAYWRIGHT = ROOT / "viewer" / "node_modules" / "playwright-core" / "package.json"
+SEGMENTS = {"right-lung": "Right lung", "left-lung": "Left lung"}
+# Aerated lung is around -850 HU; soft tissue, blood and bone are above -100.
+LUNG_HU_MAX = -500
+
+
+@pytest.fixture(scope="session")
+def viewer_tools() -> None:
+    """A missing browser or viewer is a broken install, not a reason to skip."""
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(f"{CHROMIUM} (Debian package 'chromium')")
+    if not (DEFAULT_DIST / "index.html").is_file():
+        missing.append(f"the OHIF viewer in {DEFAULT_DIST} (npm package @ohif/app)")
+    if shutil.which("node") is None:
+        missing.append("node (Node.js >= 20)")
+    if not PLAYWRIGHT.is_file():
+        missing.append(f"playwright-core in {PLAYWRIGHT.parent.parent}")
+    if missing:
+        pytest.fail(f"cannot run the OHIF test, missing: {'; '.join(missing)}. Run scripts/install_viewer.sh")
+
+
+@pytest.fixture(scope="module")
+def ohif(viewer_tools: None, orthanc: OrthancServer, artifacts: Path) -> dict[str, Any]:
+    """Process the chest CT, then let OHIF open it, load the SEG and the SR; OHIF's report."""
+    require_data(CT_B40)
+    with httpx.Client(base_url=orthanc.url, timeout=60) as c:
+        uid = study_uid(c, upload_folder(c, CT_B40))
+        job = wait_job_done(c, uid, orthanc=orthanc)
+    assert job["state"] == "succeeded", f"the AI job did not succeed, nothing to show: {job['error']}"
+    for name in ("ohif-seg.png", "ohif-sr.png", "ohif-failure.png", "ohif-report.json"):
+        (artifacts / name).unlink(missing_ok=True)
+    with ViewerServer(orthanc.url, free_port()) as viewer:
+        argv = ["node", str(CHECK_SCRIPT), "--url", viewer.viewer_url(uid), "--out", str(artifacts),
+                "--chromium", str(CHROMIUM)]  # fmt: skip
+        try:
+            run = subprocess.run(argv, capture_output=True, text=True, timeout=150, cwd=ROOT)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"the browser check did not finish within {e.timeout:.0f} s: {e.stderr!r}")
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines:
+        pytest.fail(f"ohif_check.mjs exited with {run.returncode}:\n{run.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads(lines[-1])
+    (artifacts / "ohif-report.json").write_text(json.dumps(report, indent=1))
+    report["job"] = job
+    return report
+
+
+def _failure(report: dict[str, Any]) -> str:
+    console = "\n".join(f"  [{m['type']}] {m['text'][:400]}" for m in report["console"][-15:])
+    return (
+        f"OHIF check failed at step '{report['step']}': {report['error']}\n"
+        f"screenshots: {report['screenshots']}\nlast console errors/warnings:\n{console}"
+    )
+
+
+def test_ohif_loads_the_study_without_crashing(ohif: dict[str, Any]) -> None:
+    assert ohif["ok"], _failure(ohif)
+    crashes = json.dumps(ohif["errorBoundary"])
+    assert not ohif["errorBoundary"], f"OHIF caught a crash (Error Boundary): {crashes}"
+    modalities = sorted(d["modality"] for d in ohif["displaySets"])
+    assert {"CT", "SEG", "SR"} <= set(modalities), f"OHIF's display sets: {modalities}"
+
+
+def test_seg_is_a_visible_overlay_on_the_ct_with_segment_names(ohif: dict[str, Any]) -> None:
+    assert ohif["ok"], _failure(ohif)
+    seg = ohif["seg"]
+    assert [s["label"] for s in seg["segments"]] == ["Right lung", "Left lung"], seg["segments"]
+    assert seg["panelText"] == ["Right lung", "Left lung"], "segment names missing in the Segmentation panel"
+    assert seg["viewportSeries"]["modality"] == "CT", f"the overlay is not on the CT: {seg['viewportSeries']}"
+    rep = seg["representation"]
+    assert rep is not None and rep["type"] == "Labelmap" and rep["visible"], f"no visible labelmap: {rep}"
+    for index in ("1", "2"):
+        assert rep["segments"][index]["visible"], f"segment {index} hidden: {rep['segments']}"
+    colours = {tuple(rep["segments"][i]["color"][:3]) for i in ("1", "2")}
+    assert len(colours) == 2, f"both segments drawn in one colour: {colours}"
+
+
+def test_seg_overlay_is_aligned_with_the_ct(ohif: dict[str, Any]) -> None:
+    """On the slice OHIF shows, the labelled pixels are aerated lung, on the correct side."""
+    assert ohif["ok"], _failure(ohif)
+    s = ohif["seg"]["slice"]
+    assert s is not None, "Cornerstone holds no labelmap image for the CT slice on screen"
+    assert s["sameGrid"], f"labelmap and CT slice differ in size: {s}"
+    right, left = s["segments"].get("1"), s["segments"].get("2")
+    assert right and left, f"both lungs should be labelled on slice {s['imageIndex']}: {s['segments']}"
+    for name, stats in (("Right lung", right), ("Left lung", left)):
+        hu = stats["meanHU"]
+        assert hu < LUNG_HU_MAX, f"{name} overlay lies on tissue of {hu} HU, not on lung: {s}"
+    # An axial CT in the usual orientation shows the patient's right on the screen's left.
+    assert right["meanColumn"] < s["columns"] / 2 < left["meanColumn"], f"lungs swapped on screen: {s}"
+
+
+def test_sr_measurements_are_listed_with_their_volumes(ohif: dict[str, Any]) -> None:
+    assert ohif["ok"], _failure(ohif)
+    sr = ohif["sr"]
+    assert sr["sopClassUID"] == "1.2.840.10008.5.1.4.1.1.88.34", "not a Comprehensive 3D SR"
+    shown: dict[str, str] = {}
+    for m in sr["measurements"]:
+        volume = [lbl["value"] for lbl in m["labels"] if lbl["label"] == "Volume"]
+        assert len(volume) == 1 and re.fullmatch(r"\d+\.\d\d (ml|mL)", volume[0]), m
+        assert m["coords"] >= 1, f"measurement {m['trackingIdentifier']} has no image region for OHIF"
+        shown[SEGMENTS.get(m["trackingIdentifier"], m["trackingIdentifier"])] = volume[0].split()[0]
+    expected = {v["segment"]: f"{v['volume_ml']:.2f}" for v in ohif["job"]["outputs"]["measurements"]}
+    assert shown == expected, f"OHIF shows {shown}, the job measured {expected}"
+    text = " ".join(sr["svgText"])
+    drawn = "Volume:" in text and re.search(r"\d+\.\d\d (ml|mL)", text)
+    assert drawn, f"no volume drawn on the image: {text!r}"
