@@ -137,7 +137,8 @@ class SegmentConfig(_Strict):
 class Outputs(_Strict):
     seg: bool = True
     seg_type: Literal["BINARY", "LABELMAP"] = Field(
-        default="BINARY", description="LABELMAP: one frame per slice holding every label (DICOM 2024b+ viewers)"
+        default="BINARY",
+        description="LABELMAP: one frame per slice holding every label (DICOM 2024b+ viewers)",
     )
     sr: bool = True
     fhir: bool = True

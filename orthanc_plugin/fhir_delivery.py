@@ -28,8 +28,13 @@ from .outbox import Delivery, FailureKind, Outbox
 
 log = logging.getLogger("orthanc_ai.delivery")
 
-#: We send R4 bundles (fhir_report builds them); the mime parameter lets the EHR check it.
-FHIR_JSON = "application/fhir+json; fhirVersion=4.0"
+#: The mime type of the bundles we send, per FHIR release (fhir_report builds R4 or R5, as
+#: FhirVersion says); the fhirVersion parameter lets the EHR check which one it gets.
+FHIR_MIME_TYPES = {
+    "R4": "application/fhir+json; fhirVersion=4.0",
+    "R5": "application/fhir+json; fhirVersion=5.0",
+}
+FHIR_JSON = FHIR_MIME_TYPES["R4"]
 _MAX_DIAGNOSTICS = 600
 
 
@@ -53,7 +58,8 @@ class FhirDeliveryClient:
 
     ``token_source`` names where the token came from (e.g. the environment variable), for
     error messages only. Redirects are not followed: the Authorization header must not go
-    to a URL nobody configured.
+    to a URL nobody configured. ``fhir_version`` (``"R4"`` or ``"R5"``) is the release of the
+    bundles, named in the Content-Type and Accept headers.
     """
 
     def __init__(
@@ -64,14 +70,21 @@ class FhirDeliveryClient:
         timeout_s: float = 30.0,
         token_source: str | None = None,
         transport: httpx.BaseTransport | None = None,
+        fhir_version: str = "R4",
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        mime = FHIR_MIME_TYPES.get(fhir_version)
+        if mime is None:
+            raise ValueError(
+                f"fhir_version must be one of {', '.join(FHIR_MIME_TYPES)}, got {fhir_version!r}"
+            )
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.token_source = token_source
         self.timeout_s = timeout_s
-        headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
+        self.fhir_version = fhir_version
+        headers = {"Content-Type": mime, "Accept": mime}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
@@ -308,6 +321,9 @@ class DeliveryLoop:
                 self.settings.fhir_timeout_seconds,
                 token_source=self.settings.fhir_token_env,
                 transport=self._transport,
+                # The outbox holds bundles built under the current FhirVersion; rows queued
+                # before a change of it go out labelled with the new one.
+                fhir_version=self.settings.fhir_version,
             )
         return self._client
 

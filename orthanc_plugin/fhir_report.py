@@ -1,7 +1,11 @@
-"""Results -> FHIR R4 transaction Bundle: Device, Observations, DiagnosticReport.
+"""Results -> FHIR transaction Bundle (R4, or R5 by configuration): Device, Observations,
+DiagnosticReport.
 
-The bundle is a plain JSON dict, checked against the R4 models of ``fhir.resources``
-(``fhir.resources.R4B``: R4B leaves DiagnosticReport, Observation and Device as in R4).
+The bundle is a plain JSON dict, checked against the models of ``fhir.resources`` for its
+release: ``fhir.resources.R4B`` for R4 (R4B leaves DiagnosticReport, Observation and Device
+as in R4) and the top-level package, which is R5, for R5. The two differ, for what is
+written here, in the Device (``deviceName`` became ``name`` with other name types, ``type``
+became a list) and in ``DiagnosticReport.imagingStudy``, which R5 calls ``study``.
 
 Idempotency: every resource has an identifier ``urn:ietf:rfc:3986 | urn:uuid:<uuid>``
 whose uuid is derived from the job key (the Device's from the algorithm identity), and
@@ -29,6 +33,8 @@ URI_SYSTEM = "urn:ietf:rfc:3986"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 #: Namespace of all uuids derived here (uuid5 of a fixed name, so it never changes).
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:orthanc-ai:fhir")
+#: The FHIR releases a bundle can be written in (``FhirVersion`` in the settings).
+FHIR_VERSIONS = ("R4", "R5")
 
 #: LOINC 18748-4 "Diagnostic imaging study": the LOINC Document Ontology code for an
 #: imaging report of any modality and region, which is what a generic pipeline can claim.
@@ -76,14 +82,17 @@ def build_diagnostic_report(
     *,
     report_id: str | None = None,
     report_code: Code = DIAGNOSTIC_IMAGING_STUDY,
+    fhir_version: str = "R4",
 ) -> dict[str, Any]:
-    """FHIR R4 transaction Bundle reporting ``measurements`` for ``study``.
+    """FHIR transaction Bundle reporting ``measurements`` for ``study``.
 
     Resource ids derive from ``ids.key`` (then the report also names the SR's SOP Instance
     UID) or from ``report_id`` (a UUID, used as the report's own id); give at least one.
-    ``issued`` is required and must carry a time zone (FHIR ``instant``). Raises
-    ``ValueError`` for inconsistent input and if the result is not valid FHIR R4.
+    ``issued`` is required and must carry a time zone (FHIR ``instant``). ``fhir_version``
+    is ``"R4"`` or ``"R5"``; the resource ids are the same in both. Raises ``ValueError``
+    for inconsistent input and if the result is not valid FHIR of that release.
     """
+    check_fhir_version(fhir_version)
     if not isinstance(study, StudyRef):
         raise TypeError("study must be a StudyRef")
     if not isinstance(algorithm, AlgorithmInfo):
@@ -125,7 +134,7 @@ def build_diagnostic_report(
     issued_text = _instant(issued)
 
     device_id = device_uuid(algorithm)
-    entries = [_entry("Device", device_id, _device(algorithm, device_id))]
+    entries = [_entry("Device", device_id, _device(algorithm, device_id, fhir_version))]
     observation_refs = []
     rows = []
     for m in sorted(measurements, key=lambda m: m.segment_label):
@@ -179,7 +188,8 @@ def build_diagnostic_report(
         **effective,
         "issued": issued_text,
         "result": observation_refs,
-        "imagingStudy": [imaging_study],
+        # The same logical reference; R5 renamed the element (it may also name a GenomicStudy).
+        ("imagingStudy" if fhir_version == "R4" else "study"): [imaging_study],
     }
     if study.accession_number is not None:
         report["basedOn"] = [
@@ -193,27 +203,43 @@ def build_diagnostic_report(
     entries.append(_entry("DiagnosticReport", report_uuid, report))
 
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    validate_bundle(bundle)
+    validate_bundle(bundle, fhir_version)
     return bundle
 
 
-def validate_bundle(bundle: dict[str, Any]) -> None:
-    """Raise ``ValueError`` unless ``bundle`` validates as an R4 Bundle (resources included).
+def check_fhir_version(fhir_version: str) -> str:
+    """Return ``fhir_version`` if it is one of :data:`FHIR_VERSIONS`, else raise ``ValueError``."""
+    if fhir_version not in FHIR_VERSIONS:
+        raise ValueError(f"fhir_version must be one of {', '.join(FHIR_VERSIONS)}, got {fhir_version!r}")
+    return fhir_version
+
+
+def validate_bundle(bundle: dict[str, Any], fhir_version: str = "R4") -> None:
+    """Raise ``ValueError`` unless ``bundle`` validates as a Bundle of ``fhir_version``
+    (``"R4"`` or ``"R5"``), resources included.
 
     This checks structure and datatypes; code values and reference targets are fixed by
     this module rather than checked.
     """
-    from fhir.resources.R4B.bundle import Bundle
     from pydantic import ValidationError
 
+    model: Any
+    if check_fhir_version(fhir_version) == "R5":
+        from fhir.resources.bundle import Bundle as R5Bundle  # the top-level package is R5
+
+        model = R5Bundle
+    else:
+        from fhir.resources.R4B.bundle import Bundle as R4Bundle
+
+        model = R4Bundle
     try:
-        Bundle.model_validate(bundle)
+        model.model_validate(bundle)
     except ValidationError as exc:
-        raise ValueError(f"not a valid FHIR R4 bundle: {exc}") from exc
+        raise ValueError(f"not a valid FHIR {fhir_version} bundle: {exc}") from exc
 
 
 def report_summary(bundle: dict[str, Any]) -> dict[str, Any]:
-    """Short view of a bundle made here: report id, status, conclusion, observations.
+    """Short view of a bundle made here (R4 or R5): report id, status, conclusion, observations.
 
     ``observations`` lists ``{"name", "value", "unit"}`` in report order.
     """
@@ -259,22 +285,38 @@ def _entry(resource_type: str, resource_id: str, resource: dict[str, Any]) -> di
     }
 
 
-def _device(algorithm: AlgorithmInfo, device_id: str) -> dict[str, Any]:
+def _device(algorithm: AlgorithmInfo, device_id: str, fhir_version: str) -> dict[str, Any]:
+    kind = {"coding": [algorithm.family.to_fhir()], "text": "AI algorithm"}
+    versions = [
+        {"type": {"text": "algorithm version"}, "value": algorithm.version},
+        {"type": {"text": "model version"}, "value": algorithm.model_version},
+    ]
+    if fhir_version == "R4":
+        return {
+            "resourceType": "Device",
+            "identifier": [_identifier(device_id)],
+            "status": "active",
+            "manufacturer": algorithm.manufacturer,
+            "deviceName": [
+                {"name": algorithm.name, "type": "manufacturer-name"},
+                {"name": algorithm.model_name, "type": "model-name"},
+            ],
+            "modelNumber": algorithm.model_name,
+            "type": kind,
+            "version": versions,
+        }
+    # R5 (device-nametype): "registered-name" is the manufacturer-assigned name, which R4
+    # called "manufacturer-name"; R5 has no "model-name" type, the model is modelNumber.
     return {
         "resourceType": "Device",
         "identifier": [_identifier(device_id)],
+        "displayName": algorithm.name,
         "status": "active",
         "manufacturer": algorithm.manufacturer,
-        "deviceName": [
-            {"name": algorithm.name, "type": "manufacturer-name"},
-            {"name": algorithm.model_name, "type": "model-name"},
-        ],
+        "name": [{"value": algorithm.name, "type": "registered-name", "display": True}],
         "modelNumber": algorithm.model_name,
-        "type": {"coding": [algorithm.family.to_fhir()], "text": "AI algorithm"},
-        "version": [
-            {"type": {"text": "algorithm version"}, "value": algorithm.version},
-            {"type": {"text": "model version"}, "value": algorithm.model_version},
-        ],
+        "type": [kind],
+        "version": versions,
     }
 
 

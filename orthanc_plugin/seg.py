@@ -1,4 +1,10 @@
-"""Label map -> DICOM Segmentation (BINARY), the overlay that OHIF shows.
+"""Label map -> DICOM Segmentation, the overlay that OHIF shows.
+
+Two encodings, chosen per pipeline (``outputs.seg_type``): ``BINARY`` (Segmentation
+Storage, a 1-bit frame per segment and slice, what every SEG reader knows) and
+``LABELMAP`` (Label Map Segmentation Storage, DICOM 2024b: one 8-bit frame per slice
+holding every segment's number, smaller and faster to load, read only by recent viewers).
+Both carry the same segment numbers, descriptions, references and equipment.
 
 The SEG references its source series (ReferencedSeriesSequence, which OHIF needs to
 make a display set), describes every segment with codes, a tracking identifier and a
@@ -25,6 +31,15 @@ from .uids import derived_uid
 
 #: DeviceSerialNumber (Type 1 in the Enhanced General Equipment module): software has none.
 DEVICE_SERIAL_NUMBER = "n/a"
+
+#: The SEG encodings :func:`build_seg` writes (``SegmentationType``).
+SEG_TYPES = ("BINARY", "LABELMAP")
+#: SOP Class UIDs of the two encodings: Segmentation Storage and Label Map Segmentation
+#: Storage (DICOM PS3.4 Table B.5-1, the latter added in 2024b).
+SEG_SOP_CLASS_UIDS = {
+    "BINARY": "1.2.840.10008.5.1.4.1.1.66.4",
+    "LABELMAP": "1.2.840.10008.5.1.4.1.1.66.7",
+}
 
 _CS_UNSAFE = re.compile(r"[^A-Z0-9_]+")
 
@@ -117,14 +132,19 @@ def build_seg(
     series_number: int,
     series_description: str,
     content_creation: dt.datetime | None = None,
+    seg_type: str = "BINARY",
 ) -> Dataset:
-    """Encode ``labels`` (slice i aligned with ``source_images[i]``) as a BINARY DICOM SEG.
+    """Encode ``labels`` (slice i aligned with ``source_images[i]``) as a DICOM SEG.
 
-    Segments are numbered 1..K in the order of their labels, over the segments that
-    have at least one voxel; segments without voxels are left out (an empty segment
-    has no frames, and viewers handle that badly). Raises :class:`EmptySegmentationError`
-    when no segment has a voxel, ``ValueError`` for inconsistent input.
+    ``seg_type`` is ``"BINARY"`` (Segmentation Storage) or ``"LABELMAP"`` (Label Map
+    Segmentation Storage). Segments are numbered 1..K in the order of their labels, over
+    the segments that have at least one voxel, whatever the type; segments without voxels
+    are left out (an empty segment has no frames, and viewers handle that badly). Slices
+    without any segment get no frame. Raises :class:`EmptySegmentationError` when no
+    segment has a voxel, ``ValueError`` for inconsistent input.
     """
+    if seg_type not in SEG_TYPES:
+        raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {seg_type!r}")
     rows, cols = check_source_images(source_images)
     check_segments(segments)
     if not isinstance(algorithm, AlgorithmInfo):
@@ -145,7 +165,9 @@ def build_seg(
     if not present:
         raise EmptySegmentationError("no segment has any voxel in labels")
 
-    # highdicom's label-map input wants segment numbers 1..K; remap only when needed.
+    # Segment numbers 1..K: highdicom's label-map input wants them for BINARY, and OHIF 3.13
+    # needs them for LABELMAP too (it pairs SegmentSequence items with pixel values by
+    # position), although the standard allows any numbers there. Remap only when needed.
     if [s.label for s in present] == list(range(1, len(present) + 1)):
         pixel_array = lab
     else:
@@ -181,7 +203,9 @@ def build_seg(
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        # LABELMAP: 8-bit frames, MONOCHROME2 (no palette), so that the colours stay the
+        # segments' RecommendedDisplayCIELabValue as in BINARY.
+        segmentation_type=hd.seg.SegmentationTypeValues(seg_type),
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -197,6 +221,13 @@ def build_seg(
         omit_empty_frames=True,
         contributing_equipment=[algorithm_equipment(algorithm, created)],
     )
+    if seg_type == "LABELMAP":
+        # highdicom describes pixel value 0 with a "Background" item (Segment Number 0).
+        # OHIF 3.13 pairs SegmentSequence items with label values by position, so with that
+        # item every segment is drawn in the colour of the one before it (Lung in black) and
+        # a "Background" segment is listed. Without it, dciodvfy (which checks the LABELMAP
+        # rules) reports no error and highdicom reads the SEG back the same.
+        seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
     seg.ContentDate = DA(created.date())
     seg.ContentTime = TM(created.time())
     return seg

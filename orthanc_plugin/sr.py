@@ -26,7 +26,6 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
-from pydicom.uid import SegmentationStorage
 from pydicom.valuerep import DA, TM
 
 from .codes import (
@@ -39,6 +38,7 @@ from .codes import (
 )
 from .results import AlgorithmInfo, SegmentSpec, VolumeMeasurement, check_uid
 from .seg import (
+    SEG_SOP_CLASS_UIDS,
     algorithm_equipment,
     check_labels,
     check_segments,
@@ -173,8 +173,8 @@ def build_sr(
 
 def _seg_segments(seg: Dataset, source: Dataset) -> dict[str, tuple[int, str]]:
     """Map TrackingID -> (SegmentNumber, TrackingUID) after checking ``seg`` belongs to ``source``."""
-    if seg.get("SOPClassUID") != SegmentationStorage:
-        raise ValueError("seg is not a Segmentation Storage instance")
+    if seg.get("SOPClassUID") not in SEG_SOP_CLASS_UIDS.values():
+        raise ValueError("seg is not a Segmentation Storage or Label Map Segmentation Storage instance")
     for attr in ("SOPInstanceUID", "SegmentSequence"):
         if attr not in seg:
             raise ValueError(f"seg has no {attr}")
@@ -207,8 +207,11 @@ def _group(
         referenced_sop_instance_uid=seg.SOPInstanceUID,
     )
     # An IMAGE content item may name one segment of a SEG (Referenced Segment Number in
-    # PS3.3 Table 10-3 "Image SOP Instance Reference Macro").
-    source_of_measurement.ReferencedSOPSequence[0].ReferencedSegmentNumber = segment_number
+    # PS3.3 Table 10-3 "Image SOP Instance Reference Macro"). dciodvfy (2026-09) still counts
+    # only Segmentation Storage as a segmentation there, so for a Label Map SEG the segment is
+    # identified by its tracking UID alone, which the SEG's segment description carries too.
+    if seg.SOPClassUID == SEG_SOP_CLASS_UIDS["BINARY"]:
+        source_of_measurement.ReferencedSOPSequence[0].ReferencedSegmentNumber = segment_number
     volume = hd.sr.Measurement(
         name=VOLUME.to_highdicom(),
         value=measurement.volume_ml,

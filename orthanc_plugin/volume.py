@@ -240,3 +240,26 @@ def build_volume(
         normal=(float(normal[0]), float(normal[1]), float(normal[2])),
         temporal_positions=n_temporal,
     )
+
+
+def axial_flips(volume: Volume) -> tuple[int, ...]:
+    """Axes to flip so that slices run toward the head, rows toward posterior, columns toward patient left.
+
+    That is the orientation the models are trained in (DICOM's LPS frame, as a supine head-first
+    axial CT is stored); feet-first or prone series are flipped into it and the labels flipped
+    back. Sagittal or coronal series are refused: a model trained on axial slices would see
+    nonsense.
+    """
+    normal = np.asarray(volume.normal)
+    if int(np.argmax(np.abs(normal))) != 2 or abs(float(normal[2])) < 0.8:
+        raise VolumeError(
+            f"the slices are not axial (slice normal {np.round(normal, 2).tolist()}); this pipeline needs axial images"
+        )
+    flips = []
+    if normal[2] < 0:
+        flips.append(0)
+    if volume.column_direction[1] < 0:
+        flips.append(1)
+    if volume.row_direction[0] < 0:
+        flips.append(2)
+    return tuple(flips)

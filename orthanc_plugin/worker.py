@@ -29,7 +29,7 @@ from .jobstore import Job, JobStore
 from .orthanc_client import OrthancClient, OrthancError
 from .results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
 from .uids import output_uids
-from .volume import Volume, VolumeError, build_volume
+from .volume import Volume, VolumeError, axial_flips, build_volume
 
 log = logging.getLogger("orthanc_ai.worker")
 T = TypeVar("T")
@@ -186,7 +186,8 @@ class Worker:
             "volume",
             lambda: build_volume(datasets, self.orthanc.pixels, temporal_position=role.temporal_position),
         )
-        tensor = self._stage(ctx, "preprocess", lambda: self._preprocess(p, volume))
+        flips = axial_flips(volume)
+        tensor = self._stage(ctx, "preprocess", lambda: self._preprocess(p, volume, flips))
         model = self.triton.model_info(p.model.name, p.model.version)
         probs = self._stage(
             ctx,
@@ -198,7 +199,11 @@ class Worker:
         labels = self._stage(
             ctx,
             "postprocess",
-            lambda: postprocess.labels_from_probabilities(probs[0], volume.shape, p.largest_component),
+            lambda: np.ascontiguousarray(
+                np.flip(
+                    postprocess.labels_from_probabilities(probs[0], volume.shape, p.largest_component), flips
+                )
+            ),
         )
         specs = segment_specs(p)
         values = [s.label for s in specs]
@@ -225,6 +230,7 @@ class Worker:
                 list(volume.datasets), labels, present, algorithm,
                 series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_instance,
                 series_number=number, series_description=f"AI {p.algorithm_name} segmentation",
+                seg_type=p.outputs.seg_type,
             ),
         )  # fmt: skip
         sr_ds = self._stage(
@@ -272,8 +278,10 @@ class Worker:
         }
         return outputs, fhir
 
-    def _preprocess(self, p: PipelineConfig, volume: Volume) -> np.ndarray[Any, np.dtype[np.float32]]:
-        v = volume.voxels
+    def _preprocess(
+        self, p: PipelineConfig, volume: Volume, flips: tuple[int, ...]
+    ) -> np.ndarray[Any, np.dtype[np.float32]]:
+        v = np.flip(volume.voxels, flips) if flips else volume.voxels
         if p.preprocess.window is not None:
             v = preprocess.window(v, *p.preprocess.window)
         elif p.preprocess.minmax:
@@ -290,8 +298,9 @@ class Worker:
         uids: OutputUIDs,
     ) -> dict[str, Any]:
         return fhir_report.build_diagnostic_report(
-            StudyRef.from_dataset(first), present, measurements, algorithm, ids=uids, issued=datetime.now(UTC)
-        )
+            StudyRef.from_dataset(first), present, measurements, algorithm, ids=uids, issued=datetime.now(UTC),
+            fhir_version=self.settings.fhir_version,
+        )  # fmt: skip
 
 
 def main(settings_path: str, owner: str | None = None, parent_pid: int | None = None) -> int:

@@ -1,4 +1,5 @@
-"""FHIR R4 DiagnosticReport bundle: validity (fhir.resources R4B), references, idempotency."""
+"""FHIR DiagnosticReport bundle, R4 and R5: validity (fhir.resources R4B and R5), references,
+idempotency."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any
 
 import pydicom
 import pytest
+from fhir.resources.bundle import Bundle as R5Bundle
+from fhir.resources.diagnosticreport import DiagnosticReport as R5DiagnosticReport
+from fhir.resources.observation import Observation as R5Observation
 from fhir.resources.R4B.bundle import Bundle
 
 from orthanc_plugin.codes import Code
@@ -23,7 +27,9 @@ from orthanc_plugin.fhir_report import (
 )
 from orthanc_plugin.results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "fhir" / "examples" / "ct-lung-diagnosticreport.json"
+EXAMPLES = Path(__file__).resolve().parents[2] / "fhir" / "examples"
+EXAMPLE = EXAMPLES / "ct-lung-diagnosticreport.json"
+EXAMPLE_R5 = EXAMPLES / "ct-lung-diagnosticreport-r5.json"
 
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
 ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
@@ -46,8 +52,10 @@ IDS = OutputUIDs("2.25.11", "2.25.12", "2.25.21", "2.25.22", key="example-job-ke
 ISSUED = dt.datetime(2024, 1, 15, 10, 30, tzinfo=dt.UTC)
 
 
-def example_bundle() -> dict[str, Any]:
-    return build_diagnostic_report(STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, ISSUED)
+def example_bundle(fhir_version: str = "R4") -> dict[str, Any]:
+    return build_diagnostic_report(
+        STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, ISSUED, fhir_version=fhir_version
+    )
 
 
 def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -59,6 +67,11 @@ def bundle() -> dict[str, Any]:
     return example_bundle()
 
 
+@pytest.fixture(scope="module")
+def r5_bundle() -> dict[str, Any]:
+    return example_bundle("R5")
+
+
 def test_validates_as_r4_transaction(bundle: dict[str, Any]) -> None:
     parsed = Bundle.model_validate(bundle)
     assert parsed.type == "transaction"
@@ -66,7 +79,9 @@ def test_validates_as_r4_transaction(bundle: dict[str, Any]) -> None:
     assert kinds == ["Device", "Observation", "Observation", "DiagnosticReport"]
 
 
-def test_entries_are_conditional_creates(bundle: dict[str, Any]) -> None:
+@pytest.mark.parametrize("kind", ["bundle", "r5_bundle"])
+def test_entries_are_conditional_creates(kind: str, request: pytest.FixtureRequest) -> None:
+    bundle = request.getfixturevalue(kind)
     for entry in bundle["entry"]:
         resource = entry["resource"]
         (ours,) = [i for i in resource["identifier"] if i["system"] == URI_SYSTEM]
@@ -226,11 +241,96 @@ def test_study_ref_from_the_ct_and_never_in_repr(ct_b40: list[pydicom.Dataset]) 
         StudyRef("2.25.1", "")
 
 
-def test_example_file_is_what_the_code_makes(bundle: dict[str, Any]) -> None:
-    text = json.dumps(bundle, indent=2, ensure_ascii=False) + "\n"
+@pytest.mark.parametrize(("kind", "example"), [("bundle", EXAMPLE), ("r5_bundle", EXAMPLE_R5)])
+def test_example_file_is_what_the_code_makes(
+    kind: str, example: Path, request: pytest.FixtureRequest
+) -> None:
+    text = json.dumps(request.getfixturevalue(kind), indent=2, ensure_ascii=False) + "\n"
     if os.environ.get("ORTHANC_AI_WRITE_EXAMPLES") == "1":
-        EXAMPLE.parent.mkdir(parents=True, exist_ok=True)
-        EXAMPLE.write_text(text, encoding="utf-8")
-    assert EXAMPLE.read_text(encoding="utf-8") == text, (
-        f"{EXAMPLE} is stale: rerun with ORTHANC_AI_WRITE_EXAMPLES=1"
+        example.parent.mkdir(parents=True, exist_ok=True)
+        example.write_text(text, encoding="utf-8")
+    assert example.read_text(encoding="utf-8") == text, (
+        f"{example} is stale: rerun with ORTHANC_AI_WRITE_EXAMPLES=1"
     )
+
+
+# --- R5 -------------------------------------------------------------------------------------
+
+
+def test_validates_as_r5_transaction(r5_bundle: dict[str, Any]) -> None:
+    parsed = R5Bundle.model_validate(r5_bundle)
+    assert parsed.type == "transaction"
+    kinds = [e["resource"]["resourceType"] for e in r5_bundle["entry"]]
+    assert kinds == ["Device", "Observation", "Observation", "DiagnosticReport"]
+    with pytest.raises(ValueError, match="not a valid FHIR R4 bundle"):
+        validate_bundle(r5_bundle, "R4")  # really R5-shaped, not R4 that R5 happens to accept
+    with pytest.raises(ValueError, match="not a valid FHIR R5 bundle"):
+        validate_bundle(example_bundle("R4"), "R5")
+
+
+def test_r5_keeps_the_ids_and_the_content_of_r4(bundle: dict[str, Any], r5_bundle: dict[str, Any]) -> None:
+    assert [e["fullUrl"] for e in r5_bundle["entry"]] == [e["fullUrl"] for e in bundle["entry"]]
+    assert [e["request"] for e in r5_bundle["entry"]] == [e["request"] for e in bundle["entry"]]
+    assert resources(r5_bundle, "Observation") == resources(bundle, "Observation")
+    (r4_report,) = resources(bundle, "DiagnosticReport")
+    (r5_report,) = resources(r5_bundle, "DiagnosticReport")
+    assert {k: v for k, v in r5_report.items() if k != "study"} == {
+        k: v for k, v in r4_report.items() if k != "imagingStudy"
+    }
+    assert report_summary(r5_bundle) == report_summary(bundle)
+
+
+def test_r5_references(r5_bundle: dict[str, Any]) -> None:
+    full_urls = {e["fullUrl"]: e["resource"]["resourceType"] for e in r5_bundle["entry"]}
+    (device,) = resources(r5_bundle, "Device")
+    (report,) = resources(r5_bundle, "DiagnosticReport")
+    study_ref = {
+        "type": "ImagingStudy",
+        "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{STUDY.study_instance_uid}"},
+    }
+    assert report["study"] == [study_ref]
+    assert "imagingStudy" not in report
+    assert [full_urls[r["reference"]] for r in report["result"]] == ["Observation", "Observation"]
+    device_url = f"urn:uuid:{device_uuid(ALGORITHM)}"
+    assert full_urls[device_url] == "Device"
+    for obs in resources(r5_bundle, "Observation"):
+        assert obs["device"] == {"reference": device_url}
+        assert obs["derivedFrom"] == [study_ref]
+    assert "deviceName" not in device
+    assert device["name"] == [{"value": "lung-seg", "type": "registered-name", "display": True}]
+    assert device["displayName"] == "lung-seg"
+    assert device["modelNumber"] == "lung_unet"
+    assert device["type"][0]["coding"][0]["code"] == "123110"
+    assert {v["value"] for v in device["version"]} == {"1.2.0", "3"}
+
+
+def _target(ref: dict[str, Any], full_urls: dict[str, str]) -> str:
+    return ref["type"] if "type" in ref else full_urls[ref["reference"]]
+
+
+@pytest.mark.parametrize(
+    ("model", "kind", "fields"),
+    [
+        (R5DiagnosticReport, "DiagnosticReport", ("subject", "basedOn", "result", "study")),
+        (R5Observation, "Observation", ("subject", "device", "derivedFrom")),
+    ],
+)
+def test_r5_reference_targets_are_allowed_by_the_r5_models(
+    r5_bundle: dict[str, Any], model: Any, kind: str, fields: tuple[str, ...]
+) -> None:
+    # fhir.resources checks the structure but not which resource type a Reference points to;
+    # its models list the allowed targets, so check ours against them.
+    full_urls = {e["fullUrl"]: e["resource"]["resourceType"] for e in r5_bundle["entry"]}
+    for resource in resources(r5_bundle, kind):
+        for field in fields:
+            allowed = model.model_fields[field].json_schema_extra["enum_reference_types"]
+            value = resource[field]
+            for ref in value if isinstance(value, list) else [value]:
+                assert _target(ref, full_urls) in allowed, (kind, field, ref, allowed)
+
+
+def test_unknown_fhir_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="fhir_version must be one of R4, R5"):
+        example_bundle("R4B")
+    with pytest.raises(ValueError, match="fhir_version must be one of R4, R5"):
+        validate_bundle(example_bundle(), "r5")

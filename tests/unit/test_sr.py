@@ -313,3 +313,12 @@ def test_simplified_outline_stays_close() -> None:
     assert abs(area - disc.sum()) / disc.sum() < 0.01
     radii = np.hypot(outline[:, 0] - 140, outline[:, 1] - 150)
     assert np.all(np.abs(radii - 120) < 2.0)
+
+
+def test_sr_on_a_labelmap_seg_passes_dciodvfy(
+    ct: list[pydicom.Dataset], labels: Array, tmp_path: Path
+) -> None:
+    """A pipeline configured for LABELMAP gets an SR as conformant as with BINARY."""
+    seg_ds = make_seg(ct, labels, seg_type="LABELMAP")
+    assert seg_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    run_dciodvfy(make_sr(ct, seg_ds, labels), tmp_path)
