@@ -117,6 +117,9 @@ def build_sr(
         version=algorithm.version,
         parameters=[f"{k}={v}" for k, v in algorithm.parameters.items()],
     )
+    key_slice = (
+        None if lab is None else _key_slice(lab, [m.segment_label for m in measurements if m.volume_ml > 0])
+    )
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for m in sorted(measurements, key=lambda m: m.segment_label):
         spec = by_label[m.segment_label]
@@ -128,7 +131,9 @@ def build_sr(
                 )
             continue
         segment_number, tracking_uid = found
-        groups.append(_group(spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id))
+        groups.append(
+            _group(spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice)
+        )
     if not groups:
         raise ValueError("nothing to report: no measurement refers to a segment of the SEG")
 
@@ -201,6 +206,7 @@ def _group(
     source_images: Sequence[Dataset],
     labels: NDArray[np.uint8] | None,
     algorithm_id: hd.sr.AlgorithmIdentification,
+    key_slice: int | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     source_of_measurement = hd.sr.SourceImageForMeasurement(
         referenced_sop_class_uid=seg.SOPClassUID,
@@ -221,7 +227,7 @@ def _group(
     regions = None
     segment_ref = None
     if labels is not None:
-        regions = image_regions(labels == spec.label, source_images)
+        regions = image_regions(labels == spec.label, source_images, first=key_slice)
         if not regions:
             raise ValueError(
                 f"segment {spec.tracking_id!r} is in the SEG but has no voxel in labels: "
@@ -250,12 +256,30 @@ def _group(
     )
 
 
-def image_regions(mask: NDArray[np.bool_], source_images: Sequence[Dataset]) -> list[hd.sr.ImageRegion]:
+def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:
+    """The slice where all ``values`` are present with the largest total area, if there is one.
+
+    Every group starts on it, so a viewer that opens each measurement on the image of its
+    first region (OHIF) shows all of them together.
+    """
+    if not values:
+        return None
+    present = np.stack([(labels == v).any(axis=(1, 2)) for v in values]).all(axis=0)
+    if not present.any():
+        return None
+    area = np.isin(labels, values).reshape(labels.shape[0], -1).sum(axis=1)
+    area[~present] = -1
+    return int(np.argmax(area))
+
+
+def image_regions(
+    mask: NDArray[np.bool_], source_images: Sequence[Dataset], first: int | None = None
+) -> list[hd.sr.ImageRegion]:
     """The largest outline of ``mask`` on every slice as SR image regions.
 
-    Slice i of ``mask`` lies on ``source_images[i]``. The slice with the largest area comes
-    first, because OHIF shows a measurement on the image of its first region; the others
-    follow in slice order.
+    Slice i of ``mask`` lies on ``source_images[i]``. Slice ``first`` (when the mask is on
+    it), else the slice with the largest area, comes first, because OHIF shows a measurement
+    on the image of its first region; the others follow in slice order.
     """
     # Work on the bounding box only (three cheap projections of the mask).
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
@@ -271,6 +295,8 @@ def image_regions(mask: NDArray[np.bool_], source_images: Sequence[Dataset]) -> 
     area = mask.reshape(mask.shape[0], -1).sum(axis=1)
     order = sorted(outlines)
     biggest = max(order, key=lambda i: int(area[i]))
+    if first is not None and (first - z0) in outlines:
+        biggest = first - z0
     order.remove(biggest)
     regions: list[hd.sr.ImageRegion] = []
     for i in [biggest, *order]:
