@@ -45,6 +45,7 @@ lint: install
 
 bench: install $(MODEL)
 	@$(PY) bench/triton_transport.py
+	@$(PY) bench/pipeline_stages.py
 
 clean: down
 	rm -rf var test-artifacts
