@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from .sqlite_db import connect, transaction
 
 #: Stored states. ``failing`` is never stored: it is a pending row whose last attempt failed.
 STATES = ("pending", "delivering", "delivered")
@@ -124,32 +125,18 @@ class Outbox:
     ) -> None:
         if first_backoff_s <= 0 or max_backoff_s <= 0:
             raise ValueError("backoff times must be positive")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.first_backoff_s = min(first_backoff_s, max_backoff_s)
         self.max_backoff_s = max_backoff_s
-        self._db = sqlite3.connect(
-            str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect(path, busy_timeout_s)
         with self._tx() as db:
             ensure_schema(db)
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front: two loops can never claim the same row.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     # ------------------------------------------------------------------ producer side
 
