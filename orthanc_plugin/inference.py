@@ -43,6 +43,8 @@ import numpy.typing as npt
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from .processes import pid_alive
+
 log = logging.getLogger(__name__)
 
 __all__ = ["InferenceError", "ModelInfo", "TensorSpec", "TritonClient"]
@@ -184,16 +186,6 @@ def _host_of(url: str) -> str:
     if text.startswith("["):
         return text[: text.index("]") + 1] if "]" in text else text
     return text.rsplit(":", 1)[0] if ":" in text else text
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _LIVE_CLIENTS: weakref.WeakSet[TritonClient] = weakref.WeakSet()
@@ -605,7 +597,7 @@ class TritonClient:
         for entry in entries:
             name = str(entry.get("name", ""))
             match = pattern.match(name)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 with contextlib.suppress(InferenceServerException):
                     self._client.unregister_system_shared_memory(name, client_timeout=5.0)
                     log.info("unregistered shared memory region %s of a dead process", name)

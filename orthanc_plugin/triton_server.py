@@ -39,6 +39,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
+from .processes import pid_alive, read_pid_file
+
 log = logging.getLogger(__name__)
 
 ModelControl = Literal["none", "explicit", "poll"]
@@ -411,34 +413,19 @@ def terminate_process(pid: int, timeout: float, wait: Callable[..., int] | None 
             os.killpg(pid, signal.SIGKILL)  # leftover stubs, if any
         return code
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         end = time.monotonic() + 10
-        while _pid_alive(pid) and time.monotonic() < end:
+        while pid_alive(pid) and time.monotonic() < end:
             time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not reaped by its parent) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().split(b")")[-1].split()[0] != b"Z"
-    except OSError:
-        return True
 
 
 def _is_tritonserver(pid: int) -> bool:
@@ -454,11 +441,8 @@ def _is_tritonserver(pid: int) -> bool:
 
 
 def _read_pid(pid_file: Path) -> int | None:
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _pid_alive(pid) and _is_tritonserver(pid) else None
+    pid = read_pid_file(pid_file)
+    return pid if pid is not None and _is_tritonserver(pid) else None
 
 
 def _cli_start(args: argparse.Namespace, out: IO[str]) -> int:

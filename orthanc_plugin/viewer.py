@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mimetypes
-import os
 import subprocess
 import sys
 import threading
@@ -38,6 +37,8 @@ from starlette.responses import FileResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
+
+from .processes import read_pid_file
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var"
@@ -210,15 +211,6 @@ class ViewerServer:
 # --------------------------------------------------------------------------- CLI for make up/down
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -233,7 +225,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None
 
 def start_background(orthanc_url: str, port: int, dist_dir: Path, config_file: Path) -> int:
     """Start ``run`` as a detached process, write ``var/viewer.pid``; returns the pid."""
-    pid = _read_pid(PID_FILE)
+    pid = read_pid_file(PID_FILE)
     if pid is not None:
         print(f"Viewer     running (pid {pid})")
         return pid
@@ -262,7 +254,7 @@ def start_background(orthanc_url: str, port: int, dist_dir: Path, config_file: P
 def stop_background() -> None:
     from .triton_server import terminate_process
 
-    pid = _read_pid(PID_FILE)
+    pid = read_pid_file(PID_FILE)
     if pid is not None:
         terminate_process(pid, 10)
         print(f"viewer stopped (pid {pid})")
