@@ -45,7 +45,9 @@ lint: install
 
 bench: install $(MODEL)
 	@$(PY) bench/triton_transport.py
-	@$(PY) bench/pipeline_stages.py
+	@$(PY) bench/pipeline_stages.py --runs 7
+	@$(PY) bench/pipeline_stages.py --slices 320 --runs 3
+	@$(PY) bench/throughput.py --studies 50 --workers 1 2 4
 
 clean: down
 	rm -rf var test-artifacts

@@ -68,11 +68,25 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--study", type=Path, action="append", help="folder(s) of DICOM files (one study)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=0,
+        help="resample the (single) study along z to this many slices first (derived)",
+    )
     args = p.parse_args()
     folders = args.study or [ROOT.parent / "shared" / "data" / "ct" / "A0001-5mm"]
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
+        if args.slices:
+            from bench.derive import resample_z, sorted_slices
+
+            if len(folders) != 1:
+                raise SystemExit("--slices takes one --study folder")
+            folders = [
+                resample_z(sorted_slices(folders[0]), args.slices, tmp / "derived", f"bench-z-{args.slices}")
+            ]
         triton = TritonServer(
             Path(os.environ.get("ORTHANC_AI_MODEL_REPO", ROOT / "triton_models")), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             log_file=tmp / "triton.log", backend_root=tmp / "backends",
@@ -115,7 +129,14 @@ def main() -> int:
 
     shape = runs[0]["outputs"]["volume"]["shape"]
     print(f"machine: {machine()}")
-    print(f"study: {', '.join(str(f) for f in folders)}: {n_files} instances, volume {shape} (z, y, x)")
+    what = (
+        f"derived from {args.study[0] if args.study else 'A0001-5mm'} by resampling along z"
+        if args.slices
+        else ""
+    )
+    print(
+        f"study: {', '.join(str(f) for f in folders)} {what}: {n_files} instances, volume {shape} (z, y, x)"
+    )
     print(
         f"upload over REST: {upload_s:.2f} s; intake delay after the last upload (StableAge 1 s): {intake_delay:.2f} s"
     )
