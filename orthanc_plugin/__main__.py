@@ -16,6 +16,26 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     c = sub.add_parser("check-config", help="validate a pipelines file and exit")
     c.add_argument("pipelines_file")
+    m = sub.add_parser("model", help="bring your own model: add an ONNX file to the Triton repository")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    ma = msub.add_parser("add", help="copy an ONNX model into the repository, write config.pbtxt and a stub")
+    ma.add_argument("onnx", help="the ONNX file")
+    ma.add_argument("--name", required=True, help="Triton model name (folder in the repository)")
+    ma.add_argument("--repository", default="triton_models", help="model repository (default triton_models)")
+    ma.add_argument("--pipeline", default=None, help="pipeline name for the stub (default from --name)")
+    ma.add_argument("--max-batch-size", type=int, default=4, help="0: no batching (default 4)")
+    ma.add_argument("--version", type=int, default=None, help="version number (default: the next free)")
+    ma.add_argument("--force", action="store_true", help="replace a version / rewrite a differing config")
+    ma.add_argument(
+        "--write-stub",
+        nargs="?",
+        const="config/pipelines.d",
+        default=None,
+        metavar="DIR",
+        help="also write the stub to DIR/<pipeline>.yaml.example (default DIR config/pipelines.d)",
+    )
+    ml = msub.add_parser("list", help="models in the repository, their versions and inputs/outputs")
+    ml.add_argument("--repository", default="triton_models", help="model repository (default triton_models)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
@@ -36,7 +56,44 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.pipelines_file}: {len(pipelines)} pipeline(s) OK: {', '.join(p.name for p in pipelines)}"
         )
         return 0
+    if args.command == "model":
+        return _model(args)
     return 2
+
+
+def _model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .model_cli import ModelCliError, add_model, format_models, list_models
+
+    try:
+        if args.model_command == "list":
+            print(format_models(list_models(Path(args.repository))))
+            return 0
+        added = add_model(
+            Path(args.onnx),
+            args.name,
+            repository=Path(args.repository),
+            pipeline=args.pipeline,
+            max_batch_size=args.max_batch_size,
+            version=args.version,
+            force=args.force,
+            stub_dir=Path(args.write_stub) if args.write_stub is not None else None,
+        )
+    except ModelCliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for warning in added.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(added.stub)
+    print(
+        f"# added {added.model_file} (model '{added.name}' version {added.version}); "
+        + (f"wrote {added.config_file}" if added.config_written else f"kept {added.config_file}"),
+        file=sys.stderr,
+    )
+    if added.stub_file is not None:
+        print(f"# pipeline stub written to {added.stub_file}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
