@@ -78,6 +78,17 @@ def pipeline_json(p: PipelineConfig) -> dict[str, Any]:
     }
 
 
+# Authorisation: when Orthanc authentication is on and OrthancAI.AdminUsers lists users, only
+# they may call routes that change state: every method but GET, except the POSTs listed here,
+# which only read. New routes are thus admin-only unless marked read-only on purpose.
+READ_ONLY_POSTS: frozenset[str] = frozenset({r"/routes/dry-run"})
+
+
+def changes_state(pattern: str, method: str) -> bool:
+    """Whether a route (pattern relative to /ai, method) changes state: retry, cancel, run, reload..."""
+    return method != "GET" and not (method == "POST" and pattern in READ_ONLY_POSTS)
+
+
 @dataclass
 class Api:
     store: JobStore
@@ -85,6 +96,10 @@ class Api:
     pipelines: Callable[[], list[PipelineConfig]]
     health: Callable[[], dict[str, Any]]
     reload: Callable[[], list[PipelineConfig]] | None = None
+    # Authorisation of state-changing routes (see ``may_change_state``): set by plugin.py from
+    # Orthanc's "AuthenticationEnabled" and the OrthancAI "AdminUsers" list.
+    authentication: bool = False
+    admin_users: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.reports = FhirReports(self.store.path)
@@ -94,15 +109,35 @@ class Api:
         events = self.store.events(job.id) if detail else None
         return job_json(job, detail, events, self.outbox.status_for_job(job.id))
 
-    def handle(self, method: str, path: str, query: Mapping[str, str], body: bytes) -> Response:
-        """Dispatch one request; ``path`` is relative to ``/ai`` (e.g. ``/jobs/abc``)."""
+    def may_change_state(self, user: str | None) -> bool:
+        """Without authentication anyone reaching Orthanc may; with it, an admin user (or any user
+        when no ``AdminUsers`` list is configured)."""
+        if not self.authentication or self.admin_users is None:
+            return True
+        return user is not None and user in self.admin_users
+
+    def handle(
+        self, method: str, path: str, query: Mapping[str, str], body: bytes, user: str | None = None
+    ) -> Response:
+        """Dispatch one request; ``path`` is relative to ``/ai`` (e.g. ``/jobs/abc``).
+
+        ``user`` is the authenticated Orthanc user (None when authentication is off).
+        """
         try:
             for pattern, verb, fn in self._routes():
                 m = re.fullmatch(pattern, path)
                 if m and verb == method:
+                    if changes_state(pattern, verb) and not self.may_change_state(user):
+                        return 403, {
+                            "error": f"forbidden: user {user!r} may not {method} /ai{path}; "
+                            "routes that change state need an admin user (OrthancAI.AdminUsers)",
+                            "user": user,
+                            "required": "admin",
+                        }
                     return fn(query, body, *m.groups())
-            if any(re.fullmatch(p, path) for p, _, _ in self._routes()):
-                return 405, {"error": f"method {method} not allowed on /ai{path}"}
+            allowed = sorted({v for p, v, _ in self._routes() if re.fullmatch(p, path)})
+            if allowed:
+                return 405, {"error": f"method {method} not allowed on /ai{path}", "allowed": allowed}
             return 404, {"error": f"no such route: /ai{path}"}
         except KeyError as e:
             return 404, {"error": f"not found: {e.args[0]}"}

@@ -198,6 +198,12 @@ class Settings(_Strict):
     orthanc_url: str = Field(default="http://127.0.0.1:8042", alias="OrthancUrl")
     orthanc_username: str | None = Field(default=None, alias="OrthancUsername")
     orthanc_password_env: str | None = Field(default=None, alias="OrthancPasswordEnv")
+    admin_users: list[str] | None = Field(
+        default=None,
+        alias="AdminUsers",
+        description="with Orthanc authentication on: the users allowed to change state under /ai/ "
+        "(retry, cancel, run, reload); null: every authenticated user",
+    )
     lease_seconds: float = Field(default=30.0, gt=1, alias="LeaseSeconds")
     max_attempts: int = Field(default=3, ge=1, le=20, alias="MaxAttempts")
     retry_backoff_seconds: float = Field(default=5.0, ge=0, alias="RetryBackoffSeconds")
@@ -214,6 +220,11 @@ class Settings(_Strict):
     )
     fhir_timeout_seconds: float = Field(default=30.0, gt=0, alias="FhirTimeoutSeconds")
     delivery_max_backoff_seconds: float = Field(default=300.0, gt=0, alias="DeliveryMaxBackoffSeconds")
+
+    @field_validator("orthanc_username")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None  # an empty value (an unset ${VAR} in orthanc.json) means no authentication
 
     @field_validator("fhir_base_url")
     @classmethod

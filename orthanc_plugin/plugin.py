@@ -6,6 +6,9 @@ route); volumes, inference and encoding run in the worker processes.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
 import logging
 import os
@@ -48,10 +51,43 @@ def _rest_get(path: str) -> Any:
         raise
 
 
+def basic_credentials(headers: dict[str, Any]) -> tuple[str, str] | None:
+    """(user, password) from an ``Authorization: Basic`` header (keys lower-case), else None."""
+    value = str(headers.get("authorization") or "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None
+    try:
+        user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep and user else None
+
+
+def authenticate(headers: dict[str, Any], users: dict[str, str]) -> str | None:
+    """The user whose Basic credentials match ``users`` (Orthanc's RegisteredUsers), else None.
+
+    Orthanc has already checked the password before a plugin route runs (checked on 1.10.1);
+    this check is kept so the API never trusts a header it has not verified.
+    """
+    creds = basic_credentials(headers)
+    if creds is None or creds[0] not in users:
+        return None
+    expected = str(users[creds[0]]).encode("utf-8")
+    return creds[0] if hmac.compare_digest(creds[1].encode("utf-8"), expected) else None
+
+
 class Plugin:
     def __init__(self) -> None:
         config = json.loads(orthanc.GetConfiguration())
         self.settings: Settings = load_settings(config, "Orthanc configuration (OrthancAI)")
+        self.authentication = bool(config.get("AuthenticationEnabled", False))
+        users = config.get("RegisteredUsers") or {}
+        self.users: dict[str, str] = (
+            {str(k): str(v) for k, v in users.items()} if isinstance(users, dict) else {}
+        )
+        if self.settings.admin_users is not None and not self.authentication:
+            log.warning("OrthancAI.AdminUsers is ignored: Orthanc authentication is off")
         self.pipelines: list[PipelineConfig] = load_pipelines(self.settings.pipelines_file)
         assert self.settings.job_store is not None
         self.store = JobStore(self.settings.job_store)
@@ -71,6 +107,8 @@ class Plugin:
             lambda: self.pipelines,
             self.health,
             self.reload_pipelines,
+            authentication=self.authentication,
+            admin_users=self.settings.admin_users,
         )
         self._api_lock = threading.Lock()
         work_dir = self.settings.job_store.parent
@@ -163,15 +201,24 @@ class Plugin:
         query = {str(k): str(v) for k, v in (request.get("get") or {}).items()}
         body = request.get("body") or b""
         path = uri[len("/ai") :] or "/"
+        user: str | None = None
+        if self.authentication:
+            user = authenticate(request.get("headers") or {}, self.users)
+            if user is None:  # never log the header: it carries the password
+                output.SendUnauthorized("orthanc-ai")
+                return
         with self._api_lock:  # one sqlite connection serves the API
             try:
-                status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body)
+                status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body, user)
             except Exception as e:
                 log.error("API %s %s failed: %s", method, path, traceback.format_exc())
                 status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
         data = json.dumps(payload, indent=2, default=str)  # ASCII: len() is the byte length
         if status == 200:
             output.AnswerBuffer(data, "application/json")
+        elif status == 405:
+            # Orthanc refuses 401/405 through SendHttpStatus (it drops the connection instead).
+            output.SendMethodNotAllowed(",".join(payload.get("allowed") or ["GET"]))
         else:
             # Plugin 4.0 takes (status, body as str, length); no content type can be set here.
             output.SendHttpStatus(status, data, len(data))

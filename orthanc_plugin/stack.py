@@ -46,6 +46,8 @@ class OrthancServer:
     log_file: Path | None = None
     config_file: Path = ROOT / "config" / "orthanc.json"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # (user, password) for the readiness check when extra_env turns authentication on.
+    http_auth: tuple[str, str] | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -74,6 +76,13 @@ class OrthancServer:
             ("ORTHANC_AI_FHIR_URL", ""),
             ("ORTHANC_AI_FHIR_TOKEN", ""),
             ("ORTHANC_AI_DELIVERY_MAX_BACKOFF", "300"),
+            # Authentication: off; users is a JSON object {"name": "password"}, admins a JSON list
+            # of user names or null (every authenticated user), the worker user empty (no auth).
+            ("ORTHANC_AI_AUTH", "false"),
+            ("ORTHANC_AI_USERS", "{}"),
+            ("ORTHANC_AI_ADMINS", "null"),
+            ("ORTHANC_AI_WORKER_USER", ""),
+            ("ORTHANC_AI_WORKER_PASSWORD", ""),
         ):
             env.setdefault(name, default)
         env.update(self.extra_env)
@@ -91,6 +100,9 @@ class OrthancServer:
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(),
             cwd=str(ROOT), start_new_session=detach,
         )  # fmt: skip
+        # With authentication on and no credentials to check with, Orthanc's 401 means it is up.
+        auth_on = self.env().get("ORTHANC_AI_AUTH", "false").strip().lower() == "true"
+        auth_without_credentials = auth_on and self.http_auth is None
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self._proc.poll() is not None:
@@ -98,7 +110,8 @@ class OrthancServer:
                     f"Orthanc exited with {self._proc.returncode}; see {log_file}:\n{_tail(log_file)}"
                 )
             try:
-                if httpx.get(f"{self.url}/ai/pipelines", timeout=1).status_code == 200:
+                status = httpx.get(f"{self.url}/ai/pipelines", timeout=1, auth=self.http_auth).status_code
+                if status == 200 or (status == 401 and auth_without_credentials):
                     return self
             except httpx.HTTPError:
                 pass

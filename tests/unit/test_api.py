@@ -69,3 +69,85 @@ def test_reload_reports_config_errors(api):
     api.state["reload_error"] = "config/pipelines.yaml: key 'pipelines.0.version': field required"
     status, body = api.handle("POST", "/routes/reload", {}, b"")
     assert status == 400 and "pipelines.0.version" in body["error"]
+
+
+def _queued_job(api) -> str:
+    return str(api.handle("POST", "/studies/s1/run", {}, b'{"pipeline": "ct-lung"}')[1][0]["job"]["id"])
+
+
+def test_state_changing_routes_need_an_admin(api):
+    jid = _queued_job(api)
+    api.authentication, api.admin_users = True, ["admin"]
+    for method, path, body in [
+        ("POST", f"/jobs/{jid}/retry", b""),
+        ("POST", f"/jobs/{jid}/cancel", b""),
+        ("POST", "/studies/s1/run", b""),
+        ("POST", "/routes/reload", b""),
+    ]:
+        for user in ("viewer", None):
+            status, out = api.handle(method, path, {}, body, user=user)
+            assert status == 403, (method, path, user)
+            assert "admin" in out["error"] and f"/ai{path}" in out["error"] and out["user"] == user
+    # Refused requests changed nothing.
+    assert api.handle("GET", f"/jobs/{jid}", {}, b"", user="viewer")[1]["state"] == "queued"
+    # Reading stays open to every authenticated user, including the read-only POST dry-run.
+    for method, path, body in [
+        ("GET", "/jobs", b""),
+        ("GET", f"/jobs/{jid}", b""),
+        ("GET", "/pipelines", b""),
+        ("GET", "/studies/s1/dry-run", b""),
+        ("POST", "/routes/dry-run", b'{"study": "s1"}'),
+        ("GET", "/deliveries", b""),
+        ("GET", "/fhir/DiagnosticReport", b""),
+    ]:
+        assert api.handle(method, path, {}, body, user="viewer")[0] == 200, path
+    assert api.handle("GET", "/health", {}, b"", user="viewer")[0] == 503  # not 403
+    # The admin may; unknown routes and wrong methods keep their own answers.
+    assert api.handle("POST", f"/jobs/{jid}/cancel", {}, b"", user="admin")[1]["state"] == "cancelled"
+    assert api.handle("POST", f"/jobs/{jid}/retry", {}, b"", user="admin")[1]["state"] == "queued"
+    assert api.handle("POST", "/routes/reload", {}, b"", user="admin")[0] == 200
+    assert api.handle("POST", "/nope", {}, b"", user="viewer")[0] == 404
+    status, out = api.handle("DELETE", "/jobs", {}, b"", user="viewer")
+    assert status == 405 and out["allowed"] == ["GET"]
+
+
+def test_admin_list_semantics(api):
+    jid = _queued_job(api)
+    # Authentication off (the local stack): nobody is identified and everything is allowed.
+    api.authentication, api.admin_users = False, ["admin"]
+    assert api.may_change_state(None)
+    assert api.handle("POST", f"/jobs/{jid}/cancel", {}, b"")[0] == 200
+    # Authentication on without a list: every authenticated user may change state.
+    api.authentication, api.admin_users = True, None
+    assert api.may_change_state("viewer")
+    assert api.handle("POST", f"/jobs/{jid}/retry", {}, b"", user="viewer")[0] == 200
+    # An empty list: nobody may.
+    api.admin_users = []
+    assert not api.may_change_state("admin")
+    assert api.handle("POST", f"/jobs/{jid}/cancel", {}, b"", user="admin")[0] == 403
+
+
+def test_which_routes_change_state(api):
+    from orthanc_plugin.api import changes_state
+
+    writes = {(p, v) for p, v, _ in api._routes() if changes_state(p, v)}
+    assert writes == {
+        (r"/jobs/([0-9a-f]+)/retry", "POST"),
+        (r"/jobs/([0-9a-f]+)/cancel", "POST"),
+        (r"/studies/([0-9A-Za-z._-]+)/run", "POST"),
+        (r"/routes/reload", "POST"),
+    }
+    assert not changes_state(r"/routes/dry-run", "POST")
+    assert changes_state(r"/models", "POST")  # a new route is admin-only unless marked read-only
+
+
+def test_admin_users_setting(tmp_path):
+    from orthanc_plugin.config import load_settings
+
+    base = {"PipelinesFile": str(ROOT / "config" / "pipelines.yaml"), "JobStore": str(tmp_path / "j.sqlite")}
+    s = load_settings({"OrthancAI": base})
+    assert s.admin_users is None and s.orthanc_username is None
+    s = load_settings({"OrthancAI": base | {"AdminUsers": ["admin"], "OrthancUsername": ""}})
+    assert s.admin_users == ["admin"] and s.orthanc_username is None  # empty user: no authentication
+    with pytest.raises(ConfigError, match="AdminUsers"):
+        load_settings({"OrthancAI": base | {"AdminUsers": "admin"}})
