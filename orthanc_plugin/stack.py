@@ -20,6 +20,7 @@ from typing import IO
 
 import httpx
 
+from .processes import read_pid_file
 from .triton_server import TritonServer, TritonServerError, terminate_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,22 +155,6 @@ def _tail(path: Path, n: int = 30) -> str:
 VAR = ROOT / "var"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _pid_alive(pid) else None
-
-
 EHR_PORT = 8090
 VIEWER_PORT = 3000
 
@@ -206,7 +191,7 @@ def up(workers: int, stable_age: int) -> int:
     fhir_url = os.environ.get("ORTHANC_AI_FHIR_URL")
     if fhir_url is None:
         fhir_url = f"http://127.0.0.1:{EHR_PORT}"
-        if _read_pid(VAR / "ehr.pid") is None:
+        if read_pid_file(VAR / "ehr.pid") is None:
             try:
                 start_detached(
                     "ehr",
@@ -218,7 +203,7 @@ def up(workers: int, stable_age: int) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
         print(f"EHR (FHIR) ready   {fhir_url}  (the project's test FHIR server; data in var/ehr-data.jsonl)")
-    triton_pid = _read_pid(VAR / "triton.pid")
+    triton_pid = read_pid_file(VAR / "triton.pid")
     if triton_pid is None:
         triton = TritonServer(
             ROOT / "triton_models", log_file=VAR / "log" / "triton.log", model_control="poll"
@@ -234,7 +219,7 @@ def up(workers: int, stable_age: int) -> int:
         )
     else:
         print(f"Triton     running (pid {triton_pid})")
-    orthanc_pid = _read_pid(VAR / "orthanc.pid")
+    orthanc_pid = read_pid_file(VAR / "orthanc.pid")
     if orthanc_pid is None:
         server = OrthancServer(
             VAR / "orthanc-storage", workers=workers, stable_age=stable_age,
@@ -264,7 +249,7 @@ def up(workers: int, stable_age: int) -> int:
 
 def down() -> int:
     for name in ("viewer", "orthanc", "triton", "ehr"):
-        pid = _read_pid(VAR / f"{name}.pid")
+        pid = read_pid_file(VAR / f"{name}.pid")
         if pid is not None:
             terminate_process(pid, 30)
             print(f"{name} stopped (pid {pid})")
