@@ -626,10 +626,18 @@ class TritonClient:
                 status=status,
                 model=model,
             )
-        if "is not found" in message or status.endswith("NOT_FOUND"):
+        if (
+            "is not found" in message
+            or status.endswith("NOT_FOUND")
+            or "has no available versions" in message
+        ):
+            # While Triton stops (or swaps versions) it unloads models before closing its
+            # endpoints: "no available versions" then is a passing state, not a wrong request.
+            transient = "has no available versions" in message or not self.is_ready()
             return InferenceError(
                 f"{what} is not available on Triton at {self.url}: {message}. Check the model "
                 "repository (config.pbtxt, version folders) and the Triton log",
+                retryable=transient,
                 status=status,
                 model=model,
             )

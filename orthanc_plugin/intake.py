@@ -223,11 +223,26 @@ class Intake:
     def _run_catch_up(self) -> None:
         now = time.time()
         for sid, due in list(self._catch_up.items()):
-            if due <= now:
-                del self._catch_up[sid]
-                self._pending.pop(sid, None)
-                log.info("catch-up: routing study %s (no stable event after restart)", sid)
-                self._safe_evaluate(sid)
+            if due > now:
+                continue
+            quiet_since = self._last_update(sid)
+            if quiet_since is not None and now - quiet_since < self.catch_up_delay_s:
+                # Instances still arrive (a sender resuming after the restart): wait, as
+                # Orthanc's own stability timer would.
+                self._catch_up[sid] = quiet_since + self.catch_up_delay_s
+                continue
+            del self._catch_up[sid]
+            self._pending.pop(sid, None)
+            log.info("catch-up: routing study %s (no stable event after restart)", sid)
+            self._safe_evaluate(sid)
+
+    def _last_update(self, study_id: str) -> float | None:
+        """When Orthanc last changed the study (its LastUpdate, local time), as a timestamp."""
+        try:
+            text = str(self.rest_get(f"/studies/{study_id}").get("LastUpdate", ""))
+            return time.mktime(time.strptime(text, "%Y%m%dT%H%M%S"))
+        except (LookupError, ValueError):
+            return None
 
     def run(self, stop: threading.Event, poll_s: float = 2.0) -> None:
         """Loop until ``stop``: woken by STABLE_STUDY, and polling as a safety net."""

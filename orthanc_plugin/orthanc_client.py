@@ -118,6 +118,14 @@ class OrthancClient:
             headers={"Content-Type": "application/dicom"},
         )  # fmt: skip
         result: dict[str, Any] = r.json()
+        # A filter (Lua ReceivedInstanceFilter, a plugin) discards with HTTP 200 and a Status.
+        status = result.get("Status")
+        if status not in (None, "Success", "AlreadyStored"):
+            raise OrthancError(
+                f"Orthanc refused to store the {ds.get('Modality', '')} instance: Status {status} "
+                "(discarded by a filter such as a Lua ReceivedInstanceFilter or a plugin)",
+                r.status_code,
+            )
         return result
 
     def delete_instance(self, instance_id: str) -> None:

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
@@ -24,11 +25,49 @@ from .api import Api
 from .config import PipelineConfig, Settings, load_pipelines, load_settings, settings_to_json
 from .intake import Intake
 from .jobstore import JobStore
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render_metrics
 from .outbox import Outbox
 from .supervisor import Supervisor
 
 log = logging.getLogger("orthanc_ai")
 ROOT = Path(__file__).resolve().parent.parent
+UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+# Orthanc Explorer 1.10 (jQuery Mobile): an "AI jobs" button beside "Jobs" on the home page.
+EXPLORER_JS = """
+$('#lookup').live('pagebeforecreate', function() {
+  if ($('#orthanc-ai-jobs').length) return;
+  var link = $('<a>').attr({ id: 'orthanc-ai-jobs', href: '../ai/ui/index.html', 'data-role': 'button',
+    'data-icon': 'grid', 'data-ajax': 'false', rel: 'external' }).text('AI jobs');
+  $('#lookup div[data-role="header"] .ui-btn-right').first().append(link);
+});
+"""
+# Orthanc hands /ai/ui and /ai/ui/ to the plugin as the same URI, so a redirect cannot tell them
+# apart; this page sends the browser on to index.html relative to wherever it really is.
+UI_ENTRY = (
+    '<!DOCTYPE html><meta charset="utf-8"><title>Orthanc AI</title>'
+    "<script>location.replace(location.pathname.replace(/\\/*$/, '/') + 'index.html')</script>"
+    "<noscript>The AI admin page needs JavaScript: open /ai/ui/index.html</noscript>"
+)
+
+
+def ui_file(rel: str) -> tuple[bytes, str] | None:
+    """(content, MIME type) of a file of the admin page under ``UI_DIR``, else None (never outside it)."""
+    rel = rel.lstrip("/")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]+)", rel):  # one plain file name, no "..", no "/"
+        return None
+    path = UI_DIR / rel
+    mime = UI_TYPES.get(path.suffix)
+    if mime is None or not path.is_file():
+        return None
+    return path.read_bytes(), mime
 
 
 class _OrthancLogHandler(logging.Handler):
@@ -207,6 +246,9 @@ class Plugin:
             if user is None:  # never log the header: it carries the password
                 output.SendUnauthorized("orthanc-ai")
                 return
+        if method == "GET" and (path == "/ui" or path.startswith("/ui/") or path.rstrip("/") == "/metrics"):
+            self._serve_extra(output, path)
+            return
         with self._api_lock:  # one sqlite connection serves the API
             try:
                 status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body, user)
@@ -222,6 +264,23 @@ class Plugin:
         else:
             # Plugin 4.0 takes (status, body as str, length); no content type can be set here.
             output.SendHttpStatus(status, data, len(data))
+
+    def _serve_extra(self, output: Any, path: str) -> None:
+        """GET /ai/ui[/...] (the admin page's static files) and /ai/metrics (Prometheus)."""
+        if path.rstrip("/") == "/metrics":
+            with self._api_lock:
+                text = render_metrics(self.api.store, self.api.outbox, self.health())
+            output.AnswerBuffer(text.encode("utf-8"), METRICS_CONTENT_TYPE)
+            return
+        if path.rstrip("/") == "/ui":
+            output.AnswerBuffer(UI_ENTRY, UI_TYPES[".html"])
+            return
+        found = ui_file(path[len("/ui/") :])
+        if found is None:
+            data = json.dumps({"error": f"no such file: /ai{path}"})
+            output.SendHttpStatus(404, data, len(data))
+            return
+        output.AnswerBuffer(found[0], found[1])
 
 
 _plugin: Plugin | None = None
@@ -243,3 +302,4 @@ def register() -> None:
     orthanc.RegisterOnChangeCallback(_plugin.on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", _plugin.rest)
     orthanc.RegisterRestCallback("/ai", _plugin.rest)
+    orthanc.ExtendOrthancExplorer(EXPLORER_JS)

@@ -101,13 +101,24 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
             target += "?" + request.scope["query_string"].decode("latin-1")
         # A bare Request, not client.build_request(): no client defaults (Accept-Encoding, ...) are
         # added, and the Host header goes through: Orthanc builds its BulkDataURIs from it.
-        upstream_request = httpx.Request(
-            request.method, target, headers=headers, content=_body(request) if has_body else None
-        )
-        try:
-            answer = await upstream.send(upstream_request, stream=True)
-        except httpx.HTTPError as e:
-            return PlainTextResponse(f"Orthanc at {orthanc_url} did not answer: {e}\n", status_code=502)
+        body = await request.body() if has_body else None
+        answer = None
+        # A kept-alive connection that Orthanc closed at the same moment is not a failure of
+        # Orthanc: try once more on a fresh connection (every request here can be re-sent:
+        # reads, and STOW of the same instances, which Orthanc stores idempotently).
+        for attempt in (1, 2):
+            upstream_request = httpx.Request(request.method, target, headers=headers, content=body)
+            try:
+                answer = await upstream.send(upstream_request, stream=True)
+                break
+            except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError) as e:
+                if attempt == 2:
+                    return PlainTextResponse(
+                        f"Orthanc at {orthanc_url} did not answer: {e}\n", status_code=502
+                    )
+            except httpx.HTTPError as e:
+                return PlainTextResponse(f"Orthanc at {orthanc_url} did not answer: {e}\n", status_code=502)
+        assert answer is not None
         out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
         return StreamingResponse(
             answer.aiter_raw(), status_code=answer.status_code, headers=out_headers,
@@ -129,12 +140,6 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
         ],
         lifespan=lifespan,
     )
-
-
-async def _body(request: Request) -> AsyncIterator[bytes]:
-    async for chunk in request.stream():
-        if chunk:
-            yield chunk
 
 
 def check_files(dist_dir: Path, config_file: Path) -> None:

@@ -6,6 +6,7 @@ the story: job -> series -> volume -> tensor -> prediction -> labels -> SEG/SR/F
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -84,6 +85,8 @@ class Worker:
         self.triton = triton
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.stop = threading.Event()
+        self._ready = False
+        self._ready_checked = 0.0
 
     # ------------------------------------------------------------------ loop
 
@@ -94,12 +97,26 @@ class Worker:
                 # Orthanc died without stopping us: a new Orthanc starts its own workers.
                 log.warning("worker %s: parent process %d is gone, exiting", self.owner, parent_pid)
                 break
+            if not self._triton_ready():
+                # Claiming now would only burn an attempt: wait for Triton to come back.
+                self.stop.wait(max(poll_s, 1.0))
+                continue
             job = self.store.claim(self.owner, self.settings.lease_seconds)
             if job is None:
                 self.stop.wait(poll_s)
                 continue
             self.run_job(job)
         log.info("worker %s stopped", self.owner)
+
+    def _triton_ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._ready_checked < 2.0 and self._ready:
+            return True
+        self._ready = self.triton.is_ready()
+        self._ready_checked = now
+        if not self._ready:
+            log.warning("Triton at %s is not ready; not taking jobs", self.settings.triton_url)
+        return self._ready
 
     def run_job(self, job: Job) -> str:
         """Run one claimed job to its end; returns the job's new state."""
@@ -253,16 +270,24 @@ class Worker:
             if not self.orthanc.study_exists(job.orthanc_study_id):
                 raise BadInput("the study was deleted while the job ran; nothing was stored")
             stored: dict[str, Any] = {}
-            for name, ds in (("seg", seg_ds), ("sr", sr_ds)):
-                if ctx.lost.is_set():
-                    raise JobAborted("lease lost before storing")
-                r = self.orthanc.store(ds)
-                stored[name] = {
-                    "SOPInstanceUID": str(ds.SOPInstanceUID),
-                    "SeriesInstanceUID": str(ds.SeriesInstanceUID),
-                    "ID": r.get("ID"),
-                    "ParentSeries": r.get("ParentSeries"),
-                }
+            try:
+                for name, ds in (("seg", seg_ds), ("sr", sr_ds)):
+                    if ctx.lost.is_set():
+                        raise JobAborted("lease lost before storing")
+                    r = self.orthanc.store(ds)
+                    stored[name] = {
+                        "SOPInstanceUID": str(ds.SOPInstanceUID),
+                        "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+                        "ID": r.get("ID"),
+                        "ParentSeries": r.get("ParentSeries"),
+                    }
+            except (OrthancError, JobAborted):
+                # All or nothing: an SR must never be left without its SEG, nor a SEG alone.
+                for done in stored.values():
+                    with contextlib.suppress(OrthancError):
+                        if done.get("ID"):
+                            self.orthanc.delete_instance(done["ID"])
+                raise
             return stored
 
         stored = self._stage(ctx, "store", store)
