@@ -10,11 +10,7 @@ page carries an "AI jobs" button that opens the page. ``test-artifacts/admin-ui.
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +19,15 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from orthanc_plugin.stack import ROOT, OrthancServer
+from orthanc_plugin.stack import OrthancServer
 
 from ..conftest import CT_B40, require_data
+from .browser import require_browser, run_check
 from .conftest import study_uid, wait_job_done
 
 pytestmark = pytest.mark.integration
 
 CHECK_SCRIPT = Path(__file__).with_name("admin_ui_check.mjs")
-CHROMIUM = Path(os.environ.get("ORTHANC_AI_CHROMIUM", "/usr/bin/chromium"))
-PLAYWRIGHT = ROOT / "viewer" / "node_modules" / "playwright-core" / "package.json"
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
 
 
@@ -66,17 +61,7 @@ def processed(orthanc: OrthancServer) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def browser_report(orthanc: OrthancServer, processed: dict[str, Any], artifacts: Path) -> dict[str, Any]:
-    missing = []
-    if not CHROMIUM.is_file():
-        missing.append(f"{CHROMIUM} (Debian package 'chromium')")
-    if shutil.which("node") is None:
-        missing.append("node (Node.js >= 20)")
-    if not PLAYWRIGHT.is_file():
-        missing.append(f"playwright-core in {PLAYWRIGHT.parent.parent}")
-    if missing:
-        pytest.fail(
-            f"cannot run the admin page test, missing: {'; '.join(missing)}. Run scripts/install_viewer.sh"
-        )
+    require_browser("admin page test")
     for name in (
         "admin-ui.png",
         "admin-ui-before-retry.png",
@@ -84,17 +69,9 @@ def browser_report(orthanc: OrthancServer, processed: dict[str, Any], artifacts:
         "admin-ui-failure.png",
     ):
         (artifacts / name).unlink(missing_ok=True)
-    argv = ["node", str(CHECK_SCRIPT), "--base", orthanc.url, "--job", processed["id"], "--out", str(artifacts),
-            "--chromium", str(CHROMIUM)]  # fmt: skip
-    try:
-        run = subprocess.run(argv, capture_output=True, text=True, timeout=150, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the browser check did not finish within {e.timeout:.0f} s: {e.stderr!r}")
-    lines = run.stdout.strip().splitlines()
-    if run.returncode != 0 or not lines:
-        pytest.fail(f"admin_ui_check.mjs exited with {run.returncode}:\n{run.stderr[-3000:]}")
-    report: dict[str, Any] = json.loads(lines[-1])
-    (artifacts / "admin-ui-report.json").write_text(json.dumps(report, indent=1))
+    report = run_check(
+        CHECK_SCRIPT, ["--base", orthanc.url, "--job", processed["id"]], artifacts, "admin-ui-report.json"
+    )
     assert report["ok"], (
         f"admin page check failed at step '{report['step']}': {report['error']}\n"
         f"screenshots: {report['screenshots']}\nconsole: {report['console'][-10:]}"

@@ -9,27 +9,23 @@ screenshots ``test-artifacts/ohif-seg.png`` and ``ohif-sr.png`` are kept for a p
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
+from orthanc_plugin.stack import OrthancServer, free_port
 from orthanc_plugin.viewer import DEFAULT_DIST, ViewerServer
 
 from ..conftest import CT_B40, require_data
+from .browser import require_browser, run_check
 from .conftest import study_uid, upload_folder, wait_job_done
 
 pytestmark = pytest.mark.integration
 
 CHECK_SCRIPT = Path(__file__).with_name("ohif_check.mjs")
-CHROMIUM = Path(os.environ.get("ORTHANC_AI_CHROMIUM", "/usr/bin/chromium"))
-PLAYWRIGHT = ROOT / "viewer" / "node_modules" / "playwright-core" / "package.json"
 SEGMENTS = {"right-lung": "Right lung", "left-lung": "Left lung"}
 # Aerated lung is around -850 HU; soft tissue, blood and bone are above -100.
 LUNG_HU_MAX = -500
@@ -38,17 +34,10 @@ LUNG_HU_MAX = -500
 @pytest.fixture(scope="session")
 def viewer_tools() -> None:
     """A missing browser or viewer is a broken install, not a reason to skip."""
-    missing = []
-    if not CHROMIUM.is_file():
-        missing.append(f"{CHROMIUM} (Debian package 'chromium')")
-    if not (DEFAULT_DIST / "index.html").is_file():
-        missing.append(f"the OHIF viewer in {DEFAULT_DIST} (npm package @ohif/app)")
-    if shutil.which("node") is None:
-        missing.append("node (Node.js >= 20)")
-    if not PLAYWRIGHT.is_file():
-        missing.append(f"playwright-core in {PLAYWRIGHT.parent.parent}")
-    if missing:
-        pytest.fail(f"cannot run the OHIF test, missing: {'; '.join(missing)}. Run scripts/install_viewer.sh")
+    viewer = (
+        [] if (DEFAULT_DIST / "index.html").is_file() else [f"the OHIF viewer in {DEFAULT_DIST} (@ohif/app)"]
+    )
+    require_browser("OHIF test", viewer)
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +51,7 @@ def ohif(viewer_tools: None, orthanc: OrthancServer, artifacts: Path) -> dict[st
     for name in ("ohif-seg.png", "ohif-sr.png", "ohif-failure.png", "ohif-report.json"):
         (artifacts / name).unlink(missing_ok=True)
     with ViewerServer(orthanc.url, free_port()) as viewer:
-        argv = ["node", str(CHECK_SCRIPT), "--url", viewer.viewer_url(uid), "--out", str(artifacts),
-                "--chromium", str(CHROMIUM)]  # fmt: skip
-        try:
-            run = subprocess.run(argv, capture_output=True, text=True, timeout=150, cwd=ROOT)
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(f"the browser check did not finish within {e.timeout:.0f} s: {e.stderr!r}")
-    lines = run.stdout.strip().splitlines()
-    if run.returncode != 0 or not lines:
-        pytest.fail(f"ohif_check.mjs exited with {run.returncode}:\n{run.stderr[-3000:]}")
-    report: dict[str, Any] = json.loads(lines[-1])
-    (artifacts / "ohif-report.json").write_text(json.dumps(report, indent=1))
+        report = run_check(CHECK_SCRIPT, ["--url", viewer.viewer_url(uid)], artifacts, "ohif-report.json")
     report["job"] = job
     return report
 

@@ -84,21 +84,6 @@ def run_dciodvfy(ds: pydicom.Dataset, tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ct(ct_b40: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    return sort_along_normal(ct_b40)
-
-
-@pytest.fixture(scope="module")
-def labels(ct: list[pydicom.Dataset]) -> Array:
-    return synthetic_labels((len(ct), int(ct[0].Rows), int(ct[0].Columns)))
-
-
-@pytest.fixture(scope="module")
-def seg(ct: list[pydicom.Dataset], labels: Array) -> pydicom.Dataset:
-    return make_seg(ct, labels)
-
-
-@pytest.fixture(scope="module")
 def labelmap_seg(ct: list[pydicom.Dataset], labels: Array) -> pydicom.Dataset:
     return make_seg(ct, labels, seg_type="LABELMAP")
 

@@ -28,28 +28,11 @@ from .test_seg import (
     SEGMENTS,
     make_seg,
     run_dciodvfy,
-    sort_along_normal,
-    synthetic_labels,
 )
 
 Array = NDArray[Any]
 
 VOLUMES = (VolumeMeasurement(1, 1234.56), VolumeMeasurement(2, 42.5))
-
-
-@pytest.fixture(scope="module")
-def ct(ct_b40: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    return sort_along_normal(ct_b40)
-
-
-@pytest.fixture(scope="module")
-def labels(ct: list[pydicom.Dataset]) -> Array:
-    return synthetic_labels((len(ct), int(ct[0].Rows), int(ct[0].Columns)))
-
-
-@pytest.fixture(scope="module")
-def seg(ct: list[pydicom.Dataset], labels: Array) -> pydicom.Dataset:
-    return make_seg(ct, labels)
 
 
 def make_sr(
