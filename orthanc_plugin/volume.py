@@ -102,11 +102,36 @@ def _temporal_groups(datasets: Sequence[Dataset], positions: NDArray[np.float64]
         if all(a is not None for a in acq) and len(set(acq)) > 1:
             keys = [int(a) for a in acq]
         else:
-            return None  # duplicates without a temporal attribute: caller reports duplicated slices
+            return _groups_by_instance_order(datasets, np.round(positions, 2).tolist(), rounded)
     groups: dict[object, list[int]] = defaultdict(list)
     for i, k in enumerate(keys):
         groups[k].append(i)
     return [groups[k] for k in sorted(groups, key=lambda k: int(str(k)))]
+
+
+def _groups_by_instance_order(
+    datasets: Sequence[Dataset], positions: list[float], counts: Counter[float]
+) -> list[list[int]] | None:
+    """Temporal positions told apart only by acquisition order (e.g. GE EPI: one AcquisitionNumber).
+
+    Used when every position repeats the same k times and the series itself says it has k
+    temporal positions; otherwise the repeats are duplicates and the caller refuses them.
+    """
+    (k, *others) = set(counts.values())
+    declared = datasets[0].get("NumberOfTemporalPositions")
+    numbers = [ds.get("InstanceNumber") for ds in datasets]
+    if others or declared is None or int(declared) != k or any(n is None for n in numbers):
+        return None
+    if len({int(n) for n in numbers}) != len(numbers):
+        return None
+    by_position: dict[float, list[int]] = defaultdict(list)
+    for i, p in enumerate(positions):
+        by_position[p].append(i)
+    groups: list[list[int]] = [[] for _ in range(k)]
+    for indices in by_position.values():
+        for rank, i in enumerate(sorted(indices, key=lambda i: int(numbers[i]))):
+            groups[rank].append(i)
+    return groups
 
 
 def build_volume(

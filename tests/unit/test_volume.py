@@ -10,6 +10,8 @@ import pytest
 
 from orthanc_plugin.volume import VolumeError, build_volume
 
+from ..conftest import read_series
+
 
 @pytest.fixture
 def slices(ct_b40):
@@ -123,3 +125,30 @@ def test_colour_and_non_image_refused(slices):
     del sr.PixelData
     with pytest.raises(VolumeError, match="no pixel data"):
         build_volume([sr])
+
+
+def test_epi_temporal_positions_by_acquisition_order():
+    """GE EPI: 10 temporal positions x 15 slices, one AcquisitionNumber, no TemporalPositionIdentifier."""
+    from ..conftest import MR
+
+    series = read_series(MR / "mr_0004")
+    with pytest.raises(VolumeError, match="10 temporal positions"):
+        build_volume(series)
+    first = build_volume(series, temporal_position=1)
+    last = build_volume(series, temporal_position=10)
+    assert first.shape == (15, 64, 64) and first.temporal_positions == 10
+    assert [along_normal(d) for d in first.datasets] == sorted(along_normal(d) for d in first.datasets)
+    n_first = [int(d.InstanceNumber) for d in first.datasets]
+    n_last = [int(d.InstanceNumber) for d in last.datasets]
+    assert max(n_first) < min(n_last)  # the first time point was acquired before the last
+
+
+def test_every_slice_twice_without_temporal_declaration_is_duplicates(slices):
+    doubled = []
+    for ds in slices:
+        d2 = copy.deepcopy(ds)
+        d2.SOPInstanceUID = ds.SOPInstanceUID[:60] + ".9"
+        d2.InstanceNumber = int(ds.InstanceNumber) + 1000
+        doubled.append(d2)
+    with pytest.raises(VolumeError, match="duplicated slices"):
+        build_volume(slices + doubled)
