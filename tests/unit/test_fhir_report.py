@@ -16,7 +16,6 @@ from fhir.resources.diagnosticreport import DiagnosticReport as R5DiagnosticRepo
 from fhir.resources.observation import Observation as R5Observation
 from fhir.resources.R4B.bundle import Bundle
 
-from orthanc_plugin.codes import Code
 from orthanc_plugin.fhir_report import (
     DICOM_UID_SYSTEM,
     URI_SYSTEM,
@@ -25,21 +24,15 @@ from orthanc_plugin.fhir_report import (
     report_summary,
     validate_bundle,
 )
-from orthanc_plugin.results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+from orthanc_plugin.results import OutputUIDs, StudyRef, VolumeMeasurement
+
+# The same segments and algorithm as the SEG/SR tests: one synthetic result across all encoders.
+from .test_seg import ALGORITHM, LUNG, SEGMENTS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "fhir" / "examples"
 EXAMPLE = EXAMPLES / "ct-lung-diagnosticreport.json"
 EXAMPLE_R5 = EXAMPLES / "ct-lung-diagnosticreport-r5.json"
 
-ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
-ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Abnormal Structure")
-LUNG = Code("39607008", "SCT", "Lung")
-NODULE = Code("27925004", "SCT", "Nodule")
-SEGMENTS = (
-    SegmentSpec(1, "Lung", ANATOMICAL_STRUCTURE, LUNG, None, (128, 174, 128), "lung"),
-    SegmentSpec(2, "Nodule", ABNORMAL_STRUCTURE, NODULE, LUNG, (241, 214, 145), "nodule"),
-)
-ALGORITHM = AlgorithmInfo(name="lung-seg", version="1.2.0", model_name="lung_unet", model_version="3")
 MEASUREMENTS = (VolumeMeasurement(1, 4321.987), VolumeMeasurement(2, 1.25))
 # Synthetic study: made-up UIDs and identifiers, no real patient.
 STUDY = StudyRef(
