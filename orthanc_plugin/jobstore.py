@@ -120,6 +120,11 @@ class JobStore:
             (jid, time.time(), kind, detail),
         )
 
+    def add_event(self, jid: str, kind: str, detail: str = "") -> None:
+        """Append an event to a job's history (forwarding attempts, audit notes)."""
+        with self._tx() as db:
+            self._event(db, jid, kind, detail)
+
     # ------------------------------------------------------------------ intake side
 
     def enqueue(
