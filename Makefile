@@ -45,9 +45,12 @@ lint: install
 
 bench: install $(MODEL)
 	@$(PY) bench/triton_transport.py
+	@$(PY) bench/model_latency.py --runs 7
 	@$(PY) bench/pipeline_stages.py --runs 7
 	@$(PY) bench/pipeline_stages.py --slices 320 --runs 3
 	@$(PY) bench/throughput.py --studies 50 --workers 1 2 4
+	@bash bench/setup_monai_deploy.sh
+	@$(PY) bench/monai_deploy_compare.py --runs 5
 
 clean: down
 	rm -rf var test-artifacts

@@ -1,4 +1,8 @@
-"""Command line: ``python -m orthanc_plugin worker --settings FILE`` (and more sub-commands)."""
+"""Command line: ``python -m orthanc_plugin worker --settings FILE`` (and more sub-commands).
+
+``worker --orthanc-url URL --triton-url HOST:PORT --database-url postgresql://... --pipelines FILE``
+runs workers on a host without Orthanc (scale-out), see :mod:`orthanc_plugin.remote_worker`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orthanc_plugin")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run an AI worker process")
-    w.add_argument("--settings", required=True, help="JSON file with an OrthancAI section")
+    w.add_argument(
+        "--settings", default=None, help="JSON file with an OrthancAI section (Orthanc's own workers)"
+    )
     w.add_argument("--owner", default=None, help="lease owner name (default host:pid)")
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    from .remote_worker import add_arguments as add_remote_worker_arguments
+
+    add_remote_worker_arguments(w)
     c = sub.add_parser("check-config", help="validate a pipelines file and exit")
     c.add_argument("pipelines_file")
     m = sub.add_parser("model", help="bring your own model: add an ONNX file to the Triton repository")
@@ -39,8 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
+        from .logging_setup import setup_worker_logging
         from .worker import main as worker_main
 
+        setup_worker_logging()  # JSON lines (replaces the plain format set above)
+
+        from .remote_worker import run as run_remote_workers
+        from .remote_worker import uses_command_line
+
+        if uses_command_line(args):  # a worker host: Orthanc, Triton and the database by flags
+            return run_remote_workers(args)
+        if args.settings is None:
+            parser.error(
+                "worker: give --settings FILE, or --orthanc-url, --triton-url, --database-url and --pipelines"
+            )
         return worker_main(args.settings, args.owner, args.parent_pid)
     if args.command == "check-config":
         from pathlib import Path

@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import forwarding
+from .audit import build_audit
 from .config import PipelineConfig
 from .fhir_api import FhirReports
 from .intake import Intake, StudyGone
@@ -100,6 +102,8 @@ class Api:
     # Orthanc's "AuthenticationEnabled" and the OrthancAI "AdminUsers" list.
     authentication: bool = False
     admin_users: list[str] | None = None
+    # POST /ai/jobs/{id}/forward: (job id, every destination?) -> new forwarding status (plugin.py).
+    forward: Callable[[str, bool], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.reports = FhirReports(self.store.path)
@@ -107,7 +111,11 @@ class Api:
 
     def _job(self, job: Job, detail: bool = False) -> dict[str, Any]:
         events = self.store.events(job.id) if detail else None
-        return job_json(job, detail, events, self.outbox.status_for_job(job.id))
+        out = job_json(job, detail, events, self.outbox.status_for_job(job.id))
+        if events is not None:
+            # The current state of forwarding (attempts made after the job ended included).
+            out["forwarding"] = forwarding.status_from_events(events)
+        return out
 
     def may_change_state(self, user: str | None) -> bool:
         """Without authentication anyone reaching Orthanc may; with it, an admin user (or any user
@@ -152,6 +160,8 @@ class Api:
             (r"/jobs/([0-9a-f]+)", "GET", self.get_job),
             (r"/jobs/([0-9a-f]+)/retry", "POST", self.retry_job),
             (r"/jobs/([0-9a-f]+)/cancel", "POST", self.cancel_job),
+            (r"/jobs/([0-9a-f]+)/audit", "GET", self.job_audit),
+            (r"/jobs/([0-9a-f]+)/forward", "POST", self.forward_job),
             (r"/studies/([0-9A-Za-z._-]+)/run", "POST", self.run_study),
             (r"/studies/([0-9A-Za-z._-]+)/dry-run", "GET", self.dry_run),
             (r"/routes/dry-run", "POST", self.dry_run_body),
@@ -176,6 +186,23 @@ class Api:
 
     def cancel_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
         return 200, self._job(self.store.cancel(jid))
+
+    def job_audit(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
+        job = self.store.get(jid)
+        pipeline = next((p for p in self.pipelines() if p.name == job.pipeline), None)
+        return 200, build_audit(job, self.store.events(jid), self.outbox.status_for_job(jid), pipeline)
+
+    def forward_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
+        """Send a succeeded job's SEG/SR again to its destinations (those not delivered yet, or all
+        with ``{"all": true}``); one attempt each, answered when done."""
+        if self.forward is None:
+            return 501, {"error": "forwarding is not available"}
+        data = _json_object(body) if body.strip() else {}
+        everything = data.get("all", False)
+        if not isinstance(everything, bool):
+            raise ValueError('"all" must be true or false')
+        self.store.get(jid)  # 404 for an unknown job
+        return 200, self.forward(jid, everything)
 
     def search_reports(self, query: Mapping[str, str], body: bytes) -> Response:
         return 200, self.reports.search(query)

@@ -114,3 +114,11 @@ PROCEDURES_BY_MODALITY: dict[str, Code] = {
     "DX": Code("43468-8", "LN", "XR unspecified body region"),
 }
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+
+#: The classification outputs (SR TID 1501 group, FHIR Observation).
+PROBABILITY = Code("122157", "DCM", "Probability")
+THRESHOLD_VALUE = Code("122411", "DCM", "Threshold Value")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+#: UCUM "1": a dimensionless ratio (DICOM writes the meaning "no units").
+NO_UNITS = Code("1", "UCUM", "no units")

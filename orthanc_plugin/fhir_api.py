@@ -9,12 +9,11 @@ gives the same resources ids of its own; the identifier is what both share.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from .database import Database, DatabaseTarget
 from .fhir_report import DICOM_UID_SYSTEM
 
 #: Resource types a report bundle holds.
@@ -25,12 +24,9 @@ _SEARCH_PARAMS = frozenset({"study", "_count", "_format"})
 class FhirReports:
     """Search and read the resources of the reports stored in the job store at ``path``."""
 
-    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: DatabaseTarget, busy_timeout_s: float = 30.0) -> None:
         self.path = path
-        self._db = sqlite3.connect(
-            str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        self._db.row_factory = sqlite3.Row
+        self._db = Database(path, busy_timeout_s)
 
     def close(self) -> None:
         self._db.close()
@@ -87,8 +83,8 @@ class FhirReports:
         # The uuid is unique to one resource (a Device's is shared by the jobs of one model
         # version, with identical content): the newest bundle that names it has it.
         rows = self._db.execute(
-            "SELECT fhir FROM jobs WHERE fhir IS NOT NULL AND instr(fhir, ?) > 0 ORDER BY updated DESC LIMIT 5",
-            (f"urn:uuid:{rid}",),
+            "SELECT fhir FROM jobs WHERE fhir IS NOT NULL AND fhir LIKE ? ORDER BY updated DESC LIMIT 5",
+            (f"%urn:uuid:{rid}%",),  # a canonical uuid holds no LIKE wildcard
         ).fetchall()
         for row in rows:
             for resource in _resources(json.loads(row["fhir"])):

@@ -24,7 +24,9 @@ from typing import Any
 import httpx
 
 from .config import Settings
+from .database import DatabaseTarget
 from .outbox import Delivery, FailureKind, Outbox
+from .tls import fhir_tls
 
 log = logging.getLogger("orthanc_ai.delivery")
 
@@ -66,7 +68,7 @@ class FhirDeliveryClient:
         self,
         base_url: str,
         token: str | None = None,
-        verify: bool | str | Path = True,
+        verify: bool | str | Path | ssl.SSLContext = True,
         timeout_s: float = 30.0,
         token_source: str | None = None,
         transport: httpx.BaseTransport | None = None,
@@ -166,8 +168,8 @@ class FhirDeliveryClient:
         )
 
 
-def _tls(verify: bool | str | Path) -> bool | ssl.SSLContext:
-    if isinstance(verify, bool):
+def _tls(verify: bool | str | Path | ssl.SSLContext) -> bool | ssl.SSLContext:
+    if isinstance(verify, bool | ssl.SSLContext):
         return verify
     return ssl.create_default_context(cafile=str(verify))
 
@@ -268,7 +270,7 @@ class DeliveryLoop:
 
     def __init__(
         self,
-        outbox_path: Path,
+        outbox_path: DatabaseTarget,
         settings: Settings,
         owner: str,
         poll_s: float = 1.0,
@@ -313,7 +315,7 @@ class DeliveryLoop:
         if self._client is None or self._client.token != token:
             if self._client is not None:
                 self._client.close()
-            verify = self.settings.fhir_verify_tls
+            verify = fhir_tls(self.settings)  # CA and, for mutual TLS, our client certificate
             self._client = FhirDeliveryClient(
                 self.base_url,
                 token,
@@ -391,9 +393,7 @@ def start_delivery_thread(
     """Start a :class:`DeliveryLoop` in a daemon thread; None when no FhirBaseUrl is set."""
     if settings.fhir_base_url is None:
         return None
-    if settings.job_store is None:
-        raise ValueError("JobStore is not resolved: load the settings with load_settings()")
-    loop = DeliveryLoop(settings.job_store, settings, owner, poll_s=poll_s)
+    loop = DeliveryLoop(settings.database(), settings, owner, poll_s=poll_s)
     t = threading.Thread(target=loop.run, args=(stop,), name="fhir-delivery", daemon=True)
     t.start()
     return t

@@ -24,8 +24,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from .codes import MILLILITER_FHIR, VOLUME, Code
-from .results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+from .codes import ABSENT, MILLILITER_FHIR, NO_UNITS, PRESENT, PROBABILITY, THRESHOLD_VALUE, VOLUME, Code
+from .results import AlgorithmInfo, ClassificationResult, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
 
 #: Identifier system whose values are URIs; ours are ``urn:uuid:`` values (RFC 4122).
 URI_SYSTEM = "urn:ietf:rfc:3986"
@@ -83,6 +83,7 @@ def build_diagnostic_report(
     report_id: str | None = None,
     report_code: Code = DIAGNOSTIC_IMAGING_STUDY,
     fhir_version: str = "R4",
+    classifications: Sequence[ClassificationResult] = (),
 ) -> dict[str, Any]:
     """FHIR transaction Bundle reporting ``measurements`` for ``study``.
 
@@ -163,7 +164,19 @@ def build_diagnostic_report(
             observation["bodySite"] = {"coding": [site.to_fhir()], "text": site.meaning}
         entries.append(_entry("Observation", obs_id, observation))
         observation_refs.append({"reference": f"urn:uuid:{obs_id}", "display": f"{spec.name} volume"})
-        rows.append((f"{spec.name} volume", round(m.volume_ml, 1)))
+        rows.append((f"{spec.name} volume", f"{round(m.volume_ml, 1)} mL"))
+    for c in classifications:
+        obs_id = resource_uuid(seed, "Observation", c.tracking_id)
+        entries.append(
+            _entry(
+                "Observation",
+                obs_id,
+                _classification(c, obs_id, subject, effective, issued_text, device_id, imaging_study),
+            )
+        )
+        observation_refs.append({"reference": f"urn:uuid:{obs_id}", "display": c.name})
+        verdict = "present" if c.positive else "absent"
+        rows.append((c.name, f"{verdict} (probability {c.probability:.2f}, threshold {c.threshold:.2f})"))
 
     report_uuid = report_id if report_id is not None else resource_uuid(seed, "DiagnosticReport")
     identifiers: list[dict[str, Any]] = [_identifier(report_uuid)]
@@ -352,8 +365,8 @@ def _instant(when: dt.datetime) -> str:
     return when.isoformat(timespec="milliseconds")
 
 
-def _narrative(algorithm: AlgorithmInfo, rows: Sequence[tuple[str, float]]) -> str:
-    items = "".join(f"<li>{html.escape(name)}: {value} mL</li>" for name, value in rows)
+def _narrative(algorithm: AlgorithmInfo, rows: Sequence[tuple[str, str]]) -> str:
+    items = "".join(f"<li>{html.escape(name)}: {html.escape(value)}</li>" for name, value in rows)
     who = html.escape(
         f"{algorithm.name} {algorithm.version} (model {algorithm.model_name} {algorithm.model_version})"
     )
@@ -362,3 +375,68 @@ def _narrative(algorithm: AlgorithmInfo, rows: Sequence[tuple[str, float]]) -> s
         f"<p>Preliminary, unverified results of the AI algorithm {who}.</p>"
         f"<ul>{items}</ul></div>"
     )
+
+
+#: HL7 v3 ObservationInterpretation: POS/NEG for a finding judged present/absent.
+_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+def _ratio(value: float) -> dict[str, Any]:
+    return {
+        "value": round(value, 4),
+        "unit": NO_UNITS.value,
+        "system": NO_UNITS.system_uri,
+        "code": NO_UNITS.value,
+    }
+
+
+def _classification(
+    c: ClassificationResult,
+    obs_id: str,
+    subject: dict[str, Any],
+    effective: dict[str, str],
+    issued: str,
+    device_id: str,
+    imaging_study: dict[str, Any],
+) -> dict[str, Any]:
+    """Observation: the finding present/absent at the operating point, with its probability."""
+    value = PRESENT if c.positive else (c.absent or ABSENT)
+    interpretation = ("POS", "Positive") if c.positive else ("NEG", "Negative")
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "identifier": [_identifier(obs_id)],
+        "status": "preliminary",
+        "category": [{"coding": [IMAGING]}],
+        "code": {"coding": [c.finding.to_fhir()], "text": c.name},
+        "subject": subject,
+        **effective,
+        "issued": issued,
+        "valueCodeableConcept": {"coding": [value.to_fhir()], "text": value.meaning},
+        "interpretation": [
+            {"coding": [{"system": _INTERPRETATION, "code": interpretation[0], "display": interpretation[1]}]}
+        ],
+        "method": {
+            "text": f"model {c.model_name} version {c.model_version}; positive when the probability of "
+            f"the positive class is at least the operating point {c.threshold:.4g}"
+        },
+        "device": {"reference": f"urn:uuid:{device_id}"},
+        "derivedFrom": [imaging_study],
+        "component": [
+            {
+                "code": {"coding": [PROBABILITY.to_fhir()], "text": "Probability"},
+                "valueQuantity": _ratio(c.probability),
+            },
+            {
+                "code": {
+                    "coding": [THRESHOLD_VALUE.to_fhir()],
+                    "text": "Decision threshold (operating point)",
+                },
+                "valueQuantity": _ratio(c.threshold),
+            },
+        ],
+    }
+    if c.finding_site is not None:
+        observation["bodySite"] = {"coding": [c.finding_site.to_fhir()], "text": c.finding_site.meaning}
+    if c.validated_for:
+        observation["note"] = [{"text": c.validated_for}]
+    return observation

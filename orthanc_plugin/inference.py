@@ -212,8 +212,23 @@ class TritonClient:
     """
 
     def __init__(
-        self, url: str = "127.0.0.1:8001", use_shared_memory: bool | None = None, timeout_s: float = 120
+        self,
+        url: str = "127.0.0.1:8001",
+        use_shared_memory: bool | None = None,
+        timeout_s: float = 120,
+        *,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``tls``: gRPC over TLS, checked against ``tls_ca`` (PEM file; None: the system's CAs);
+        ``tls_cert``/``tls_key``: PEM files of a client certificate for mutual TLS."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if not tls and (tls_ca is not None or tls_cert is not None):
+            raise ValueError("tls_ca/tls_cert given without tls=True")
+        self.tls = bool(tls)
         self.url = url.split("://", 1)[-1]
         self.timeout_s = float(timeout_s)
         local = _host_of(self.url).lower() in _LOCAL_HOSTS
@@ -221,7 +236,14 @@ class TritonClient:
         self._shm_ok = self.use_shared_memory and os.path.isdir(_SHM_DIR)
         self._shm_warned = False
         self._swept = False
-        self._client = grpcclient.InferenceServerClient(url=self.url, channel_args=_channel_args())
+        self._client = grpcclient.InferenceServerClient(
+            url=self.url,
+            channel_args=_channel_args(),
+            ssl=self.tls,
+            root_certificates=os.fspath(tls_ca) if tls_ca is not None else None,
+            certificate_chain=os.fspath(tls_cert) if tls_cert is not None else None,
+            private_key=os.fspath(tls_key) if tls_key is not None else None,
+        )
         self._lock = threading.Lock()
         self._free_slots: list[_ShmSlot] = []
         self._all_slots: list[_ShmSlot] = []
@@ -287,8 +309,11 @@ class TritonClient:
         inputs: Mapping[str, Array],
         output_names: Sequence[str],
         version: str = "",
+        timeout_s: float | None = None,
     ) -> dict[str, Array]:
-        """Run one request; returns the requested outputs as numpy arrays owned by the caller."""
+        """Run one request; returns the requested outputs as numpy arrays owned by the caller.
+
+        ``timeout_s`` overrides the client's timeout for this request (large models on CPU)."""
         if self._closed:
             raise InferenceError("TritonClient is closed")
         if os.getpid() != self._pid:
@@ -296,7 +321,7 @@ class TritonClient:
         info = self._cached_info(name, version)
         arrays = self._check_request(info, inputs, output_names)
         try:
-            return self._infer_once(info, arrays, output_names, version)
+            return self._infer_once(info, arrays, output_names, version, timeout_s)
         except _StaleState:
             # The model was reloaded with another signature, or Triton restarted and forgot our
             # shared memory regions: refresh what we know and try once more.
@@ -304,7 +329,7 @@ class TritonClient:
                 self._info_cache.pop((name, version), None)
             info = self.model_info(name, version)
             arrays = self._check_request(info, inputs, output_names)
-            return self._infer_once(info, arrays, output_names, version)
+            return self._infer_once(info, arrays, output_names, version, timeout_s)
 
     def close(self) -> None:
         """Unregister and destroy the shared memory regions and close the channel. Idempotent."""
@@ -408,7 +433,12 @@ class TritonClient:
     # -- the call ----------------------------------------------------------------------------------
 
     def _infer_once(
-        self, info: ModelInfo, arrays: dict[str, Array], output_names: Sequence[str], version: str
+        self,
+        info: ModelInfo,
+        arrays: dict[str, Array],
+        output_names: Sequence[str],
+        version: str,
+        timeout_s: float | None = None,
     ) -> dict[str, Array]:
         slot = self._acquire_slot() if self._shm_ok else None
         try:
@@ -419,7 +449,7 @@ class TritonClient:
                     infer_inputs,
                     model_version=version,
                     outputs=infer_outputs,
-                    client_timeout=self.timeout_s,
+                    client_timeout=timeout_s or self.timeout_s,
                 )
             except InferenceServerException as exc:
                 error = self._error(exc, self._what(info.name, version))
@@ -614,7 +644,13 @@ class TritonClient:
         if _is_unreachable(exc):
             return InferenceError(
                 f"Triton server unreachable at {self.url} ({message}); is it running? "
-                "(`make up` starts the local one)",
+                "(`make up` starts the local one)"
+                + (
+                    "; a closed socket can also mean TLS settings that do not match the server's "
+                    "(TritonTls, client certificate)"
+                    if "socket closed" in message.lower()
+                    else ""
+                ),
                 retryable=True,
                 status=status,
                 model=model,

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import PipelineConfig
 from .jobstore import Job, JobStore
-from .routing import RouteDecision, SeriesInfo, StudyInfo, route
+from .routing import OWN_MANUFACTURER, RouteDecision, SeriesInfo, StudyInfo, route
 from .uids import fingerprint, job_key
 
 log = logging.getLogger("orthanc_ai.intake")
@@ -27,9 +27,13 @@ SEQ_KEY = "changes.last_seq"
 # Series-level keywords that /series/{id} does not carry; read from one instance.
 _INSTANCE_KEYWORDS = (
     "ConvolutionKernel", "SliceThickness", "Manufacturer", "ManufacturerModelName", "ImageType",
-    "BodyPartExamined", "ContrastBolusAgent", "SOPClassUID", "KVP", "PixelSpacing",
+    "BodyPartExamined", "ContrastBolusAgent", "SOPClassUID", "KVP", "PixelSpacing", "NumberOfFrames",
 )  # fmt: skip
 PENDING_TTL_S = 3600.0
+GAP_WAIT_S = 5.0  # how long a missing change number is waited for (see Intake._gap_expired)
+# Study-level keywords for ``study_where`` that are not DICOM attributes: how the study arrived.
+STUDY_CALLING_AET = "CallingAETitle"
+STUDY_ORIGIN = "Origin"
 
 
 class StudyGone(LookupError):
@@ -60,6 +64,7 @@ class Intake:
         self.wake = threading.Event()
         self._pending: dict[str, tuple[int, float]] = {}  # study id -> (first seq, first seen)
         self._catch_up: dict[str, float] = {}  # study id -> evaluate at
+        self._gaps: dict[int, float] = {}  # missing change number -> when first noticed
         self._first_pass = True
         self._cursor: int | None = None  # read position; the persisted one may lag behind it
 
@@ -89,7 +94,29 @@ class Intake:
                         tags[kw] = str(v)
             series.append(SeriesInfo(sid, tags.get("SeriesInstanceUID", ""), tags, instances))
         stags = {k: str(v) for k, v in study.get("MainDicomTags", {}).items()}
+        stags.update(self._reception(series))
         return StudyInfo(orthanc_study_id, stags.get("StudyInstanceUID", ""), stags, tuple(series))
+
+    def _reception(self, series: list[SeriesInfo]) -> dict[str, str]:
+        """How the study arrived, for study-level rules: ``CallingAETitle`` (the sender's AE title
+        for C-STORE, Orthanc's ``RemoteAET`` metadata) and ``Origin`` (``DicomProtocol``,
+        ``RestApi``, ``Plugins``...), read from the first instance of each series. Our own
+        SEG/SR series are left out; values from several senders are joined by a backslash."""
+        found: dict[str, set[str]] = {STUDY_CALLING_AET: set(), STUDY_ORIGIN: set()}
+        for s in series:
+            if not s.instance_ids or s.tags.get("Manufacturer", "") == OWN_MANUFACTURER:
+                continue
+            try:
+                meta = self.rest_get(f"/instances/{s.instance_ids[0]}/metadata?expand")
+            except LookupError:
+                continue
+            if not isinstance(meta, dict):
+                continue
+            for key, source in ((STUDY_CALLING_AET, "RemoteAET"), (STUDY_ORIGIN, "Origin")):
+                value = meta.get(source)
+                if isinstance(value, str) and value.strip():
+                    found[key].add(value.strip())
+        return {k: "\\".join(sorted(v)) for k, v in found.items() if v}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -108,13 +135,16 @@ class Intake:
             if only is not None and p.name != only:
                 continue
             decision = route(p, study)
-            if not decision.matched:
+            if not decision.matched and decision.problem is None:
                 results.append(Enqueued(decision, None, False))
                 continue
             chosen = decision.chosen()
-            fp = fingerprint(i for s in chosen.values() for i in s.instance_ids)
+            # A pipeline that applies but cannot run (a role missing or ambiguous) still gets a
+            # job, failed by the worker with the problem, so the admin sees it in the job list.
+            tied = [s for r in decision.roles for s in r.ambiguous]
+            fp = fingerprint(i for s in [*chosen.values(), *tied] for i in s.instance_ids)
             key = job_key(study.study_instance_uid, p.name, p.version, fp)
-            job_input = {
+            job_input: dict[str, Any] = {
                 "roles": {
                     r.role: {
                         "series_id": r.chosen.orthanc_id,
@@ -127,6 +157,8 @@ class Intake:
                     if r.chosen is not None
                 },
             }
+            if decision.problem is not None:
+                job_input["problem"] = decision.problem
             job, created = self.store.enqueue(
                 key, study.study_instance_uid, orthanc_study_id, p.name, p.version, fp, job_input,
                 priority=p.priority, max_attempts=self.max_attempts,
@@ -140,6 +172,7 @@ class Intake:
                 p.name,
                 "queued" if created else "has",
                 job.id,
+                extra={"job_id": job.id, "study_uid": study.study_instance_uid, "pipeline": p.name},
             )
             results.append(Enqueued(decision, job, created))
         return results
@@ -164,14 +197,20 @@ class Intake:
         while True:
             page = self.rest_get(f"/changes?since={since}&limit={limit}")
             changes = page.get("Changes", [])
+            held = False
             for ch in changes:
+                seq = int(ch.get("Seq", since + 1))
+                if seq > since + 1 and not self._gap_expired(since + 1):
+                    held = True  # read again from here on the next pass
+                    break
                 self._handle_change(ch)
-            seen += len(changes)
-            if changes:
-                since = int(page.get("Last", since))
+                seen += 1
+                since = max(since, seq)
+            if changes and not held:
+                since = max(since, int(page.get("Last", since)))
             self._cursor = since
             self._persist(since)
-            if page.get("Done", True) or not changes:
+            if held or page.get("Done", True) or not changes:
                 break
         if self._first_pass:
             self._first_pass = False
@@ -182,6 +221,18 @@ class Intake:
                 log.info("catch-up: %d study(ies) without a stable event since restart", len(self._catch_up))
         self._run_catch_up()
         return seen
+
+    def _gap_expired(self, missing: int) -> bool:
+        """Change ``missing`` is not in the log although a later one is. With several Orthancs
+        sharing one PostgreSQL index a lower number can become visible after a higher one (its
+        transaction commits later), so the reader waits a little for it; a number still absent
+        after GAP_WAIT_S belongs to a transaction that rolled back, and is skipped."""
+        first = self._gaps.setdefault(missing, time.monotonic())
+        if time.monotonic() - first < GAP_WAIT_S:
+            return False
+        self._gaps.pop(missing, None)
+        log.debug("change %d never appeared; going on", missing)
+        return True
 
     def _handle_change(self, ch: dict[str, Any]) -> None:
         kind, rid, seq = ch.get("ChangeType"), str(ch.get("ID", "")), int(ch.get("Seq", 0))

@@ -1,22 +1,26 @@
-"""Durable job store (SQLite, WAL): states, attempts, leases with heartbeat, per-job audit events.
+"""Durable job store: states, attempts, leases with heartbeat, per-job audit events.
 
 Shared by the plugin (enqueue, read, retry) and the worker processes (claim, heartbeat, finish).
 Every transition is one short transaction, so a process killed at any moment leaves a
 consistent store; a running job whose lease expires goes back to the queue.
+
+It lives in a SQLite file (one host) or a PostgreSQL database (Orthancs and workers on several
+hosts), see :mod:`orthanc_plugin.database`. Rows another transaction will change are locked
+(``FOR UPDATE``) on PostgreSQL, and claims pass over rows being claimed (``SKIP LOCKED``), so
+no two workers ever take the same job; on SQLite the write lock of ``BEGIN IMMEDIATE`` does it.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from .database import Database, DatabaseTarget, Row, split_script
+from .outbox import SCHEMA as OUTBOX_SCHEMA
 from .outbox import enqueue_in
-from .sqlite_db import connect, transaction
 from .uids import job_id
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -91,7 +95,7 @@ class Job:
     finished: float | None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
+    def from_row(cls, row: Row) -> Job:
         d = dict(row)
         d["input"] = json.loads(d["input"])
         d["timings"] = json.loads(d["timings"])
@@ -101,20 +105,29 @@ class Job:
 
 
 class JobStore:
-    """SQLite job store; one connection per instance (create one per thread or process)."""
+    """The job store; one connection per instance (create one per thread or process).
 
-    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+    ``path`` is where it lives: a SQLite file path or a :class:`~orthanc_plugin.database.PostgresTarget`
+    (pass it on to open another connection to the same store).
+    """
+
+    def __init__(self, path: DatabaseTarget, busy_timeout_s: float = 30.0) -> None:
         self.path = path
-        self._db = connect(path, busy_timeout_s)
-        self._db.executescript(_SCHEMA)
+        self._db = Database(path, busy_timeout_s)
+        try:
+            # The outbox's table too: a job's success may queue its report.
+            self._db.create_schema([*split_script(_SCHEMA), *OUTBOX_SCHEMA])
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db)
+    def _tx(self) -> AbstractContextManager[Database]:
+        return self._db.transaction()
 
-    def _event(self, db: sqlite3.Connection, jid: str, kind: str, detail: str = "") -> None:
+    def _event(self, db: Database, jid: str, kind: str, detail: str = "") -> None:
         db.execute(
             "INSERT INTO job_events(job_id, ts, kind, detail) VALUES (?,?,?,?)",
             (jid, time.time(), kind, detail),
@@ -146,22 +159,28 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
             if row is not None:
                 return Job.from_row(row), False
-            db.execute(
+            # Two Orthancs sharing a PostgreSQL store may enqueue the same study at the same
+            # moment: the loser of the race sees the winner's row instead of an error.
+            cur = db.execute(
                 "INSERT INTO jobs(id, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,"
-                " state, priority, max_attempts, input, created, updated) VALUES (?,?,?,?,?,?,?,'queued',?,?,?,?,?)",
+                " state, priority, max_attempts, input, created, updated) VALUES (?,?,?,?,?,?,?,'queued',?,?,?,?,?)"
+                " ON CONFLICT (key) DO NOTHING",
                 (
                     jid, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,
                     priority, max_attempts, json.dumps(input), now, now,
                 ),
             )  # fmt: skip
-            self._event(db, jid, "queued", "new job")
-            row = db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
-        return Job.from_row(row), True
+            created = cur.rowcount == 1
+            if created:
+                self._event(db, jid, "queued", "new job")
+            row = db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
+        assert row is not None
+        return Job.from_row(row), created
 
     def retry(self, jid: str, reason: str = "retry requested") -> Job:
         """Put a finished job back in the queue with fresh attempts; its outputs will be replaced."""
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id=?", (jid,)).fetchone()
+            row = db.execute("SELECT state FROM jobs WHERE id=?" + db.lock_rows, (jid,)).fetchone()
             if row is None:
                 raise KeyError(jid)
             if row["state"] in ("queued", "running"):
@@ -176,7 +195,7 @@ class JobStore:
 
     def cancel(self, jid: str) -> Job:
         with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id=?", (jid,)).fetchone()
+            row = db.execute("SELECT state FROM jobs WHERE id=?" + db.lock_rows, (jid,)).fetchone()
             if row is None:
                 raise KeyError(jid)
             if row["state"] in TERMINAL:
@@ -198,7 +217,8 @@ class JobStore:
         with self._tx() as db:
             self._expire(db, now)
             row = db.execute(
-                "SELECT id FROM jobs WHERE state='queued' AND not_before<=? ORDER BY priority DESC, created LIMIT 1",
+                "SELECT id FROM jobs WHERE state='queued' AND not_before<=? ORDER BY priority DESC, created LIMIT 1"
+                + db.skip_locked,
                 (now,),
             ).fetchone()
             if row is None:
@@ -210,17 +230,21 @@ class JobStore:
                 (owner, now + lease_s, now, now, jid),
             )
             self._event(db, jid, "running", f"claimed by {owner}")
-            return Job.from_row(db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone())
+            claimed = db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
+            assert claimed is not None
+            return Job.from_row(claimed)
 
-    def _expire(self, db: sqlite3.Connection, now: float) -> None:
+    def _expire(self, db: Database, now: float) -> None:
+        # Expired leases another claimer is handling right now are left to it.
         rows = db.execute(
-            "SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE state='running' AND lease_expires<?",
+            "SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE state='running' AND lease_expires<?"
+            + db.skip_locked,
             (now,),
         ).fetchall()
         for r in rows:
             self._requeue_lost(db, r, now, f"lease of {r['lease_owner']} expired")
 
-    def _requeue_lost(self, db: sqlite3.Connection, r: sqlite3.Row, now: float, why: str) -> None:
+    def _requeue_lost(self, db: Database, r: Row, now: float, why: str) -> None:
         if r["attempts"] >= r["max_attempts"]:
             db.execute(
                 "UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, finished=?, updated=?"
@@ -245,7 +269,8 @@ class JobStore:
         now = time.time()
         with self._tx() as db:
             rows = db.execute(
-                "SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE state='running' AND lease_owner=?",
+                "SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE state='running' AND lease_owner=?"
+                + db.lock_rows,
                 (owner,),
             ).fetchall()
             for r in rows:
@@ -265,7 +290,9 @@ class JobStore:
 
     def record_stage(self, jid: str, owner: str, stage: str, seconds: float) -> None:
         with self._tx() as db:
-            row = db.execute("SELECT timings FROM jobs WHERE id=? AND lease_owner=?", (jid, owner)).fetchone()
+            row = db.execute(
+                "SELECT timings FROM jobs WHERE id=? AND lease_owner=?" + db.lock_rows, (jid, owner)
+            ).fetchone()
             if row is None:
                 return
             timings = json.loads(row["timings"])
@@ -277,7 +304,9 @@ class JobStore:
 
     def update_input(self, jid: str, owner: str, updates: dict[str, Any]) -> None:
         with self._tx() as db:
-            row = db.execute("SELECT input FROM jobs WHERE id=? AND lease_owner=?", (jid, owner)).fetchone()
+            row = db.execute(
+                "SELECT input FROM jobs WHERE id=? AND lease_owner=?" + db.lock_rows, (jid, owner)
+            ).fetchone()
             if row is None:
                 return
             data = json.loads(row["input"])
@@ -317,7 +346,8 @@ class JobStore:
         now = time.time()
         with self._tx() as db:
             row = db.execute(
-                "SELECT attempts, max_attempts FROM jobs WHERE id=? AND state='running' AND lease_owner=?",
+                "SELECT attempts, max_attempts FROM jobs WHERE id=? AND state='running' AND lease_owner=?"
+                + db.lock_rows,
                 (jid, owner),
             ).fetchone()
             if row is None:
@@ -370,7 +400,7 @@ class JobStore:
 
     def events(self, jid: str) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT ts, kind, detail FROM job_events WHERE job_id=? ORDER BY seq", (jid,))
-        return [dict(r) for r in rows.fetchall()]
+        return rows.fetchall()
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)

@@ -136,6 +136,31 @@ def _failures(store: JobStore) -> dict[tuple[str, str], int]:
     return out
 
 
+def _forwarding(store: JobStore) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], int]]:
+    """({(pipeline, destination, result): attempts}, {(pipeline, destination): jobs whose latest
+    attempt to that destination failed}) from the ``forward`` events (see forwarding.py)."""
+    rows = store._db.execute(
+        "SELECT j.pipeline AS pipeline, e.job_id AS job_id, e.detail AS detail FROM job_events e"
+        " JOIN jobs j ON j.id = e.job_id WHERE e.kind = 'forward' ORDER BY e.seq"
+    ).fetchall()
+    attempts: dict[tuple[str, str, str], int] = defaultdict(int)
+    latest: dict[tuple[str, str, str], bool] = {}
+    for r in rows:
+        try:
+            detail = json.loads(r["detail"] or "{}")
+        except ValueError:
+            continue
+        if not isinstance(detail, dict):
+            continue
+        dest, ok = str(detail.get("destination", "?")), bool(detail.get("ok"))
+        attempts[(str(r["pipeline"]), dest, "ok" if ok else "failed")] += 1
+        latest[(str(r["pipeline"]), dest, str(r["job_id"]))] = ok
+    failing: dict[tuple[str, str], int] = defaultdict(int)
+    for (pipeline, dest, _), ok in latest.items():
+        failing[(pipeline, dest)] += 0 if ok else 1
+    return attempts, failing
+
+
 def render_metrics(
     store: JobStore, outbox: Outbox | None, health: dict[str, Any] | None, window: int = WINDOW_JOBS
 ) -> str:
@@ -172,6 +197,22 @@ def render_metrics(
     )
     for (pipeline, reason), n in sorted(_failures(store).items()):
         w.sample("orthanc_ai_job_failures_total", n, pipeline=pipeline, reason=reason)
+
+    attempts, failing = _forwarding(store)
+    w.family(
+        "orthanc_ai_forward_attempts_total",
+        "counter",
+        "Attempts to forward SEG/SR to a destination (modality:NAME / dicomweb:NAME), by result (ok, failed).",
+    )
+    for (pipeline, dest, result), n in sorted(attempts.items()):
+        w.sample("orthanc_ai_forward_attempts_total", n, pipeline=pipeline, destination=dest, result=result)
+    w.family(
+        "orthanc_ai_forward_failing",
+        "gauge",
+        "Jobs whose latest attempt to forward to a destination failed (retry: POST /ai/jobs/{id}/forward).",
+    )
+    for (pipeline, dest), n in sorted(failing.items()):
+        w.sample("orthanc_ai_forward_failing", n, pipeline=pipeline, destination=dest)
 
     backlog: float | None = None
     if outbox is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,17 +13,36 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID
 
-# Transfer syntaxes pydicom decodes without optional plugins; anything else is decoded by Orthanc.
-_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+# Orthanc errors (its "OrthancStatus") that mean "these pixels cannot be decoded", not "try again":
+# NotImplemented (no codec for the transfer syntax), NotEnoughMemory (absurd dimensions),
+# BadFileFormat, CorruptedFile, IncompatibleImageFormat, IncompatibleImageSize.
+_UNDECODABLE = {2, 4, 15, 20, 23, 24}
 
 
 class OrthancError(RuntimeError):
     """Orthanc answered with an error or could not be reached."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, orthanc_status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.orthanc_status = orthanc_status
+
+
+class PixelDecodeError(ValueError):
+    """The pixel data of an instance cannot be decoded (corrupt, no codec): bad input, not a retry."""
+
+
+@functools.cache
+def _decodes_locally(transfer_syntax: str) -> bool:
+    """Whether pydicom has a working decoder for the syntax (native, RLE; JPEG-LS through pyjpegls,
+    JPEG 2000 and JPEG baseline through Pillow, both highdicom dependencies)."""
+    try:
+        return bool(get_decoder(UID(transfer_syntax)).is_available)
+    except (NotImplementedError, ValueError):
+        return False
 
 
 class OrthancClient:
@@ -42,13 +62,17 @@ class OrthancClient:
     def _check(self, r: httpx.Response, what: str) -> httpx.Response:
         if r.status_code >= 400:
             detail = ""
+            orthanc_status = None
             try:
                 body = r.json()
                 detail = body.get("Details") or body.get("Message") or ""
-            except ValueError:
+                orthanc_status = body.get("OrthancStatus")
+            except (ValueError, AttributeError):
                 detail = r.text[:200]
             raise OrthancError(
-                f"Orthanc refused {what}: HTTP {r.status_code} {detail}".strip(), r.status_code
+                f"Orthanc refused {what}: HTTP {r.status_code} {detail}".strip(),
+                r.status_code,
+                orthanc_status if isinstance(orthanc_status, int) else None,
             )
         return r
 
@@ -76,11 +100,33 @@ class OrthancClient:
         return result
 
     def instance_file(self, instance_id: str) -> bytes:
-        return self._request("GET", f"/instances/{instance_id}/file", f"read instance {instance_id}").content
+        try:
+            r = self._request("GET", f"/instances/{instance_id}/file", f"read instance {instance_id}")
+        except OrthancError as e:
+            if e.status == 404:
+                raise OrthancError(
+                    f"instance {instance_id} is no longer in Orthanc: it (or its study) was deleted while the"
+                    " job ran",
+                    404,
+                ) from e
+            raise
+        return r.content
 
     def instance_numpy(self, instance_id: str) -> NDArray[np.generic]:
-        """Pixels decoded by Orthanc (handles JPEG 2000/JPEG-LS/RLE through its codecs)."""
-        r = self._request("GET", f"/instances/{instance_id}/numpy", f"decode instance {instance_id}")
+        """Stored pixel values decoded by Orthanc (its DCMTK codecs: JPEG lossless, JPEG-LS, RLE...).
+
+        ``rescale=0``: Orthanc would otherwise apply RescaleSlope/Intercept itself (float32 HU),
+        and the volume applies them again.
+        """
+        try:
+            r = self._request(
+                "GET", f"/instances/{instance_id}/numpy?rescale=0", f"decode instance {instance_id}"
+            )
+        except OrthancError as e:
+            refused = e.status is not None and 400 <= e.status < 500 and e.status != 404
+            if e.orthanc_status in _UNDECODABLE or refused:
+                raise PixelDecodeError(f"Orthanc cannot decode it: {e}") from e
+            raise
         arr = np.load(io.BytesIO(r.content), allow_pickle=False)
         return np.asarray(arr).reshape(
             arr.shape[-3:-1] if arr.ndim >= 3 and arr.shape[-1] == 1 else arr.shape
@@ -100,13 +146,17 @@ class OrthancClient:
             return list(pool.map(one, instance_ids))
 
     def pixels(self, ds: Dataset) -> NDArray[np.generic]:
-        """Decode locally when pydicom can do it alone, else ask Orthanc."""
+        """Stored pixel values of a single-frame instance: decoded here when pydicom has a decoder
+        for its transfer syntax, else by Orthanc. Corrupt or undecodable pixels raise
+        :class:`PixelDecodeError` (a ValueError); Orthanc being unreachable raises OrthancError."""
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-        if ts in _NATIVE:
-            return np.asarray(ds.pixel_array)
         iid = getattr(ds, "orthanc_id", None)
-        if iid is None:
-            return np.asarray(ds.pixel_array)
+        if iid is None or _decodes_locally(ts):
+            try:
+                return np.asarray(ds.pixel_array)
+            except (ValueError, NotImplementedError, RuntimeError) as e:
+                # pydicom: truncated or inconsistent pixel data, a broken codestream.
+                raise PixelDecodeError(str(e).splitlines()[0]) from e
         return self.instance_numpy(iid)
 
     def store(self, ds: Dataset) -> dict[str, Any]:
@@ -135,6 +185,17 @@ class OrthancClient:
         r = self._request("POST", "/tools/lookup", "look up a UID", content=uid.encode("ascii"))
         result: list[dict[str, Any]] = r.json()
         return result
+
+    def series_exists(self, orthanc_series_id: str) -> bool:
+        """Whether the series is still there. After storing, ask this of the *source* series:
+        the study itself always exists again then, re-created by the outputs just stored."""
+        try:
+            self._request("GET", f"/series/{orthanc_series_id}", "read the series")
+        except OrthancError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
 
     def study_exists(self, orthanc_study_id: str) -> bool:
         try:

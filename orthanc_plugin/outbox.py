@@ -1,10 +1,12 @@
-"""FHIR delivery outbox: one row per (job, destination) in the job store's SQLite file.
+"""FHIR delivery outbox: one row per (job, destination) in the job store's database.
 
 A finished job's transaction Bundle is put here (ideally in the same transaction that marks
 the job succeeded, see :func:`enqueue_in`); the delivery loops of the worker processes claim
 rows with a lease, POST them and record the outcome. Every transition is one short
-``BEGIN IMMEDIATE`` transaction, so a process killed at any moment leaves the row either
-pending or leased; an expired lease makes it claimable again.
+transaction, so a process killed at any moment leaves the row either pending or leased; an
+expired lease makes it claimable again. On PostgreSQL a claim passes over rows that another
+process is claiming (``FOR UPDATE SKIP LOCKED``): delivery loops on several hosts never send
+the same row at once.
 
 The outbox never gives up on a row by itself: an EHR that is down for an hour gets everything
 once it is back. What it does with a failure is choose when to try again (exponential
@@ -19,10 +21,9 @@ import sqlite3
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from .sqlite_db import connect, transaction
+from .database import Database, DatabaseTarget, Row
 
 #: Stored states. ``failing`` is never stored: it is a pending row whose last attempt failed.
 STATES = ("pending", "delivering", "delivered")
@@ -34,7 +35,7 @@ FAILURE_KINDS: tuple[str, ...] = ("retry", "auth", "rejected")
 
 # Separate statements, not one script: ``executescript`` would commit an open transaction,
 # and :func:`enqueue_in` runs inside the job store's.
-_SCHEMA = (
+SCHEMA = (
     """CREATE TABLE IF NOT EXISTS fhir_outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -61,14 +62,28 @@ _SCHEMA = (
 )
 
 
-def ensure_schema(db: sqlite3.Connection) -> None:
-    """Create the outbox table if needed; safe inside an open transaction."""
-    for statement in _SCHEMA:
+def ensure_schema(db: Database | sqlite3.Connection) -> None:
+    """Create the outbox table if needed (SQLite); safe inside an open transaction.
+
+    On PostgreSQL the table is made once, when the store is opened (:class:`Outbox`,
+    :class:`~orthanc_plugin.jobstore.JobStore`): DDL there takes locks that a hot path must not.
+    """
+    if isinstance(db, Database):
+        if db.dialect != "sqlite":
+            return
+        for statement in SCHEMA:
+            db.execute(statement)
+        return
+    for statement in SCHEMA:
         db.execute(statement)
 
 
 def enqueue_in(
-    db: sqlite3.Connection, job_id: str, bundle: dict[str, Any], destination: str, now: float | None = None
+    db: Database | sqlite3.Connection,
+    job_id: str,
+    bundle: dict[str, Any],
+    destination: str,
+    now: float | None = None,
 ) -> None:
     """Put ``bundle`` in the outbox using ``db``, inside the caller's open transaction.
 
@@ -87,7 +102,7 @@ def enqueue_in(
     db.execute(
         "INSERT INTO fhir_outbox(job_id, destination, bundle, state, queued, created, updated)"
         " VALUES (?,?,?,'pending',?,?,?)"
-        " ON CONFLICT(job_id, destination) DO UPDATE SET bundle=excluded.bundle, revision=revision+1,"
+        " ON CONFLICT(job_id, destination) DO UPDATE SET bundle=excluded.bundle, revision=fhir_outbox.revision+1,"
         " state='pending', attempts=0, not_before=0, lease_owner=NULL, lease_expires=NULL, last_error=NULL,"
         " last_kind=NULL, last_http_status=NULL, delivered_at=NULL, response=NULL, queued=excluded.queued,"
         " updated=excluded.updated",
@@ -118,7 +133,7 @@ class Outbox:
 
     def __init__(
         self,
-        path: Path,
+        path: DatabaseTarget,
         first_backoff_s: float = 1.0,
         max_backoff_s: float = 300.0,
         busy_timeout_s: float = 30.0,
@@ -128,15 +143,18 @@ class Outbox:
         self.path = path
         self.first_backoff_s = min(first_backoff_s, max_backoff_s)
         self.max_backoff_s = max_backoff_s
-        self._db = connect(path, busy_timeout_s)
-        with self._tx() as db:
-            ensure_schema(db)
+        self._db = Database(path, busy_timeout_s)
+        try:
+            self._db.create_schema(SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return transaction(self._db)
+    def _tx(self) -> AbstractContextManager[Database]:
+        return self._db.transaction()
 
     # ------------------------------------------------------------------ producer side
 
@@ -167,7 +185,7 @@ class Outbox:
         if self._db.execute(sql, args).fetchone() is None:
             return None
         with self._tx() as db:
-            row = db.execute(sql, args).fetchone()
+            row = db.execute(sql + db.skip_locked, args).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -176,6 +194,7 @@ class Outbox:
                 (owner, now + lease_s, now, now, row["id"]),
             )
             r = db.execute("SELECT * FROM fhir_outbox WHERE id=?", (row["id"],)).fetchone()
+        assert r is not None
         return Delivery(
             id=r["id"],
             job_id=r["job_id"],
@@ -252,7 +271,8 @@ class Outbox:
         """Give an unattempted claim back at once (the loop is stopping)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE fhir_outbox SET state='pending', attempts=MAX(attempts-1, 0), lease_owner=NULL,"
+                "UPDATE fhir_outbox SET state='pending',"
+                " attempts=CASE WHEN attempts>0 THEN attempts-1 ELSE 0 END, lease_owner=NULL,"
                 " lease_expires=NULL, updated=? WHERE id=? AND state='delivering' AND lease_owner=? AND revision=?",
                 (time.time(), d.id, d.owner, d.revision),
             )
@@ -300,19 +320,22 @@ class Outbox:
 
     def backlog(self, destination: str | None = None) -> int:
         """How many bundles are not delivered yet."""
-        sql, args = "SELECT COUNT(*) FROM fhir_outbox WHERE state!='delivered'", []
+        sql, args = "SELECT COUNT(*) AS n FROM fhir_outbox WHERE state!='delivered'", []
         if destination is not None:
             sql += " AND destination=?"
             args.append(destination)
-        return int(self._db.execute(sql, args).fetchone()[0])
+        row = self._db.execute(sql, args).fetchone()
+        return int(row["n"]) if row is not None else 0
 
     def oldest_undelivered(self) -> float | None:
         """When the oldest bundle still waiting was queued (for health: how far behind we are)."""
-        row = self._db.execute("SELECT MIN(queued) FROM fhir_outbox WHERE state!='delivered'").fetchone()
-        return None if row[0] is None else float(row[0])
+        row = self._db.execute(
+            "SELECT MIN(queued) AS oldest FROM fhir_outbox WHERE state!='delivered'"
+        ).fetchone()
+        return None if row is None or row["oldest"] is None else float(row["oldest"])
 
 
-def _status(r: sqlite3.Row) -> dict[str, Any]:
+def _status(r: Row) -> dict[str, Any]:
     state = r["state"]
     if state == "pending" and r["last_error"] is not None:
         state = "failing"

@@ -23,12 +23,16 @@ import orthanc  # provided by Orthanc's Python plugin
 
 from .api import Api
 from .config import PipelineConfig, Settings, load_pipelines, load_settings, settings_to_json
+from .forwarding import reforward
 from .intake import Intake
 from .jobstore import JobStore
+from .logging_setup import add_plugin_log_file
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render_metrics
+from .orthanc_client import OrthancClient
 from .outbox import Outbox
 from .supervisor import Supervisor
+from .tls import triton_tls_options
 
 log = logging.getLogger("orthanc_ai")
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,32 +129,38 @@ class Plugin:
         self.users: dict[str, str] = (
             {str(k): str(v) for k, v in users.items()} if isinstance(users, dict) else {}
         )
+        assert self.settings.job_store is not None
+        # Our own records as JSON lines beside the workers' logs (Orthanc's log keeps a copy).
+        add_plugin_log_file(self.settings.log_dir or self.settings.job_store.parent / "logs")
         if self.settings.admin_users is not None and not self.authentication:
             log.warning("OrthancAI.AdminUsers is ignored: Orthanc authentication is off")
         self.pipelines: list[PipelineConfig] = load_pipelines(self.settings.pipelines_file)
         assert self.settings.job_store is not None
-        self.store = JobStore(self.settings.job_store)
-        self.outbox = Outbox(self.settings.job_store)  # health reads the delivery backlog
+        database = self.settings.database()  # the SQLite file, or PostgreSQL when scaled out
+        self.store = JobStore(database)
+        self.outbox = Outbox(database)  # health reads the delivery backlog
         stable_age = float(config.get("StableAge", 60))
         delay = self.settings.catch_up_delay_seconds
         self.intake = Intake(
             _rest_get,
-            JobStore(self.settings.job_store),  # the intake thread gets its own connection
+            JobStore(database),  # the intake thread gets its own connection
             lambda: self.pipelines,
             max_attempts=self.settings.max_attempts,
             catch_up_delay_s=stable_age if delay < 0 else delay,
         )
         self.api = Api(
-            JobStore(self.settings.job_store),
+            JobStore(database),
             self.intake,
             lambda: self.pipelines,
             self.health,
             self.reload_pipelines,
             authentication=self.authentication,
             admin_users=self.settings.admin_users,
+            forward=self.forward_job,
         )
         self._api_lock = threading.Lock()
         work_dir = self.settings.job_store.parent
+        work_dir.mkdir(parents=True, exist_ok=True)  # the SQLite store made it; PostgreSQL does not
         settings_file = work_dir / "worker-settings.json"
         settings_file.write_text(settings_to_json(self.settings))
         python = (
@@ -158,7 +168,7 @@ class Plugin:
             or Path(os.environ.get("ORTHANC_AI_VENV", ROOT / ".venv")) / "bin/python"
         )
         self.supervisor = Supervisor(
-            python, settings_file, self.settings.workers, self.settings.job_store,
+            python, settings_file, self.settings.workers, database,
             self.settings.log_dir or work_dir / "logs",
         )  # fmt: skip
         self.stop = threading.Event()
@@ -184,7 +194,7 @@ class Plugin:
         log.warning(
             "started: %d pipeline(s) [%s], %d worker(s), job store %s",
             len(self.pipelines), ", ".join(p.name for p in self.pipelines), self.settings.workers,
-            self.settings.job_store,
+            self.settings.database(),
         )  # fmt: skip
 
     def _supervise(self) -> None:
@@ -210,13 +220,32 @@ class Plugin:
         log.warning("pipelines reloaded: %s", ", ".join(f"{p.name} {p.version}" for p in pipelines))
         return pipelines
 
+    def forward_job(self, jid: str, everything: bool) -> dict[str, Any]:
+        """``POST /ai/jobs/{id}/forward``: Orthanc sends the job's SEG/SR again (see forwarding.py).
+
+        Goes through Orthanc's REST API over HTTP like the workers (not the SDK, which would hold
+        the GIL for as long as the C-STORE or STOW-RS takes).
+        """
+        s = self.settings
+        password = os.environ.get(s.orthanc_password_env) if s.orthanc_password_env else None
+        client = OrthancClient(
+            s.orthanc_url, s.orthanc_username, password, timeout_s=s.forward_timeout_seconds + 10
+        )
+        try:
+            return reforward(client, self.api.store, self.api.store.get(jid), self.pipelines, s, everything)
+        finally:
+            client.close()
+
     # ------------------------------------------------------------------ health
 
     def health(self) -> dict[str, Any]:
         from .inference import TritonClient
 
         if self._triton is None:
-            self._triton = TritonClient(self.settings.triton_url, use_shared_memory=False, timeout_s=3)
+            self._triton = TritonClient(
+                self.settings.triton_url, use_shared_memory=False, timeout_s=3,
+                **triton_tls_options(self.settings),
+            )  # fmt: skip
         try:
             triton_ok = bool(self._triton.is_ready())
         except Exception:

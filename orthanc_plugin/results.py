@@ -131,6 +131,55 @@ class VolumeMeasurement:
         object.__setattr__(self, "volume_ml", float(vol))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClassificationResult:
+    """A classifier's answer at its operating point, as written into the SR and FHIR.
+
+    ``finding`` is the concept reported (present when ``positive``); ``probability`` is the
+    model's probability of the positive class and ``threshold`` the operating point it was
+    compared with (``positive`` is ``probability >= threshold``).
+    """
+
+    name: str
+    tracking_id: str
+    finding: Code
+    probability: float
+    threshold: float
+    classes: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    model_name: str
+    model_version: str
+    finding_site: Code | None = None
+    absent: Code | None = None
+    validated_for: str = ""
+
+    def __post_init__(self) -> None:
+        _check_text(self.name, "ClassificationResult.name")
+        _check_text(self.tracking_id, "ClassificationResult.tracking_id")
+        _check_code(self.finding, "ClassificationResult.finding")
+        for attr in ("probability", "threshold"):
+            v = getattr(self, attr)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"ClassificationResult.{attr} must be a number in [0, 1], got {v!r}")
+            object.__setattr__(self, attr, float(v))
+        if len(self.classes) != len(self.probabilities) or len(self.classes) < 2:
+            raise ValueError("ClassificationResult: one probability per class, at least two classes")
+        if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in self.probabilities):
+            raise ValueError(
+                f"ClassificationResult.probabilities must be in [0, 1], got {self.probabilities}"
+            )
+        _check_text(self.model_name, "ClassificationResult.model_name")
+        _check_text(self.model_version, "ClassificationResult.model_version")
+        if self.finding_site is not None:
+            _check_code(self.finding_site, "ClassificationResult.finding_site")
+        if self.absent is not None:
+            _check_code(self.absent, "ClassificationResult.absent")
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+
 @dataclass(frozen=True, slots=True)
 class OutputUIDs:
     """Identifiers of one job's outputs, all derived by the caller from the job key.

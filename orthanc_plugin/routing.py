@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import Condition, InputRole, PipelineConfig
 
@@ -51,6 +51,8 @@ class RoleResult:
     chosen: SeriesInfo | None
     reason: str
     rejected: dict[str, list[str]] = field(default_factory=dict)  # series label -> failed conditions
+    # Series that fit equally well when the role says ambiguity is an error (none chosen then).
+    ambiguous: tuple[SeriesInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class RouteDecision:
     matched: bool
     roles: tuple[RoleResult, ...]
     reason: str
+    # The pipeline applies to this study (some of its inputs are there) but cannot run: a
+    # required role is missing or ambiguous. Intake records this as a failed job so the admin
+    # sees which role and why; a study none of whose series fits gets no job at all.
+    problem: str | None = None
+    # Each study-level condition (study_where) with the study's value and whether it holds.
+    study_checks: tuple[str, ...] = ()
 
     def chosen(self) -> dict[str, SeriesInfo]:
         return {r.role: r.chosen for r in self.roles if r.chosen is not None}
@@ -68,6 +76,8 @@ class RouteDecision:
             "pipeline": self.pipeline,
             "matched": self.matched,
             "reason": self.reason,
+            "problem": self.problem,
+            "study": list(self.study_checks),
             "roles": [
                 {
                     "role": r.role,
@@ -77,6 +87,10 @@ class RouteDecision:
                     else {"ID": r.chosen.orthanc_id, "SeriesInstanceUID": r.chosen.series_instance_uid},
                     "reason": r.reason,
                     "rejected": r.rejected,
+                    "ambiguous": [
+                        {"ID": s.orthanc_id, "SeriesInstanceUID": s.series_instance_uid, "label": s.label()}
+                        for s in r.ambiguous
+                    ],
                 }
                 for r in self.roles
             ],
@@ -137,11 +151,20 @@ def _series_failures(role: InputRole, s: SeriesInfo) -> list[str]:
     for kw, cond in role.exclude.items():
         if not check_condition(kw, cond, s.value(kw)):
             failed.append(f"excluded by rule on {kw} (value {s.value(kw)!r})")
+    frames = _number(s.tags.get("NumberOfFrames") or "1")
+    if frames is not None and frames > 1:
+        # The volume is built from single-frame slices; an enhanced (multi-frame) series would
+        # otherwise be rejected only as "ImageCount is 1", which tells an admin nothing.
+        failed.append(
+            f"instances are multi-frame (NumberOfFrames {frames:g}): enhanced/multi-frame images are not supported yet"
+        )
     return failed
 
 
-def _prefer(role: InputRole, candidates: list[SeriesInfo]) -> tuple[SeriesInfo, str]:
-    """Apply the preferences in order; the first that separates the candidates decides."""
+def _prefer(role: InputRole, candidates: list[SeriesInfo]) -> tuple[list[SeriesInfo], list[str]]:
+    """Apply the preferences in order; the first that separates the candidates decides.
+
+    Returns the candidates still tied (a single one when the preferences decided) and why."""
     pool = candidates
     reasons: list[str] = []
     for pref in role.prefer:
@@ -164,11 +187,7 @@ def _prefer(role: InputRole, candidates: list[SeriesInfo]) -> tuple[SeriesInfo, 
                     why = pref.reason or f"{pref.order} {pref.attribute}"
                     reasons.append(f"preferred {why} ({pref.attribute}={best:g})")
                     pool = hit
-    if len(pool) > 1:
-        # Deterministic last resort so a re-run picks the same series; said in the reason.
-        pool = sorted(pool, key=lambda s: s.series_instance_uid)
-        reasons.append(f"{len(pool)} series equally good, took the first by SeriesInstanceUID")
-    return pool[0], "; ".join(reasons)
+    return sorted(pool, key=lambda s: s.series_instance_uid), reasons
 
 
 def select_role(role: InputRole, series: Sequence[SeriesInfo]) -> RoleResult:
@@ -183,7 +202,18 @@ def select_role(role: InputRole, series: Sequence[SeriesInfo]) -> RoleResult:
             candidates.append(s)
     if not candidates:
         return RoleResult(role.role, role.required, None, "no series satisfies the rule", rejected)
-    chosen, why = _prefer(role, candidates)
+    pool, reasons = _prefer(role, candidates)
+    if len(pool) > 1:
+        labels = ", ".join(s.label() for s in pool)
+        if role.ambiguous == "fail":
+            return RoleResult(
+                role.role, role.required, None,
+                f"ambiguous: {len(pool)} series fit equally well ({labels}); narrow 'where' or add a "
+                "'prefer' rule that separates them", rejected, tuple(pool),
+            )  # fmt: skip
+        # Deterministic last resort so a re-run picks the same series; said in the reason.
+        reasons.append(f"{len(pool)} series equally good ({labels}), took the first by SeriesInstanceUID")
+    chosen, why = pool[0], "; ".join(reasons)
     base = f"chose {chosen.label()} ({chosen.series_instance_uid})"
     if len(candidates) == 1:
         reason = f"{base}: the only series that satisfies the rule"
@@ -192,8 +222,34 @@ def select_role(role: InputRole, series: Sequence[SeriesInfo]) -> RoleResult:
     return RoleResult(role.role, role.required, chosen, reason, rejected)
 
 
+def _why_missing(r: RoleResult) -> str:
+    if not r.rejected:
+        return "the study has no series"
+    parts = [f"{label}: {'; '.join(failed)}" for label, failed in r.rejected.items()]
+    return "no series satisfies the rule (" + " | ".join(parts) + ")"
+
+
+def study_checks(pipeline: PipelineConfig, study: StudyInfo) -> tuple[str, ...]:
+    """For the dry-run: each ``study_where`` condition, the study's value, and whether it holds."""
+    out = []
+    for kw, cond in pipeline.study_where.items():
+        value = study.tags.get(kw)
+        rule = ", ".join(f"{k} {v!r}" for k, v in cond.model_dump(exclude_none=True).items())
+        failed = check_condition(kw, cond, value)
+        shown = "missing" if value is None else repr(value)
+        out.append("fails: " + "; ".join(failed) if failed else f"holds: {kw} is {shown} ({rule})")
+    return tuple(out)
+
+
 def route(pipeline: PipelineConfig, study: StudyInfo) -> RouteDecision:
-    """Decide whether ``pipeline`` runs on ``study`` and with which series."""
+    """Decide whether ``pipeline`` runs on ``study`` and with which series (and say why)."""
+    decision = _route(pipeline, study)
+    if not pipeline.enabled or not pipeline.study_where:
+        return decision
+    return replace(decision, study_checks=study_checks(pipeline, study))
+
+
+def _route(pipeline: PipelineConfig, study: StudyInfo) -> RouteDecision:
     if not pipeline.enabled:
         return RouteDecision(pipeline.name, False, (), "pipeline is disabled")
     study_failed: list[str] = []
@@ -214,9 +270,15 @@ def route(pipeline: PipelineConfig, study: StudyInfo) -> RouteDecision:
                     f"series {r.chosen.label()} fits both role '{used[r.chosen.orthanc_id]}' and '{r.role}'",
                 )
             used[r.chosen.orthanc_id] = r.role
-    missing = [r.role for r in roles if r.required and r.chosen is None]
+    missing = [r for r in roles if r.required and r.chosen is None]
     if missing:
-        return RouteDecision(
-            pipeline.name, False, roles, "required role(s) without a series: " + ", ".join(missing)
-        )
+        reason = "required role(s) without a series: " + ", ".join(r.role for r in missing)
+        applies = any(r.chosen is not None or r.ambiguous for r in roles)
+        problem = None
+        if applies:
+            problem = "; ".join(
+                f"role '{r.role}' " + (r.reason if r.ambiguous else "is missing: " + _why_missing(r))
+                for r in missing
+            )
+        return RouteDecision(pipeline.name, False, roles, reason, problem)
     return RouteDecision(pipeline.name, True, roles, "all required roles found")

@@ -25,6 +25,7 @@ from .triton_server import TritonServer, TritonServerError, terminate_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+PG_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")  # Debian orthanc-postgresql
 
 
 def free_port() -> int:
@@ -49,6 +50,13 @@ class OrthancServer:
     extra_env: dict[str, str] = field(default_factory=dict)
     # (user, password) for the readiness check when extra_env turns authentication on.
     http_auth: tuple[str, str] | None = None
+    # Scale-out: several Orthancs share one index in PostgreSQL (index_database, a
+    # postgresql://user@host:port/dbname URL) and one folder of DICOM files (dicom_storage);
+    # job_database puts the job store there too. database_password serves both URLs.
+    dicom_storage: Path | None = None
+    index_database: str | None = None
+    job_database: str | None = None
+    database_password: str = field(default="", repr=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -74,9 +82,13 @@ class OrthancServer:
         )
         # FHIR delivery: off unless the caller's environment or extra_env names a URL.
         for name, default in (
+            ("ORTHANC_AI_PIPELINES", str(ROOT / "config" / "pipelines.yaml")),
             ("ORTHANC_AI_FHIR_URL", ""),
             ("ORTHANC_AI_FHIR_TOKEN", ""),
             ("ORTHANC_AI_DELIVERY_MAX_BACKOFF", "300"),
+            # Forwarding destinations (JSON text): Orthanc's DicomModalities and DicomWeb.Servers.
+            ("ORTHANC_AI_DICOM_MODALITIES", "{}"),
+            ("ORTHANC_AI_DICOMWEB_SERVERS", "{}"),
             # Authentication: off; users is a JSON object {"name": "password"}, admins a JSON list
             # of user names or null (every authenticated user), the worker user empty (no auth).
             ("ORTHANC_AI_AUTH", "false"),
@@ -86,13 +98,48 @@ class OrthancServer:
             ("ORTHANC_AI_WORKER_PASSWORD", ""),
         ):
             env.setdefault(name, default)
+        env.update(self._database_env())
         env.update(self.extra_env)
+        return env
+
+    def _database_env(self) -> dict[str, str]:
+        """``${ORTHANC_AI_PG_*}``, the job database and the DICOM folder of config/orthanc.json."""
+        from urllib.parse import urlsplit
+
+        env = {
+            "ORTHANC_AI_DICOM_STORAGE": str((self.dicom_storage or self.storage).resolve()),
+            # No extra plugin: an empty folder (Orthanc loads the *.so files of a folder).
+            "ORTHANC_AI_EXTRA_PLUGINS": str(self.storage.resolve() / "plugins"),
+            "ORTHANC_AI_PG_INDEX": "false",
+            "ORTHANC_AI_PG_HOST": "127.0.0.1",
+            "ORTHANC_AI_PG_PORT": "5432",
+            "ORTHANC_AI_PG_DATABASE": "orthanc",
+            "ORTHANC_AI_PG_USER": "orthanc",
+            "ORTHANC_AI_PG_PASSWORD": self.database_password,
+            "ORTHANC_AI_JOB_DATABASE": self.job_database or "",
+            "ORTHANC_AI_JOB_DATABASE_PASSWORD": self.database_password,
+        }
+        if self.index_database is not None:
+            url = urlsplit(self.index_database)
+            env.update(
+                ORTHANC_AI_EXTRA_PLUGINS=str(PG_INDEX_PLUGIN),
+                ORTHANC_AI_PG_INDEX="true",
+                ORTHANC_AI_PG_HOST=url.hostname or "127.0.0.1",
+                ORTHANC_AI_PG_PORT=str(url.port or 5432),
+                ORTHANC_AI_PG_DATABASE=url.path.strip("/"),
+                ORTHANC_AI_PG_USER=url.username or "orthanc",
+            )
         return env
 
     def start(self, timeout: float = 30.0, detach: bool = False) -> OrthancServer:
         if not ORTHANC_BIN.exists():
             raise RuntimeError(f"{ORTHANC_BIN} not found: run `make install` (Debian package 'orthanc')")
         self.storage.mkdir(parents=True, exist_ok=True)
+        (self.storage / "plugins").mkdir(exist_ok=True)
+        if self.index_database is not None and not PG_INDEX_PLUGIN.exists():
+            raise RuntimeError(
+                f"{PG_INDEX_PLUGIN} not found: run `make install` (Debian package 'orthanc-postgresql')"
+            )
         log_file = self.log_file or self.storage.parent / "log" / "orthanc.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_file, "ab")  # noqa: SIM115

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .database import DatabaseTarget
 from .jobstore import JobStore
 
 log = logging.getLogger("orthanc_ai.supervisor")
@@ -37,7 +38,7 @@ class Supervisor:
         python: Path,
         settings_file: Path,
         count: int,
-        store_path: Path,
+        store_path: DatabaseTarget,
         log_dir: Path,
         env: dict[str, str] | None = None,
     ) -> None:

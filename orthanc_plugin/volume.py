@@ -21,6 +21,9 @@ PixelReader = Callable[[Dataset], NDArray[np.generic]]
 ORIENTATION_TOL = 1e-3  # direction cosines
 SPACING_REL_TOL = 0.05  # gaps may differ by 5% (scanner rounding), no more
 MIN_SLICES = 3
+# 1024 slices of 512 x 512: 1 GiB as float32 voxels, several GiB in the worker once preprocessed.
+# Anything larger is refused before a pixel is decoded (a header can claim 30000 x 30000).
+MAX_VOXELS = 512 * 512 * 1024
 
 
 class VolumeError(ValueError):
@@ -64,6 +67,22 @@ def _floats(ds: Dataset, keyword: str, n: int) -> NDArray[np.float64] | None:
 
 def _sop(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "?"))
+
+
+def _rescale(ds: Dataset, keyword: str, default: float) -> float:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise VolumeError(f"instance {_sop(ds)} has an invalid {keyword} {value!r}") from None
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return f"transfer syntax {uid.name}" if uid is not None else "transfer syntax unknown"
 
 
 def default_pixels(ds: Dataset) -> NDArray[np.generic]:
@@ -195,9 +214,17 @@ def build_volume(
             f"the series has {len(indices)} slice(s); at least {min_slices} are needed for a volume"
         )
 
-    shapes = {(int(datasets[i].Rows), int(datasets[i].Columns)) for i in indices}
+    shapes = {(int(datasets[i].get("Rows") or 0), int(datasets[i].get("Columns") or 0)) for i in indices}
     if len(shapes) > 1:
         raise VolumeError(f"slices of different sizes in one series (Rows x Columns): {sorted(shapes)}")
+    (rows, cols) = next(iter(shapes))
+    if rows < 1 or cols < 1:
+        raise VolumeError(f"the images have no size (Rows {rows}, Columns {cols})")
+    if rows * cols * len(indices) > MAX_VOXELS:
+        raise VolumeError(
+            f"the series is too large: {len(indices)} slices of {rows} x {cols} pixels are"
+            f" {rows * cols * len(indices) / 1e6:.0f} million voxels, the limit is {MAX_VOXELS / 1e6:.0f} million"
+        )
     spacings = set()
     exact_spacing: NDArray[np.float64] | None = None
     for i in indices:
@@ -222,7 +249,13 @@ def build_volume(
     uneven = np.abs(gaps - step) > SPACING_REL_TOL * step
     if np.any(uneven):
         k = int(np.argmax(uneven))
-        what = "a slice is probably missing" if gaps[k] > step else "uneven spacing"
+        # A gap of about two (three...) usual gaps is one (two...) slice(s) missing; 1.4 gaps is not.
+        ratio = float(gaps[k]) / step
+        missing = round(ratio) - 1
+        if missing >= 1 and abs(ratio - round(ratio)) <= 0.25:
+            what = "a slice is probably missing" if missing == 1 else f"{missing} slices are probably missing"
+        else:
+            what = "uneven spacing"
         raise VolumeError(
             f"{what}: gap of {gaps[k]:.2f} mm between positions {pos[k]:.2f} and {pos[k + 1]:.2f} mm,"
             f" the series' usual gap is {step:.2f} mm"
@@ -239,17 +272,29 @@ def build_volume(
             " acquisition): resample the series before analysis"
         )
 
-    rows, cols = shapes.pop()
     voxels = np.empty((len(order), rows, cols), dtype=np.float32)
     for z, i in enumerate(order):
         ds = datasets[i]
-        arr = pixels(ds)
+        try:
+            arr = pixels(ds)
+        except VolumeError:
+            raise
+        except ValueError as e:  # corrupt, truncated, or no codec: the same on every retry
+            raise VolumeError(
+                f"instance {_sop(ds)}: its pixel data cannot be decoded ({_transfer_syntax(ds)}): {e}"
+            ) from e
         if arr.shape != (rows, cols):
             raise VolumeError(
                 f"instance {_sop(ds)}: decoded pixels have shape {arr.shape}, expected {(rows, cols)}"
             )
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        # Modality LUT: without RescaleSlope/RescaleIntercept the stored values are the values
+        # (identity), as the standard's Modality LUT module says when they are absent.
+        slope = _rescale(ds, "RescaleSlope", 1.0)
+        intercept = _rescale(ds, "RescaleIntercept", 0.0)
+        if slope == 0:
+            raise VolumeError(
+                f"instance {_sop(ds)} has RescaleSlope 0: every pixel would have the same value"
+            )
         np.multiply(arr, slope, out=voxels[z], casting="unsafe")
         voxels[z] += intercept
 

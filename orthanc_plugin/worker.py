@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -20,17 +21,22 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from . import fhir_report, postprocess, preprocess, seg, sr
+from . import fhir_report, postprocess, seg, sr
 from .config import PipelineConfig, Settings
 from .fhir_delivery import start_delivery_thread
-from .inference import InferenceError, TritonClient
+from .forwarding import forward
+from .inference import InferenceError, ModelInfo, TritonClient
 from .jobstore import Job, JobStore
+from .logging_setup import log_context
+from .model_input import Float32Array, Prepared, prepare
 from .orthanc_client import OrthancClient, OrthancError
-from .results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+from .results import AlgorithmInfo, ClassificationResult, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+from .tls import triton_tls_options
 from .uids import output_uids
-from .volume import Volume, VolumeError, axial_flips, build_volume
+from .volume import PixelReader, Volume, VolumeError, build_volume
 
 log = logging.getLogger("orthanc_ai.worker")
 T = TypeVar("T")
@@ -127,6 +133,10 @@ class Worker:
                 job.id, self.owner, f"pipeline '{job.pipeline}' is not configured on this worker", False, 0
             )
         ctx = _Context(job, pipeline, self.owner, self.store, lost)
+        with log_context(job_id=job.id, study_uid=job.study_uid, pipeline=job.pipeline):
+            return self._run(ctx, job, lost)
+
+    def _run(self, ctx: _Context, job: Job, lost: threading.Event) -> str:
         log.info("job %s: start %s attempt %d", job.id, job.pipeline, job.attempts)
         with self._heartbeat(job, lost):
             try:
@@ -190,38 +200,33 @@ class Worker:
     def _process(self, ctx: _Context) -> tuple[dict[str, Any], dict[str, Any] | None]:
         job, p = ctx.job, ctx.pipeline
         t_start = time.perf_counter()
+        if job.input.get("problem"):
+            # Routing found the pipeline applies but a role is missing or ambiguous.
+            raise BadInput(str(job.input["problem"]))
         roles: dict[str, Any] = job.input["roles"]
-        role = p.inputs[0]
-        chosen = roles.get(role.role)
-        if chosen is None:
-            raise BadInput(f"role '{role.role}' has no series in the job")
-        instances: list[str] = chosen["instances"]
+        wanted = [r for r in p.inputs if r.role in roles]
+        missing = [r.role for r in p.inputs if r.required and r.role not in roles]
+        if missing:
+            raise BadInput(f"required role(s) {', '.join(missing)} have no series in the job")
 
-        datasets = self._stage(ctx, "fetch", lambda: self.orthanc.read_instances(instances))
-        volume = self._stage(
+        datasets = self._stage(
+            ctx,
+            "fetch",
+            lambda: {r.role: self.orthanc.read_instances(roles[r.role]["instances"]) for r in wanted},
+        )
+        volumes = self._stage(
             ctx,
             "volume",
-            lambda: build_volume(datasets, self.orthanc.pixels, temporal_position=role.temporal_position),
+            lambda: {
+                r.role: _role_volume(r.role, datasets[r.role], self.orthanc.pixels, r.temporal_position)
+                for r in wanted
+            },
         )
-        flips = axial_flips(volume)
-        tensor = self._stage(ctx, "preprocess", lambda: self._preprocess(p, volume, flips))
+        prepared = self._stage(ctx, "preprocess", lambda: self._prepare(p, volumes))
+        volume = prepared.reference
         model = self.triton.model_info(p.model.name, p.model.version)
-        probs = self._stage(
-            ctx,
-            "inference",
-            lambda: self.triton.infer(model.name, {p.model.input: tensor}, [p.model.output], model.version)[
-                p.model.output
-            ],
-        )
-        labels = self._stage(
-            ctx,
-            "postprocess",
-            lambda: np.ascontiguousarray(
-                np.flip(
-                    postprocess.labels_from_probabilities(probs[0], volume.shape, p.largest_component), flips
-                )
-            ),
-        )
+        probs = self._stage(ctx, "inference", lambda: self._infer(p, model, prepared.tensor))
+        labels = self._stage(ctx, "postprocess", lambda: prepared.labels(probs[0], p.largest_component))
         specs = segment_specs(p)
         values = [s.label for s in specs]
         vols = postprocess.volumes_ml(labels, values, volume.voxel_volume_ml)
@@ -230,7 +235,13 @@ class Worker:
             raise BadInput(
                 f"the model found none of the segments ({', '.join(s.name for s in specs)}) in this series"
             )
+        _check_plausible(p, labels, volume, present)
         measurements = [VolumeMeasurement(s.label, round(vols[s.label], 2)) for s in present]
+        classifications: list[ClassificationResult] = []
+        if p.classify is not None:
+            classifications.append(
+                self._stage(ctx, "classify", lambda: self._classify(p, prepared.tensor, probs, present))
+            )
         algorithm = AlgorithmInfo(
             name=p.algorithm_name,
             version=p.version,
@@ -257,13 +268,16 @@ class Worker:
                 list(volume.datasets), seg_ds, present, measurements, algorithm,
                 series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_instance,
                 series_number=number + 1, series_description=f"AI {p.algorithm_name} report", labels=labels,
+                classifications=classifications,
             ),
         )  # fmt: skip
         first = volume.datasets[0]
         fhir = None
         if p.outputs.fhir:
             fhir = self._stage(
-                ctx, "fhir_build", lambda: self._fhir(first, present, measurements, algorithm, uids)
+                ctx,
+                "fhir_build",
+                lambda: self._fhir(first, present, measurements, algorithm, uids, classifications),
             )
 
         def store() -> dict[str, Any]:
@@ -281,7 +295,11 @@ class Worker:
                         "ID": r.get("ID"),
                         "ParentSeries": r.get("ParentSeries"),
                     }
-            except (OrthancError, JobAborted):
+                # Deleted between the check above and now? Our outputs would have re-created
+                # the study around themselves: the source series tell.
+                if not all(self.orthanc.series_exists(roles[r.role]["series_id"]) for r in wanted):
+                    raise BadInput("the study was deleted while the job ran; nothing was stored")
+            except (OrthancError, JobAborted, BadInput):
                 # All or nothing: an SR must never be left without its SEG, nor a SEG alone.
                 for done in stored.values():
                     with contextlib.suppress(OrthancError):
@@ -291,6 +309,11 @@ class Worker:
             return stored
 
         stored = self._stage(ctx, "store", store)
+        forwarded = self._stage(
+            ctx, "forward",
+            lambda: forward(self.orthanc, ctx.store, job.id, p.outputs.forward, stored, self.settings,
+                            study_uid=job.study_uid),
+        )  # fmt: skip
         ctx.store.record_stage(job.id, ctx.owner, "total", time.perf_counter() - t_start)
         outputs = {
             **stored,
@@ -300,19 +323,80 @@ class Worker:
             ],
             "model": {"name": model.name, "version": model.version},
             "volume": {"shape": list(volume.shape), "spacing_mm": [round(x, 4) for x in volume.spacing]},
+            "inputs": {
+                "channels": [r.role for r in p.inputs],
+                "grid": list(prepared.tensor.shape[2:]),
+                "notes": prepared.notes,
+            },
+            "forward": forwarded,
         }
+        if classifications:
+            outputs["classifications"] = [_classification_json(c) for c in classifications]
         return outputs, fhir
 
-    def _preprocess(
-        self, p: PipelineConfig, volume: Volume, flips: tuple[int, ...]
-    ) -> np.ndarray[Any, np.dtype[np.float32]]:
-        v = np.flip(volume.voxels, flips) if flips else volume.voxels
-        if p.preprocess.window is not None:
-            v = preprocess.window(v, *p.preprocess.window)
-        elif p.preprocess.minmax:
-            v = preprocess.minmax(v)
-        v = preprocess.resize(v, p.preprocess.shape, order=1)
-        return np.ascontiguousarray(v[np.newaxis, np.newaxis], dtype=np.float32)
+    def _prepare(self, p: PipelineConfig, volumes: dict[str, Volume]) -> Prepared:
+        try:
+            return prepare(p, volumes)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+
+    def _infer(self, p: PipelineConfig, model: ModelInfo, tensor: Float32Array) -> Float32Array:
+        """The model's output for ``tensor`` [1, C, *grid]: one request, or sliding windows."""
+
+        def predict(batch: Float32Array) -> Float32Array:
+            out = self.triton.infer(
+                model.name, {p.model.input: batch}, [p.model.output], model.version, p.inference.timeout_s
+            )
+            return np.asarray(out[p.model.output], dtype=np.float32)
+
+        if p.inference.mode == "whole":
+            return predict(tensor)
+        from .sliding_window import sliding_window_inference
+
+        inf = p.inference
+        assert inf.roi is not None
+        result = sliding_window_inference(
+            tensor[0], inf.roi, predict, sw_batch_size=inf.batch, overlap=inf.overlap, mode=inf.blend
+        )
+        return result[np.newaxis]
+
+    def _classify(
+        self, p: PipelineConfig, tensor: Float32Array, probs: Float32Array, present: list[SegmentSpec]
+    ) -> ClassificationResult:
+        """Run the chained classifier on the first model's input and output."""
+        c = p.classify
+        assert c is not None
+        model = self.triton.model_info(c.model.name, c.model.version)
+        feeds = {name: (tensor if source == "image" else probs) for name, source in c.inputs.items()}
+        out = self.triton.infer(model.name, feeds, [c.model.output], model.version)[c.model.output]
+        scores = np.asarray(out, dtype=np.float64).reshape(-1)
+        if scores.size != len(c.classes) or not np.all(np.isfinite(scores)):
+            raise InferenceError(
+                f"classifier {model.name} answered {scores.size} values, the pipeline names "
+                f"{len(c.classes)} classes ({', '.join(c.classes)})",
+                retryable=False,
+            )
+        if np.any(scores < 0) or np.any(scores > 1):
+            raise InferenceError(
+                f"classifier {model.name} answered values outside [0, 1] ({scores.round(4).tolist()}): "
+                "it must output probabilities (add a softmax/sigmoid to the model)",
+                retryable=False,
+            )
+        sites = {s.anatomic_region for s in present if s.anatomic_region is not None}
+        return ClassificationResult(
+            name=c.name,
+            tracking_id=re.sub(r"[^a-z0-9]+", "-", c.name.lower()).strip("-") or "classification",
+            finding=c.finding.to_code(),
+            probability=float(scores[c.classes.index(c.positive)]),
+            threshold=c.operating_point,
+            classes=tuple(c.classes),
+            probabilities=tuple(float(x) for x in scores),
+            model_name=model.name,
+            model_version=model.version,
+            finding_site=sites.pop() if len(sites) == 1 else None,
+            absent=c.absent.to_code() if c.absent is not None else None,
+            validated_for=c.validated_for,
+        )
 
     def _fhir(
         self,
@@ -321,11 +405,54 @@ class Worker:
         measurements: list[VolumeMeasurement],
         algorithm: AlgorithmInfo,
         uids: OutputUIDs,
+        classifications: list[ClassificationResult],
     ) -> dict[str, Any]:
         return fhir_report.build_diagnostic_report(
             StudyRef.from_dataset(first), present, measurements, algorithm, ids=uids, issued=datetime.now(UTC),
-            fhir_version=self.settings.fhir_version,
+            fhir_version=self.settings.fhir_version, classifications=classifications,
         )  # fmt: skip
+
+
+def _check_plausible(
+    p: PipelineConfig, labels: NDArray[np.uint8], volume: Volume, present: list[SegmentSpec]
+) -> None:
+    """A model run on the wrong kind of image still outputs something: refuse segments whose
+    mean source value is outside the configured range (e.g. 'lungs' that are not aerated)."""
+    unit = " HU" if str(volume.datasets[0].get("Modality", "")) == "CT" else ""
+    configured = {s.label: s for s in p.segments}
+    for spec in present:
+        seg = configured[spec.label]
+        if seg.plausible_mean is None:
+            continue
+        low, high = seg.plausible_mean
+        mean = float(volume.voxels[labels == spec.label].mean())
+        if not low <= mean <= high:
+            what = seg.plausible_as or f"a {seg.name.lower()}"
+            raise BadInput(
+                f"the segment '{seg.name}' is not {what}: mean {mean:.0f}{unit} inside, expected {low:g} to "
+                f"{high:g}{unit}; is this the kind of study the pipeline is for? Nothing was stored"
+            )
+
+
+def _role_volume(
+    role: str, datasets: list[Dataset], pixels: PixelReader, temporal_position: int | None
+) -> Volume:
+    try:
+        return build_volume(datasets, pixels, temporal_position=temporal_position)
+    except VolumeError as e:
+        raise VolumeError(f"role '{role}': {e}") from None
+
+
+def _classification_json(c: ClassificationResult) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "finding": c.finding.meaning,
+        "positive": c.positive,
+        "probability": round(c.probability, 4),
+        "threshold": round(c.threshold, 4),
+        "classes": dict(zip(c.classes, (round(x, 4) for x in c.probabilities), strict=True)),
+        "model": {"name": c.model_name, "version": c.model_version},
+    }
 
 
 def main(settings_path: str, owner: str | None = None, parent_pid: int | None = None) -> int:
@@ -337,11 +464,12 @@ def main(settings_path: str, owner: str | None = None, parent_pid: int | None = 
 
     settings = load_settings(json.loads(Path(settings_path).read_text()), settings_path)
     pipelines = load_pipelines(settings.pipelines_file)
-    assert settings.job_store is not None
-    store = JobStore(settings.job_store)
+    store = JobStore(settings.database())  # SQLite file, or PostgreSQL shared with other hosts
     password = os.environ.get(settings.orthanc_password_env) if settings.orthanc_password_env else None
     orthanc = OrthancClient(settings.orthanc_url, settings.orthanc_username, password)
-    triton = TritonClient(settings.triton_url, use_shared_memory=settings.triton_shared_memory)
+    triton = TritonClient(
+        settings.triton_url, use_shared_memory=settings.triton_shared_memory, **triton_tls_options(settings)
+    )
     worker = Worker(settings, pipelines, store, orthanc, triton, owner)
 
     def on_term(signum: int, frame: object) -> None:

@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
-for p in orthanc orthanc-python orthanc-dicomweb orthanc-gdcm dcmtk python3-venv; do
+# orthanc-postgresql + postgresql: Orthanc's index and the job store in PostgreSQL (scale-out, its tests).
+# docker-compose (1.29): only to validate docker-compose.yml in CI (tests/unit/test_compose.py), no engine.
+for p in orthanc orthanc-python orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk python3-venv docker-compose; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -43,7 +43,9 @@ def test_missing_slice_fails_clearly_and_writes_nothing(orthanc: OrthancServer, 
         sid = upload_folder(api, folder)
         job = wait_job_done(api, study_uid(api, sid), orthanc=orthanc)
         assert job["state"] == "failed"
-        assert "input not usable: a slice is probably missing" in job["error"]
+        assert job["error"].startswith("input not usable: role 'ct': a slice is probably missing"), job[
+            "error"
+        ]
         assert "gap of 16.00 mm" in job["error"] and "usual gap is 8.00 mm" in job["error"]
         assert job["attempts"] == 1, "bad input must not be retried"
         assert series_by_modality(api, sid, "SEG") == [] and series_by_modality(api, sid, "SR") == []

@@ -189,7 +189,11 @@ def test_killed_worker_job_finishes_once(processed: dict, api: httpx.Client, ort
 
 
 def test_api_basics(processed: dict, api: httpx.Client) -> None:
-    assert [p["name"] for p in api.get("/ai/pipelines").json()] == ["ct-lung"]
+    assert [p["name"] for p in api.get("/ai/pipelines").json()] == [
+        "ct-lung",
+        "mr-brain",
+        "ct-lung-attenuation",
+    ]
     assert api.get("/ai/jobs", params={"state": "succeeded"}).json()
     assert api.get("/ai/jobs", params={"state": "bogus"}).status_code == 400
     assert api.get("/ai/jobs/0123456789abcdef0123").status_code == 404
@@ -197,6 +201,8 @@ def test_api_basics(processed: dict, api: httpx.Client) -> None:
     assert api.get("/ai/health").json()["triton"]["ready"] is True
     dry = api.get(f"/ai/studies/{processed['study_id']}/dry-run").json()
     assert dry[0]["matched"] and "B40f" in dry[0]["roles"][0]["reason"]
+    assert not dry[1]["matched"] and dry[1]["problem"] is None  # mr-brain: nothing for it here
+    assert dry[2]["reason"] == "pipeline is disabled"
     assert api.post("/ai/routes/dry-run", json={"study": processed["study_id"]}).json() == dry
     reloaded = api.post("/ai/routes/reload")
     assert reloaded.status_code == 200 and reloaded.json()["pipelines"][0]["name"] == "ct-lung"

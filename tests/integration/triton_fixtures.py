@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """Helpers for the Triton integration tests and ``bench/triton_transport.py``.
 
-Small ONNX models are written with a minimal protobuf encoder following ``onnx.proto``
-field numbers, so neither the tests nor the benchmark need the ``onnx`` package.
+Small ONNX models are written with the minimal protobuf encoder of orthanc_plugin.onnx_proto
+so neither the tests nor the benchmark need the ``onnx`` package.
 """
 
 from __future__ import annotations
@@ -14,93 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-# -- minimal protobuf encoding -----------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value &= (1 << 64) - 1  # int64 two's complement
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _int(field: int, value: int) -> bytes:
-    return _varint(field << 3) + _varint(value)
-
-
-def _len(field: int, payload: bytes) -> bytes:
-    return _varint((field << 3) | 2) + _varint(len(payload)) + payload
-
-
-def _str(field: int, text: str) -> bytes:
-    return _len(field, text.encode("utf-8"))
-
-
-# onnx.proto: TensorProto.DataType
-_ONNX_TYPES = {
-    np.dtype(np.float32): 1,
-    np.dtype(np.int64): 7,
-    np.dtype(np.float16): 10,
-    np.dtype(np.float64): 11,
-}
-
-
-def _tensor(name: str, array: np.ndarray) -> bytes:
-    body = b"".join(_int(1, d) for d in array.shape)  # dims
-    body += _int(2, _ONNX_TYPES[array.dtype])  # data_type
-    body += _str(8, name)  # name
-    body += _len(9, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())  # raw_data
-    return body
-
-
-def _value_info(name: str, elem_type: int, shape: Sequence[int | str]) -> bytes:
-    dims = b"".join(
-        _len(1, _str(2, d) if isinstance(d, str) else _int(1, d))  # Dimension: dim_param / dim_value
-        for d in shape
-    )
-    tensor_type = _int(1, elem_type) + _len(2, dims)  # TypeProto.Tensor: elem_type, shape
-    return _str(1, name) + _len(2, _len(1, tensor_type))  # ValueInfoProto: name, type.tensor_type
-
-
-def _attr_int(name: str, value: int) -> bytes:
-    return _str(1, name) + _int(20, 2) + _int(3, value)  # type INT, i
-
-
-def _attr_ints(name: str, values: Sequence[int]) -> bytes:
-    return _str(1, name) + _int(20, 7) + b"".join(_int(8, v) for v in values)  # type INTS, ints
-
-
-def _node(
-    op_type: str, inputs: Sequence[str], outputs: Sequence[str], attributes: Sequence[bytes] = ()
-) -> bytes:
-    body = b"".join(_str(1, i) for i in inputs) + b"".join(_str(2, o) for o in outputs)
-    body += _str(3, f"{op_type}_{outputs[0]}") + _str(4, op_type)
-    body += b"".join(_len(5, a) for a in attributes)
-    return body
-
-
-def _model(
-    nodes: Sequence[bytes],
-    inputs: Sequence[bytes],
-    outputs: Sequence[bytes],
-    initializers: Sequence[bytes],
-    opset: int = 17,
-) -> bytes:
-    graph = b"".join(_len(1, n) for n in nodes) + _str(2, "graph")
-    graph += b"".join(_len(5, t) for t in initializers)
-    graph += b"".join(_len(11, i) for i in inputs) + b"".join(_len(12, o) for o in outputs)
-    model = _int(1, 8)  # ir_version
-    model += _str(2, "orthanc-ai-tests")  # producer_name
-    model += _len(7, graph)
-    model += _len(8, _str(1, "") + _int(2, opset))  # opset_import
-    return model
+from orthanc_plugin.onnx_proto import attr_int, attr_ints, model, node, tensor, value_info
 
 
 def conv_segmentation_onnx(
@@ -124,18 +38,18 @@ def conv_segmentation_onnx(
     b1 = rng.normal(0.0, 0.1, (hidden,)).astype(np.float32)
     w2 = rng.normal(0.0, 0.5, (classes, hidden, *kernel)).astype(np.float32)
     b2 = rng.normal(0.0, 0.1, (classes,)).astype(np.float32)
-    conv_attrs = [_attr_ints("kernel_shape", kernel), _attr_ints("pads", [1] * (2 * rank))]
+    conv_attrs = [attr_ints("kernel_shape", kernel), attr_ints("pads", [1] * (2 * rank))]
     nodes = [
-        _node("Conv", [input_name, "w1", "b1"], ["h1"], conv_attrs),
-        _node("Relu", ["h1"], ["h2"]),
-        _node("Conv", ["h2", "w2", "b2"], ["logits"], conv_attrs),
-        _node("Softmax", ["logits"], [output_name], [_attr_int("axis", 1)]),
+        node("Conv", [input_name, "w1", "b1"], ["h1"], conv_attrs),
+        node("Relu", ["h1"], ["h2"]),
+        node("Conv", ["h2", "w2", "b2"], ["logits"], conv_attrs),
+        node("Softmax", ["logits"], [output_name], [attr_int("axis", 1)]),
     ]
-    return _model(
+    return model(
         nodes,
-        inputs=[_value_info(input_name, 1, ["batch", in_channels, *spatial])],
-        outputs=[_value_info(output_name, 1, ["batch", classes, *spatial])],
-        initializers=[_tensor("w1", w1), _tensor("b1", b1), _tensor("w2", w2), _tensor("b2", b2)],
+        inputs=[value_info(input_name, 1, ["batch", in_channels, *spatial])],
+        outputs=[value_info(output_name, 1, ["batch", classes, *spatial])],
+        initializers=[tensor("w1", w1), tensor("b1", b1), tensor("w2", w2), tensor("b2", b2)],
     )
 
 

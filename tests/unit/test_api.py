@@ -134,6 +134,7 @@ def test_which_routes_change_state(api):
     assert writes == {
         (r"/jobs/([0-9a-f]+)/retry", "POST"),
         (r"/jobs/([0-9a-f]+)/cancel", "POST"),
+        (r"/jobs/([0-9a-f]+)/forward", "POST"),
         (r"/studies/([0-9A-Za-z._-]+)/run", "POST"),
         (r"/routes/reload", "POST"),
     }

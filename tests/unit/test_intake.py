@@ -140,7 +140,41 @@ def test_deleted_study_is_skipped(setup):
 def test_dry_run_explains(setup):
     orthanc, store, pipelines = setup
     orthanc.add_study("s4", ["B70f"], n=5)
-    (d,) = make_intake(orthanc, store, pipelines).dry_run("s4")
+    decisions = {d.pipeline: d for d in make_intake(orthanc, store, pipelines).dry_run("s4")}
+    d = decisions["ct-lung"]
     assert not d.matched
     (failures,) = d.roles[0].rejected.values()
     assert any("ImageCount is 5, below minimum 20" in m for m in failures)
+
+
+def test_change_committed_late_is_not_skipped(setup, monkeypatch):
+    """Two Orthancs on one PostgreSQL index: change 3 may become visible after change 4."""
+    orthanc, store, pipelines = setup
+    intake = make_intake(orthanc, store, pipelines)
+    intake.process_changes()
+    orthanc.add_study("late", ["B40f"])  # NewSeries, seq 1
+    orthanc.log("StableStudy", "other")  # seq 2, unknown study: ignored
+    stable = {"ChangeType": "StableStudy", "ID": "late", "ResourceType": "Study", "Seq": 3}
+    orthanc.changes.append({"ChangeType": "StableStudy", "ID": "x", "ResourceType": "Study", "Seq": 4})
+    intake.process_changes()  # sees 1, 2, then 4 without 3: holds at 2
+    assert intake._cursor == 2
+    orthanc.changes.insert(2, stable)  # change 3 commits
+    intake.process_changes()
+    assert intake._cursor == 4
+    assert [j.orthanc_study_id for j in store.list_jobs()] == ["late"]
+
+
+def test_change_number_that_never_comes_is_skipped_after_a_while(setup, monkeypatch):
+    orthanc, store, pipelines = setup
+    intake = make_intake(orthanc, store, pipelines)
+    intake.process_changes()
+    orthanc.add_study("after-gap", ["B40f"])  # seq 1
+    orthanc.changes.append(
+        {"ChangeType": "StableStudy", "ID": "after-gap", "ResourceType": "Study", "Seq": 3}
+    )
+    intake.process_changes()
+    assert intake._cursor == 1 and store.list_jobs() == []  # waits for 2
+    monkeypatch.setattr("orthanc_plugin.intake.GAP_WAIT_S", 0.0)  # a rolled-back transaction: 2 never comes
+    intake.process_changes()
+    assert intake._cursor == 3
+    assert [j.orthanc_study_id for j in store.list_jobs()] == ["after-gap"]

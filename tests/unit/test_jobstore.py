@@ -8,8 +8,14 @@ from orthanc_plugin.jobstore import JobStateError, JobStore
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "jobs.sqlite")
+def db_target(tmp_path):
+    """Where the store lives; tests/integration/test_jobstore_postgres.py runs these tests on PostgreSQL."""
+    return tmp_path / "jobs.sqlite"
+
+
+@pytest.fixture
+def store(db_target):
+    s = JobStore(db_target)
     yield s
     s.close()
 
@@ -112,28 +118,60 @@ def test_list_filters_and_kv(store):
     assert store.get_kv("x") == "2"
 
 
-def test_two_processes_never_claim_the_same_job(tmp_path):
+def test_two_processes_never_claim_the_same_job(db_target):
     import multiprocessing as mp
 
-    path = tmp_path / "jobs.sqlite"
-    s = JobStore(path)
+    s = JobStore(db_target)
     for i in range(40):
         enqueue(s, f"k{i}")
     ctx = mp.get_context("spawn")
     with ctx.Pool(2) as pool:
-        results = pool.starmap(_claim_all, [(str(path), "a"), (str(path), "b")])
+        results = pool.starmap(_claim_all, [(db_target, "a"), (db_target, "b")])
     claimed = results[0] + results[1]
     assert len(claimed) == 40 and len(set(claimed)) == 40
+    s.close()
 
 
-def _claim_all(path: str, owner: str) -> list[str]:
-    from pathlib import Path
-
-    s = JobStore(Path(path))
+def _claim_all(target, owner: str) -> list[str]:
+    s = JobStore(target)
     out = []
     while (j := s.claim(owner, 30)) is not None:
         out.append(j.id)
+    s.close()
     return out
+
+
+def test_concurrent_claims_and_enqueues_from_many_connections(db_target):
+    """Threads with a connection each: every job claimed once, and one study enqueued at the same
+    moment by several intakes (two Orthancs sharing the store) makes one job."""
+    import threading
+
+    seed = JobStore(db_target)
+    for i in range(30):
+        enqueue(seed, f"k{i}")
+    stores = [JobStore(db_target) for _ in range(4)]
+    start = threading.Barrier(len(stores))
+    claimed: list[list[str]] = [[] for _ in stores]
+    created: list[bool] = []
+
+    def run(i: int) -> None:
+        start.wait()
+        created.append(enqueue(stores[i], "same-study")[1])
+        while (j := stores[i].claim(f"w{i}", 30)) is not None:
+            claimed[i].append(j.id)
+            assert stores[i].succeed(j.id, f"w{i}", {}, None)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    everything = [jid for c in claimed for jid in c]
+    assert sorted(created) == [False, False, False, True]
+    assert len(everything) == 31 and len(set(everything)) == 31
+    assert seed.counts()["succeeded"] == 31
+    for s in (*stores, seed):
+        s.close()
 
 
 def test_succeed_queues_the_report_for_delivery_in_the_same_transaction(store):
@@ -143,7 +181,7 @@ def test_succeed_queues_the_report_for_delivery_in_the_same_transaction(store):
     job = store.claim("w1", lease_s=30)
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
     assert store.succeed(job.id, "w1", {}, bundle, deliver_to="http://ehr.example/fhir")
-    outbox = Outbox(store.path)
+    outbox = Outbox(store.path)  # the same store, a connection of its own
     status = outbox.status_for_job(job.id)
     assert status["state"] == "pending" and status["destination"] == "http://ehr.example/fhir"
     assert "fhir_queued" in [e["kind"] for e in store.events(job.id)]

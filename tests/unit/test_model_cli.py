@@ -19,8 +19,11 @@ from orthanc_plugin.model_cli import (
     list_models,
     read_config,
 )
+from orthanc_plugin.onnx_proto import model as _model
+from orthanc_plugin.onnx_proto import node as _node
+from orthanc_plugin.onnx_proto import value_info as _value_info
 
-from ..integration.triton_fixtures import _model, _node, _value_info, conv_segmentation_onnx
+from ..integration.triton_fixtures import conv_segmentation_onnx
 
 
 def _onnx(tmp_path: Path, name: str, data: bytes) -> Path:

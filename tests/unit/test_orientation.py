@@ -13,10 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from orthanc_plugin import postprocess
+from orthanc_plugin import model_input
 from orthanc_plugin.config import load_pipelines
 from orthanc_plugin.volume import Volume, VolumeError, axial_flips, build_volume
-from orthanc_plugin.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,11 +46,10 @@ def mirrored_left_right(slices):
 
 
 def run_model(volume: Volume, pipeline, session) -> np.ndarray:
-    flips = axial_flips(volume)
-    tensor = Worker._preprocess(None, pipeline, volume, flips)  # type: ignore[arg-type]
-    (probs,) = session.run(["probabilities"], {"image": tensor})
-    labels = postprocess.labels_from_probabilities(probs[0], volume.shape, True)
-    return np.ascontiguousarray(np.flip(labels, flips))
+    """What the worker does: prepare (flip into the model's orientation), infer, map back."""
+    prepared = model_input.prepare(pipeline, {pipeline.inputs[0].role: volume})
+    (probs,) = session.run(["probabilities"], {"image": prepared.tensor})
+    return prepared.labels(probs[0], True)
 
 
 def patient_x(volume: Volume, labels: np.ndarray, value: int) -> float:

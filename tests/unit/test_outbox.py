@@ -20,8 +20,14 @@ def bundle(tag: str = "a") -> dict[str, Any]:
 
 
 @pytest.fixture
-def outbox(tmp_path: Path) -> Any:
-    o = Outbox(tmp_path / "jobs.sqlite", first_backoff_s=1, max_backoff_s=8)
+def db_target(tmp_path: Path) -> Any:
+    """Where the outbox lives; tests/integration/test_outbox_postgres.py runs these tests on PostgreSQL."""
+    return tmp_path / "jobs.sqlite"
+
+
+@pytest.fixture
+def outbox(db_target: Any) -> Any:
+    o = Outbox(db_target, first_backoff_s=1, max_backoff_s=8)
     yield o
     o.close()
 
@@ -159,8 +165,8 @@ def test_release_owner_frees_a_dead_process_rows(outbox: Outbox) -> None:
     assert outbox.claim("other", 300) is None  # d2 stays with its live owner
 
 
-def test_survives_reopening_and_shares_the_job_store_file(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite"
+def test_survives_reopening_and_shares_the_job_store_file(db_target: Any) -> None:
+    path = db_target
     store = JobStore(path)
     first = Outbox(path)
     first.enqueue("job1", bundle("x"), URL)
@@ -173,11 +179,26 @@ def test_survives_reopening_and_shares_the_job_store_file(tmp_path: Path) -> Non
     assert d2 is not None and d2.bundle == bundle("x") and d2.attempts == 2
     assert again.delivered(d2, {"http_status": 201})
     again.close()
-    tables = {
-        r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")
-    }
-    assert {"jobs", "fhir_outbox"} <= tables
-    assert Outbox(path).status_for_job("job1")["state"] == "delivered"
+    # One database: the job store's connection sees the outbox's rows.
+    row = store._db.execute("SELECT COUNT(*) AS n FROM fhir_outbox WHERE job_id=?", ("job1",)).fetchone()
+    assert row == {"n": 1}
+    last = Outbox(path)
+    assert last.status_for_job("job1")["state"] == "delivered"
+    last.close()
+    store.close()
+
+
+def test_enqueue_in_joins_the_callers_database_transaction(db_target: Any) -> None:
+    store = JobStore(db_target)
+    with pytest.raises(RuntimeError, match="rolled back"), store._db.transaction() as db:
+        enqueue_in(db, "job1", bundle(), URL)
+        raise RuntimeError("the job's success was rolled back")
+    outbox = Outbox(db_target)
+    assert outbox.backlog() == 0
+    with store._db.transaction() as db:
+        enqueue_in(db, "job1", bundle(), URL)
+    assert outbox.backlog() == 1
+    outbox.close()
     store.close()
 
 

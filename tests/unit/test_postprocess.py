@@ -39,3 +39,37 @@ def test_volumes_ml():
     labels = np.zeros((2, 3, 4), dtype=np.uint8)
     labels[0, :, :2] = 1
     assert volumes_ml(labels, [1, 2], 0.5) == {1: 3.0, 2: 0.0}
+
+
+def _reference_labels(p: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Every channel resampled to the full grid (slices first, then the image plane, as
+    documented), then the argmax (the first class wins ties)."""
+    _, _, my, mx = p.shape
+    full = [resize(resize(p[c], (shape[0], my, mx)), shape) for c in range(p.shape[0])]
+    return np.argmax(np.stack(full), axis=0).astype(np.uint8)
+
+
+def test_labels_equal_full_resampling_on_odd_grids_ties_and_slabs():
+    # Only the cells where the model grid's classes disagree are interpolated: the result
+    # must still be the full-resolution argmax exactly, whatever the grids, ties and slabs.
+    rng = np.random.default_rng(7)
+    for trial in range(25):
+        n = int(rng.integers(2, 5))
+        model = tuple(int(s) for s in rng.integers(2, 12, 3))
+        shape = tuple(int(s) for s in rng.integers(2, 40, 3))
+        p = rng.random((n, *model), dtype=np.float32)
+        if trial % 3 == 0:
+            p = np.round(p, 1).astype(np.float32)  # many exact ties
+        labels = labels_from_probabilities(p, shape, largest_component=False, slab=int(rng.integers(1, 9)))
+        np.testing.assert_array_equal(labels, _reference_labels(p, shape), err_msg=f"trial {trial}")
+
+
+def test_labels_of_smooth_organs_equal_full_resampling():
+    # Smooth blobs like a real model's output: most cells are uniform, boundaries interpolated.
+    rng = np.random.default_rng(3)
+    logits = ndimage.gaussian_filter(rng.normal(size=(3, 12, 24, 24)), sigma=(0, 2, 3, 3)).astype(np.float32)
+    p = np.exp(logits * 20) / np.exp(logits * 20).sum(axis=0)
+    shape = (30, 96, 96)
+    labels = labels_from_probabilities(p.astype(np.float32), shape, largest_component=False)
+    np.testing.assert_array_equal(labels, _reference_labels(p.astype(np.float32), shape))
+    assert set(np.unique(labels)) == {0, 1, 2}

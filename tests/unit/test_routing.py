@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_plugin.config import ConfigError, load_pipelines
+from orthanc_plugin.config import ConfigError, InputRole, load_pipelines
 from orthanc_plugin.routing import SeriesInfo, StudyInfo, route
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,12 +64,65 @@ def test_our_outputs_never_selected_even_if_rule_allows(ct_lung):
     assert not d.matched
 
 
-def test_tie_is_deterministic(ct_lung):
-    a, b = series("1"), series("2")
-    assert (
-        route(ct_lung, study(a, b)).chosen()["ct"].orthanc_id
-        == route(ct_lung, study(b, a)).chosen()["ct"].orthanc_id
+def test_tie_fails_by_default_and_names_the_series(ct_lung):
+    d = route(ct_lung, study(series("1"), series("2")))
+    assert not d.matched
+    assert d.roles[0].chosen is None
+    assert [s.orthanc_id for s in d.roles[0].ambiguous] == ["1", "2"]
+    assert d.problem is not None
+    assert "role 'ct' ambiguous: 2 series fit equally well (#1 'Chest', #2 'Chest')" in d.problem
+    assert "prefer" in d.problem
+
+
+def test_tie_first_by_uid_is_deterministic(ct_lung):
+    role = ct_lung.inputs[0].model_copy(update={"ambiguous": "first_by_uid"})
+    p = ct_lung.model_copy(update={"inputs": [role]})
+    a, b = series("2"), series("1")
+    da, db = route(p, study(a, b)), route(p, study(b, a))
+    assert da.matched and db.matched
+    assert da.chosen()["ct"].orthanc_id == db.chosen()["ct"].orthanc_id == "1"
+    assert "took the first by SeriesInstanceUID" in da.roles[0].reason
+
+
+def _two_roles(ct_lung, second_required: bool = True):
+    """ct-lung with two roles: 'soft' (B40f) and 'sharp' (B70f), like a two-channel model."""
+    soft = InputRole.model_validate(
+        {"role": "soft", "where": {"Modality": {"equals": "CT"}, "ConvolutionKernel": {"matches": "^B[1-4]"}}}
     )
+    sharp = InputRole.model_validate(
+        {"role": "sharp", "required": second_required,
+         "where": {"Modality": {"equals": "CT"}, "ConvolutionKernel": {"matches": "^B[5-9]"}}}
+    )  # fmt: skip
+    return ct_lung.model_copy(update={"inputs": [soft, sharp]})
+
+
+def test_roles_each_get_their_series(ct_lung):
+    d = route(
+        _two_roles(ct_lung),
+        study(series("1", ConvolutionKernel="B70f"), series("2", ConvolutionKernel="B40f")),
+    )
+    assert d.matched
+    assert {k: v.orthanc_id for k, v in d.chosen().items()} == {"soft": "2", "sharp": "1"}
+
+
+def test_missing_role_is_a_problem_naming_the_role_and_why(ct_lung):
+    d = route(_two_roles(ct_lung), study(series("2", ConvolutionKernel="B40f")))
+    assert not d.matched
+    assert d.problem is not None
+    assert d.problem.startswith("role 'sharp' is missing: no series satisfies the rule")
+    assert "ConvolutionKernel is 'B40f', does not match /^B[5-9]/" in d.problem
+
+
+def test_optional_role_may_be_missing(ct_lung):
+    d = route(_two_roles(ct_lung, second_required=False), study(series("2", ConvolutionKernel="B40f")))
+    assert d.matched and d.problem is None
+    assert set(d.chosen()) == {"soft"}
+
+
+def test_study_for_another_pipeline_is_no_problem(ct_lung):
+    d = route(_two_roles(ct_lung), study(series("1", Modality="MR")))
+    assert not d.matched
+    assert d.problem is None  # nothing of this pipeline is here: no job, only the dry-run's reason
 
 
 def test_more_slices_preferred_when_kernels_equal(ct_lung):
