@@ -31,6 +31,7 @@ _INSTANCE_KEYWORDS = (
 )  # fmt: skip
 PENDING_TTL_S = 3600.0
 GAP_WAIT_S = 5.0  # how long a missing change number is waited for (see Intake._gap_expired)
+GAP_NEAR_TAIL = 1000  # only gaps this close to the newest change can still fill
 # Study-level keywords for ``study_where`` that are not DICOM attributes: how the study arrived.
 STUDY_CALLING_AET = "CallingAETitle"
 STUDY_ORIGIN = "Origin"
@@ -55,8 +56,10 @@ class Intake:
         pipelines: Callable[[], list[PipelineConfig]],
         max_attempts: int = 3,
         catch_up_delay_s: float = 10.0,
+        wait_for_gaps: bool = False,
     ) -> None:
         self.rest_get = rest_get
+        self.wait_for_gaps = wait_for_gaps
         self.store = store
         self.pipelines = pipelines
         self.max_attempts = max_attempts
@@ -198,9 +201,11 @@ class Intake:
             page = self.rest_get(f"/changes?since={since}&limit={limit}")
             changes = page.get("Changes", [])
             held = False
+            if self.wait_for_gaps:
+                self._note_gaps(since, changes)
             for ch in changes:
                 seq = int(ch.get("Seq", since + 1))
-                if seq > since + 1 and not self._gap_expired(since + 1):
+                if seq > since + 1 and not self._gap_expired(since + 1, seq):
                     held = True  # read again from here on the next pass
                     break
                 self._handle_change(ch)
@@ -222,16 +227,34 @@ class Intake:
         self._run_catch_up()
         return seen
 
-    def _gap_expired(self, missing: int) -> bool:
-        """Change ``missing`` is not in the log although a later one is. With several Orthancs
+    def _note_gaps(self, since: int, changes: list[dict[str, Any]]) -> None:
+        """Remember when each gap of this page was first seen (all at once, so a page with many
+        gaps costs one wait, not one per gap). Only gaps near the end of the log can still be
+        filled by a transaction in flight; older ones are deleted resources: not waited for."""
+        seqs = [int(ch.get("Seq", 0)) for ch in changes]
+        if not seqs:
+            return
+        tail = int(self.rest_get("/changes?last").get("Last", seqs[-1]))
+        now = time.monotonic()
+        previous = since
+        for seq in seqs:
+            if seq > previous + 1 and tail - seq < GAP_NEAR_TAIL:
+                self._gaps.setdefault(previous + 1, now)
+            previous = max(previous, seq)
+
+    def _gap_expired(self, missing: int, after: int) -> bool:
+        """Change ``missing`` is not in the log although ``after`` is. With several Orthancs
         sharing one PostgreSQL index a lower number can become visible after a higher one (its
-        transaction commits later), so the reader waits a little for it; a number still absent
-        after GAP_WAIT_S belongs to a transaction that rolled back, and is skipped."""
-        first = self._gaps.setdefault(missing, time.monotonic())
+        transaction commits later), so near the end of the log the reader waits a little for it.
+        A number still absent after GAP_WAIT_S belongs to a transaction that rolled back or to a
+        deleted resource (Orthanc removes a resource's changes with it), and is skipped."""
+        first = self._gaps.get(missing)
+        if first is None:
+            return True  # not waited for: no shared index, or far from the end of the log
         if time.monotonic() - first < GAP_WAIT_S:
             return False
         self._gaps.pop(missing, None)
-        log.debug("change %d never appeared; going on", missing)
+        log.debug("change %d never appeared before %d; going on", missing, after)
         return True
 
     def _handle_change(self, ch: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ undoes whichever it was, so the labels lie on the first role's source slices.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import conform, postprocess, preprocess
-from .config import PipelineConfig
+from .config import PipelineConfig, Preprocess
 from .volume import Volume, axial_flips
 
 Float32Array = NDArray[np.float32]
@@ -117,13 +117,22 @@ def prepare(p: PipelineConfig, volumes: Mapping[str, Volume]) -> Prepared:
     out = []
     for chan in channels:
         v = np.flip(chan, flips) if flips else chan
-        if pre.window is not None:
-            v = preprocess.window(v, *pre.window)
-        elif pre.minmax:
-            v = preprocess.minmax(v)
-        out.append(preprocess.resize(v, shape, order=1))
+        out.append(preprocess.resize(v, shape, order=1, pointwise=_scaling(pre, v)))
     tensor = np.ascontiguousarray(np.stack(out)[np.newaxis], dtype=np.float32)
     return Prepared(tensor, reference, notes, flips)
+
+
+def _scaling(pre: Preprocess, v: NDArray[np.floating[Any]]) -> Callable[[Float32Array], Float32Array] | None:
+    """The intensity scaling of ``pre`` as an element-wise function (min-max uses ``v``'s range)."""
+    if pre.window is not None:
+        low, high = pre.window
+        return lambda x: preprocess.window(x, low, high)
+    if pre.minmax:
+        lo, hi = float(np.min(v)), float(np.max(v))
+        if hi <= lo:
+            return np.zeros_like
+        return lambda x: (x - np.float32(lo)) / np.float32(hi - lo)
+    return None
 
 
 def grid_for_spacing(volume: Volume, spacing_mm: tuple[float, float, float]) -> tuple[int, int, int]:

@@ -16,6 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
+from .volume import default_pixels
+
 # Orthanc errors (its "OrthancStatus") that mean "these pixels cannot be decoded", not "try again":
 # NotImplemented (no codec for the transfer syntax), NotEnoughMemory (absurd dimensions),
 # BadFileFormat, CorruptedFile, IncompatibleImageFormat, IncompatibleImageSize.
@@ -153,7 +155,7 @@ class OrthancClient:
         iid = getattr(ds, "orthanc_id", None)
         if iid is None or _decodes_locally(ts):
             try:
-                return np.asarray(ds.pixel_array)
+                return default_pixels(ds)
             except (ValueError, NotImplementedError, RuntimeError) as e:
                 # pydicom: truncated or inconsistent pixel data, a broken codestream.
                 raise PixelDecodeError(str(e).splitlines()[0]) from e

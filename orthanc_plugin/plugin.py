@@ -147,6 +147,9 @@ class Plugin:
             lambda: self.pipelines,
             max_attempts=self.settings.max_attempts,
             catch_up_delay_s=stable_age if delay < 0 else delay,
+            # Several Orthancs can share a PostgreSQL index: change numbers may then appear out
+            # of order. A SQLite index has one writer and its gaps are deleted resources.
+            wait_for_gaps=bool((config.get("PostgreSQL") or {}).get("EnableIndex", False)),
         )
         self.api = Api(
             JobStore(database),

@@ -9,6 +9,7 @@ sorted by position along the slice normal (ascending), rows and columns as store
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,10 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[NDArray[np.intp], NDArray[np.i
 
 
 def resize(
-    volume: NDArray[np.floating[Any]], shape: tuple[int, int, int], order: int = 1
+    volume: NDArray[np.floating[Any]],
+    shape: tuple[int, int, int],
+    order: int = 1,
+    pointwise: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
 ) -> NDArray[np.float32]:
     """Resample a 3D array to ``shape``; linear (``order=1``) or nearest (``order=0``).
 
@@ -51,6 +55,11 @@ def resize(
     (like ``scipy.ndimage.zoom(grid_mode=True, mode="nearest")`` and torch's
     ``align_corners=False``). Linear resampling is done one axis at a time, which is exact
     for trilinear interpolation and an order of magnitude faster than a generic zoom.
+
+    ``pointwise`` (an element-wise function such as :func:`window`) is applied to the input
+    first; the result is the same as ``resize(pointwise(volume))``, but for linear resampling
+    it only touches the input planes the first pass reads (a 320-slice series resized to 64
+    slices: 128 planes instead of 320).
     """
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"resize: target shape must be three positive sizes, got {shape}")
@@ -59,6 +68,9 @@ def resize(
     v = np.asarray(volume, dtype=np.float32)
     if v.ndim != 3:
         raise ValueError(f"resize: expected a 3D array, got shape {v.shape}")
+    if pointwise is not None and (order == 0 or v.shape == tuple(shape)):
+        v = np.asarray(pointwise(v), dtype=np.float32)
+        pointwise = None
     if v.shape == tuple(shape):
         return v.copy()
     if order == 0:
@@ -76,6 +88,10 @@ def resize(
         wb = w.reshape(wshape)
         a = np.take(v, lo, axis=axis)
         b = np.take(v, hi, axis=axis)
+        if pointwise is not None:  # element-wise, so it commutes with taking planes
+            a = np.asarray(pointwise(a), dtype=np.float32)
+            b = np.asarray(pointwise(b), dtype=np.float32)
+            pointwise = None
         # a + (b - a) * w, in place to keep peak memory at three copies of the largest pass.
         b -= a
         b *= wb

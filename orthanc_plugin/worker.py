@@ -425,7 +425,12 @@ def _check_plausible(
         if seg.plausible_mean is None:
             continue
         low, high = seg.plausible_mean
-        mean = float(volume.voxels[labels == spec.label].mean())
+        # Every other voxel along each axis is plenty for a mean (and 8x cheaper on a big series).
+        sub = labels[::2, ::2, ::2] == spec.label
+        if sub.any():
+            mean = float(volume.voxels[::2, ::2, ::2][sub].mean())
+        else:
+            mean = float(volume.voxels[labels == spec.label].mean())
         if not low <= mean <= high:
             what = seg.plausible_as or f"a {seg.name.lower()}"
             raise BadInput(

@@ -49,7 +49,7 @@ class FakeOrthanc:
     def get(self, path: str) -> Any:
         if path.startswith("/changes"):
             if path == "/changes?last":
-                return {"Last": len(self.changes)}
+                return {"Last": max((c["Seq"] for c in self.changes), default=0)}
             q = dict(p.split("=") for p in path.split("?")[1].split("&"))
             since, limit = int(q["since"]), int(q["limit"])
             page = [c for c in self.changes if c["Seq"] > since][:limit]
@@ -75,8 +75,8 @@ def setup(tmp_path):
     return orthanc, store, pipelines
 
 
-def make_intake(orthanc, store, pipelines, delay=0.0) -> Intake:
-    return Intake(orthanc.get, store, lambda: pipelines, catch_up_delay_s=delay)
+def make_intake(orthanc, store, pipelines, delay=0.0, wait_for_gaps=False) -> Intake:
+    return Intake(orthanc.get, store, lambda: pipelines, catch_up_delay_s=delay, wait_for_gaps=wait_for_gaps)
 
 
 def test_stable_study_enqueues_once(setup):
@@ -150,7 +150,7 @@ def test_dry_run_explains(setup):
 def test_change_committed_late_is_not_skipped(setup, monkeypatch):
     """Two Orthancs on one PostgreSQL index: change 3 may become visible after change 4."""
     orthanc, store, pipelines = setup
-    intake = make_intake(orthanc, store, pipelines)
+    intake = make_intake(orthanc, store, pipelines, wait_for_gaps=True)
     intake.process_changes()
     orthanc.add_study("late", ["B40f"])  # NewSeries, seq 1
     orthanc.log("StableStudy", "other")  # seq 2, unknown study: ignored
@@ -166,7 +166,7 @@ def test_change_committed_late_is_not_skipped(setup, monkeypatch):
 
 def test_change_number_that_never_comes_is_skipped_after_a_while(setup, monkeypatch):
     orthanc, store, pipelines = setup
-    intake = make_intake(orthanc, store, pipelines)
+    intake = make_intake(orthanc, store, pipelines, wait_for_gaps=True)
     intake.process_changes()
     orthanc.add_study("after-gap", ["B40f"])  # seq 1
     orthanc.changes.append(
@@ -178,3 +178,31 @@ def test_change_number_that_never_comes_is_skipped_after_a_while(setup, monkeypa
     intake.process_changes()
     assert intake._cursor == 3
     assert [j.orthanc_study_id for j in store.list_jobs()] == ["after-gap"]
+
+
+@pytest.mark.parametrize("shared_index", [False, True])
+def test_gaps_of_deleted_resources_cost_no_wait(setup, shared_index):
+    """Orthanc deletes a resource's changes with it: with one writer (SQLite), or far from the end
+    of the log, a gap is not waited for."""
+    orthanc, store, pipelines = setup
+    intake = make_intake(orthanc, store, pipelines, wait_for_gaps=shared_index)
+    intake.process_changes()
+    orthanc.add_study("now", ["B40f"])  # NewSeries, seq 1
+    seq = 1
+    for _ in range(3):
+        seq += 5  # four changes of a deleted study are gone
+        orthanc.changes.append(
+            {"ChangeType": "NewInstance", "ID": "y", "ResourceType": "Instance", "Seq": seq}
+        )
+    if shared_index:  # push the gaps far from the end of the log
+        for _ in range(1100):
+            seq += 1
+            orthanc.changes.append(
+                {"ChangeType": "NewInstance", "ID": "y", "ResourceType": "Instance", "Seq": seq}
+            )
+    orthanc.changes.append(
+        {"ChangeType": "StableStudy", "ID": "now", "ResourceType": "Study", "Seq": seq + 1}
+    )
+    intake.process_changes()
+    assert intake._cursor == seq + 1
+    assert [j.orthanc_study_id for j in store.list_jobs()] == ["now"]

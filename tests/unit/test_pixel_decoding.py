@@ -18,8 +18,9 @@ from pydicom.uid import JPEGLSLossless, RLELossless
 
 from orthanc_plugin.orthanc_client import OrthancClient, OrthancError, PixelDecodeError
 from orthanc_plugin.routing import SeriesInfo, StudyInfo, route
-from orthanc_plugin.volume import VolumeError, build_volume
+from orthanc_plugin.volume import VolumeError, build_volume, native_pixels
 
+from ..conftest import DATA, read_series
 from ..integration.corpus import to_jpeg2000
 
 
@@ -146,3 +147,25 @@ def test_multi_frame_series_rejected_by_routing_with_the_reason() -> None:
     assert not d.matched
     (failed,) = d.roles[0].rejected.values()
     assert any("multi-frame (NumberOfFrames 64)" in f for f in failed), failed
+
+
+@pytest.mark.parametrize("folder", ["ct/A0001-5mm", "ct/A0002-B40f", "mr/nih-ge-epi/mr_0004"])
+def test_native_fast_path_equals_pydicom_on_real_series(folder: str) -> None:
+    for ds in read_series(DATA / folder):
+        fast = native_pixels(ds)
+        assert fast is not None
+        expected = ds.pixel_array
+        assert fast.dtype == expected.dtype and np.array_equal(fast, expected)
+
+
+@pytest.mark.parametrize(("signed", "stored"), [(0, 12), (1, 12), (0, 10), (1, 10), (1, 16), (0, 16)])
+def test_native_fast_path_clears_or_sign_extends_unused_bits(signed: int, stored: int) -> None:
+    ds = copy.deepcopy(read_series(DATA / "ct" / "A0002-B40f")[0])
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = signed, stored, stored - 1
+    garbage = np.random.default_rng(stored + signed).integers(
+        0, 65535, (ds.Rows, ds.Columns), dtype=np.uint16
+    )
+    ds.PixelData = garbage.tobytes()
+    fast = native_pixels(ds)
+    assert fast is not None and fast.dtype == ds.pixel_array.dtype
+    assert np.array_equal(fast, ds.pixel_array)
