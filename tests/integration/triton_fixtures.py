@@ -7,14 +7,13 @@ so neither the tests nor the benchmark need the ``onnx`` package.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
 from orthanc_plugin.onnx_proto import attr_int, attr_ints, model, node, tensor, value_info
+from orthanc_plugin.stack import free_port
 
 
 def conv_segmentation_onnx(
@@ -96,22 +95,6 @@ def _dims(dims: Sequence[int]) -> str:
     return ", ".join(str(int(d)) for d in dims)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (held open together so they cannot repeat)."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """``count`` distinct free ports, never handed out before in this process."""
+    return [free_port() for _ in range(count)]
