@@ -160,11 +160,13 @@ class JobStore:
             if row is not None:
                 return Job.from_row(row), False
             # Two Orthancs sharing a PostgreSQL store may enqueue the same study at the same
-            # moment: the loser of the race sees the winner's row instead of an error.
+            # moment: the loser of the race sees the winner's row instead of an error. No
+            # conflict target: the id (derived from the key) collides too, and PostgreSQL only
+            # forgives conflicts on the target's index.
             cur = db.execute(
                 "INSERT INTO jobs(id, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,"
                 " state, priority, max_attempts, input, created, updated) VALUES (?,?,?,?,?,?,?,'queued',?,?,?,?,?)"
-                " ON CONFLICT (key) DO NOTHING",
+                " ON CONFLICT DO NOTHING",
                 (
                     jid, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,
                     priority, max_attempts, json.dumps(input), now, now,
