@@ -177,5 +177,5 @@ def keep_largest_components(labels: NDArray[np.uint8], values: Sequence[int] | r
 def volumes_ml(
     labels: NDArray[np.integer[Any]], values: Sequence[int], voxel_volume_ml: float
 ) -> dict[int, float]:
-    counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
-    return {v: float(counts[v]) * voxel_volume_ml for v in values}
+    # One comparison per value: bincount would first copy the label map to intp (8 bytes a voxel).
+    return {v: float(np.count_nonzero(labels == v)) * voxel_volume_ml for v in values}
