@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
+import yaml
+from pydicom.uid import generate_uid
 
 from orthanc_plugin.stack import ROOT, OrthancServer, free_port
 from orthanc_plugin.triton_server import TritonServer
+
+from ..conftest import require_data
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -127,3 +132,46 @@ def series_by_modality(client: httpx.Client, study_id: str, modality: str) -> li
         for s in client.get(f"/studies/{study_id}/series").json()
         if s["MainDicomTags"].get("Modality") == modality
     ]
+
+
+def make_orthanc(
+    tmp: Path, triton_grpc_port: int, pipelines: list[dict[str, Any]] | None = None, **kw: Any
+) -> OrthancServer:
+    """An Orthanc with the plugin on free ports and the tests' defaults (one worker, stable after
+    1 s, 8 s leases), with its own pipelines file when ``pipelines`` is given. Not started."""
+    env = dict(kw.pop("extra_env", {}))
+    if pipelines is not None:
+        (tmp / "pipelines.yaml").write_text(yaml.safe_dump({"pipelines": pipelines}, sort_keys=False))
+        env["ORTHANC_AI_PIPELINES"] = str(tmp / "pipelines.yaml")
+    settings: dict[str, Any] = {
+        "workers": 1,
+        "stable_age": 1,
+        "lease_seconds": 8,
+        "log_file": tmp / "orthanc.log",
+    }
+    settings.update(kw)
+    return OrthancServer(
+        tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton_grpc_port,
+        extra_env=env, **settings,
+    )  # fmt: skip
+
+
+def shipped_pipelines() -> list[dict[str, Any]]:
+    """The pipelines of config/pipelines.yaml as plain data, for tests to adapt."""
+    return list(yaml.safe_load((ROOT / "config" / "pipelines.yaml").read_text())["pipelines"])
+
+
+def copy_as_new_study(folder: Path, dest: Path) -> tuple[str, list[Path]]:
+    """The series in ``folder`` as a new study (new Study, Series and SOP Instance UIDs) in ``dest``."""
+    require_data(folder)
+    study, series = generate_uid(), generate_uid()
+    dest.mkdir(parents=True)
+    out = []
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(dest / f.name, enforce_file_format=True)
+        out.append(dest / f.name)
+    return study, out

@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pydicom
 import pytest
 import yaml
-from pydicom.uid import generate_uid
 
 from orthanc_plugin.stack import ORTHANC_BIN, ROOT, OrthancServer, free_port
 from orthanc_plugin.triton_server import TritonServer
 
-from ..conftest import CT_B40, require_data
-from .conftest import wait_for, wait_job_done
+from ..conftest import CT_B40
+from .conftest import copy_as_new_study, wait_for, wait_job_done
 
 pytestmark = pytest.mark.integration
 
@@ -83,20 +81,10 @@ class PlainOrthanc:
         return uids
 
 
-def copy_as_new_study(dest: Path) -> tuple[str, list[bytes]]:
+def new_study_files(dest: Path) -> tuple[str, list[bytes]]:
     """A0002-B40f (30 slices) with new Study/Series/SOP Instance UIDs: (StudyInstanceUID, files)."""
-    require_data(CT_B40)
-    study, series = generate_uid(), generate_uid()
-    dest.mkdir(parents=True)
-    files = []
-    for f in sorted(CT_B40.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(dest / f.name, enforce_file_format=True)
-        files.append((dest / f.name).read_bytes())
-    return study, files
+    study, paths = copy_as_new_study(CT_B40, dest)
+    return study, [p.read_bytes() for p in paths]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Ite
 
 def _process(stack: dict[str, Any], name: str) -> dict[str, Any]:
     orthanc: OrthancServer = stack["orthanc"]
-    uid, files = copy_as_new_study(stack["tmp"] / name)
+    uid, files = new_study_files(stack["tmp"] / name)
     with httpx.Client(base_url=orthanc.url, timeout=60) as c:
         for data in files:
             c.post(

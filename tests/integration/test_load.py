@@ -32,12 +32,12 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from orthanc_plugin.stack import OrthancServer, free_port
+from orthanc_plugin.stack import OrthancServer
 from orthanc_plugin.triton_server import TritonServer
 from orthanc_plugin.uids import derived_uid
 
 from ..conftest import CT_A0001, require_data
-from .conftest import TERMINAL, client, wait_for
+from .conftest import TERMINAL, client, make_orthanc, wait_for
 from .corpus import RUN, encode
 
 pytestmark = pytest.mark.integration
@@ -83,10 +83,7 @@ def make_study(i: int) -> tuple[str, list[bytes]]:
 @pytest.fixture(scope="module")
 def loaded_orthanc(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[OrthancServer]:
     tmp = tmp_path_factory.mktemp("load")
-    server = OrthancServer(
-        tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton.grpc_port,
-        workers=1, stable_age=2, lease_seconds=8, log_file=tmp / "orthanc.log",
-    )  # fmt: skip
+    server = make_orthanc(tmp, triton.grpc_port, stable_age=2)
     server.start(timeout=60)
     yield server
     server.stop()

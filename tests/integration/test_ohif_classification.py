@@ -16,15 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
+from orthanc_plugin.stack import OrthancServer, free_port
 from orthanc_plugin.triton_server import TritonServer
 from orthanc_plugin.viewer import ViewerServer
 
 from ..conftest import CT_B40, require_data
 from .browser import run_check
-from .conftest import study_uid, upload_folder, wait_job_done
+from .conftest import make_orthanc, shipped_pipelines, study_uid, upload_folder, wait_job_done
 from .test_ohif import CHECK_SCRIPT, viewer_tools  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration
@@ -34,15 +33,8 @@ pytestmark = pytest.mark.integration
 def orthanc_classify(
     tmp_path_factory: pytest.TempPathFactory, triton: TritonServer
 ) -> Iterator[OrthancServer]:
-    tmp = tmp_path_factory.mktemp("ohif-classify")
-    shipped = yaml.safe_load((ROOT / "config" / "pipelines.yaml").read_text())["pipelines"]
-    only = [{**p, "enabled": True} for p in shipped if p["name"] == "ct-lung-attenuation"]
-    (tmp / "pipelines.yaml").write_text(yaml.safe_dump({"pipelines": only}, sort_keys=False))
-    server = OrthancServer(
-        tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton.grpc_port,
-        workers=1, stable_age=1, lease_seconds=8, log_file=tmp / "orthanc.log",
-        extra_env={"ORTHANC_AI_PIPELINES": str(tmp / "pipelines.yaml")},
-    )  # fmt: skip
+    only = [{**p, "enabled": True} for p in shipped_pipelines() if p["name"] == "ct-lung-attenuation"]
+    server = make_orthanc(tmp_path_factory.mktemp("ohif-classify"), triton.grpc_port, only)
     server.start(timeout=60)
     yield server
     server.stop()

@@ -34,12 +34,12 @@ import yaml
 from orthanc_plugin import model_input
 from orthanc_plugin.config import load_pipelines
 from orthanc_plugin.onnx_proto import attr_int, model, node, tensor, value_info
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
+from orthanc_plugin.stack import ROOT, free_port
 from orthanc_plugin.triton_server import TritonServer
 from orthanc_plugin.volume import build_volume
 
 from ..conftest import CT_A0001, CT_B40, CT_B70, MR, read_series, require_data
-from .conftest import TERMINAL, series_by_modality, study_uid, upload_folder, wait_for
+from .conftest import TERMINAL, make_orthanc, series_by_modality, study_uid, upload_folder, wait_for
 from .triton_fixtures import write_onnx_model
 
 pytestmark = pytest.mark.integration
@@ -170,11 +170,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         log_file=tmp / "triton.log", backend_root=tmp / "backends",
     )  # fmt: skip
     triton.start(timeout=120)
-    orthanc = OrthancServer(
-        tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton.grpc_port,
-        workers=1, stable_age=1, lease_seconds=8, log_file=tmp / "orthanc.log",
-        extra_env={"ORTHANC_AI_PIPELINES": str(tmp / "pipelines.yaml")},
-    )  # fmt: skip
+    orthanc = make_orthanc(
+        tmp, triton.grpc_port, extra_env={"ORTHANC_AI_PIPELINES": str(tmp / "pipelines.yaml")}
+    )
     try:
         orthanc.start(timeout=60)
         with httpx.Client(base_url=orthanc.url, timeout=60) as api:

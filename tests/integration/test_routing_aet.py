@@ -13,16 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pydicom
 import pytest
-import yaml
-from pydicom.uid import generate_uid
 
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
+from orthanc_plugin.stack import OrthancServer
 from orthanc_plugin.triton_server import TritonServer
 
-from ..conftest import CT_B40, require_data
-from .conftest import wait_for, wait_job_done
+from ..conftest import CT_B40
+from .conftest import copy_as_new_study, make_orthanc, shipped_pipelines, wait_for, wait_job_done
 
 pytestmark = pytest.mark.integration
 
@@ -31,34 +28,17 @@ SCANNER = "CT_SCANNER_1"
 
 @pytest.fixture(scope="module")
 def orthanc_aet(tmp_path_factory: pytest.TempPathFactory, triton: TritonServer) -> Iterator[OrthancServer]:
-    tmp = tmp_path_factory.mktemp("routing-aet")
-    pipelines = yaml.safe_load((ROOT / "config" / "pipelines.yaml").read_text())
-    for p in pipelines["pipelines"]:
+    pipelines = shipped_pipelines()
+    for p in pipelines:
         p["study_where"] = {"CallingAETitle": {"equals": SCANNER}}
-    (tmp / "pipelines.yaml").write_text(yaml.safe_dump(pipelines, sort_keys=False))
-    server = OrthancServer(
-        tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton.grpc_port,
-        workers=1, stable_age=1, lease_seconds=8, log_file=tmp / "orthanc.log",
-        extra_env={"ORTHANC_AI_PIPELINES": str(tmp / "pipelines.yaml")},
-    )  # fmt: skip
+    server = make_orthanc(tmp_path_factory.mktemp("routing-aet"), triton.grpc_port, pipelines)
     server.start(timeout=60)
     yield server
     server.stop()
 
 
 def _new_study(dest: Path) -> tuple[str, list[Path]]:
-    require_data(CT_B40)
-    study, series = generate_uid(), generate_uid()
-    dest.mkdir(parents=True)
-    out = []
-    for f in sorted(CT_B40.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(dest / f.name, enforce_file_format=True)
-        out.append(dest / f.name)
-    return study, out
+    return copy_as_new_study(CT_B40, dest)
 
 
 def _storescu(orthanc: OrthancServer, aet: str, files: list[Path]) -> None:
