@@ -293,6 +293,20 @@ class Database:
                 self.execute(to_postgres_ddl(statement) if self.dialect == "postgresql" else statement)
 
 
+def open_with_schema(
+    target: DatabaseTarget | sqlite3.Connection, statements: Iterable[str], busy_timeout_s: float = 30.0
+) -> Database:
+    """Open ``target`` and make sure ``statements`` (``CREATE ... IF NOT EXISTS``) ran; closed again
+    if that fails, so a store that cannot start leaves no connection behind."""
+    db = Database(target, busy_timeout_s)
+    try:
+        db.create_schema(statements)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def split_script(script: str) -> list[str]:
     """A schema script (no ``;`` inside statements) as separate statements."""
     return [s.strip() for s in script.split(";") if s.strip()]

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from .database import Database, DatabaseTarget, Row, split_script
+from .database import Database, DatabaseTarget, Row, open_with_schema, split_script
 from .outbox import SCHEMA as OUTBOX_SCHEMA
 from .outbox import enqueue_in
 from .uids import job_id
@@ -113,13 +113,8 @@ class JobStore:
 
     def __init__(self, path: DatabaseTarget, busy_timeout_s: float = 30.0) -> None:
         self.path = path
-        self._db = Database(path, busy_timeout_s)
-        try:
-            # The outbox's table too: a job's success may queue its report.
-            self._db.create_schema([*split_script(_SCHEMA), *OUTBOX_SCHEMA])
-        except BaseException:
-            self._db.close()
-            raise
+        # The outbox's table too: a job's success may queue its report.
+        self._db = open_with_schema(path, [*split_script(_SCHEMA), *OUTBOX_SCHEMA], busy_timeout_s)
 
     def close(self) -> None:
         self._db.close()

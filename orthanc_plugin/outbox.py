@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .database import Database, DatabaseTarget, Row
+from .database import Database, DatabaseTarget, Row, open_with_schema
 
 #: Stored states. ``failing`` is never stored: it is a pending row whose last attempt failed.
 STATES = ("pending", "delivering", "delivered")
@@ -143,12 +143,7 @@ class Outbox:
         self.path = path
         self.first_backoff_s = min(first_backoff_s, max_backoff_s)
         self.max_backoff_s = max_backoff_s
-        self._db = Database(path, busy_timeout_s)
-        try:
-            self._db.create_schema(SCHEMA)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_with_schema(path, SCHEMA, busy_timeout_s)
 
     def close(self) -> None:
         self._db.close()

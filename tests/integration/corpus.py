@@ -79,25 +79,27 @@ def _position(ds: Dataset) -> float:
 
 
 @functools.cache
-def _base() -> tuple[Dataset, ...]:
+def downsampled_ct(
+    every: int = 2, factor: int = 2, description: str = "derived test series"
+) -> tuple[Dataset, ...]:
+    """Every ``every``-th slice of A0001-5mm, ``factor`` times smaller in-plane (block means),
+    sorted along the normal. Cached: callers copy before changing them."""
     require_data(CT_A0001)
-    slices = sorted((pydicom.dcmread(f) for f in CT_A0001.glob("*.dcm")), key=_position)[::2]
-    out = []
+    slices = sorted((pydicom.dcmread(f) for f in CT_A0001.glob("*.dcm")), key=_position)[::every]
     for ds in slices:
         arr = ds.pixel_array.astype(np.float32)
-        small = arr.reshape(arr.shape[0] // 2, 2, arr.shape[1] // 2, 2).mean(axis=(1, 3))
+        small = arr.reshape(arr.shape[0] // factor, factor, arr.shape[1] // factor, factor).mean(axis=(1, 3))
         ds.PixelData = np.rint(small).astype(ds.pixel_array.dtype).tobytes()
         ds.Rows, ds.Columns = small.shape
-        ds.PixelSpacing = [round(float(v) * 2, 6) for v in ds.PixelSpacing]
-        ds.SeriesDescription = "derived test series"
+        ds.PixelSpacing = [round(float(v) * factor, 6) for v in ds.PixelSpacing]
+        ds.SeriesDescription = description
         ds.AccessionNumber = ""
-        out.append(ds)
-    return tuple(out)
+    return tuple(slices)
 
 
 def base() -> Series:
     """The 32 slices (deep copies: every kind changes its own)."""
-    return [copy.deepcopy(ds) for ds in _base()]
+    return [copy.deepcopy(ds) for ds in downsampled_ct()]
 
 
 def _set_pixels(ds: Dataset, arr: np.ndarray) -> None:

@@ -15,7 +15,6 @@ no job may be lost. About 70 s on the 2-core machine.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import statistics
 import threading
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -36,9 +33,8 @@ from orthanc_plugin.stack import OrthancServer
 from orthanc_plugin.triton_server import TritonServer
 from orthanc_plugin.uids import derived_uid
 
-from ..conftest import CT_A0001, require_data
 from .conftest import TERMINAL, client, make_orthanc, wait_for
-from .corpus import RUN, encode
+from .corpus import RUN, downsampled_ct, encode
 
 pytestmark = pytest.mark.integration
 
@@ -49,22 +45,8 @@ QUEUED_WINDOW_S = 30.0
 COLLAPSE_MEDIAN_S = 1.0
 
 
-@functools.cache
 def _template() -> tuple[Dataset, ...]:
-    require_data(CT_A0001)
-    slices = sorted(
-        (pydicom.dcmread(f) for f in CT_A0001.glob("*.dcm")),
-        key=lambda ds: float(ds.ImagePositionPatient[2]),
-    )[::3]
-    for ds in slices:
-        arr = ds.pixel_array.astype(np.float32)
-        small = arr.reshape(arr.shape[0] // 4, 4, arr.shape[1] // 4, 4).mean(axis=(1, 3))
-        ds.PixelData = np.rint(small).astype(ds.pixel_array.dtype).tobytes()
-        ds.Rows, ds.Columns = small.shape
-        ds.PixelSpacing = [round(float(v) * 4, 6) for v in ds.PixelSpacing]
-        ds.SeriesDescription = "derived load test series"
-        ds.AccessionNumber = ""
-    return tuple(slices)
+    return downsampled_ct(every=3, factor=4, description="derived load test series")
 
 
 def make_study(i: int) -> tuple[str, list[bytes]]:
