@@ -191,17 +191,14 @@ class OrthancClient:
     def series_exists(self, orthanc_series_id: str) -> bool:
         """Whether the series is still there. After storing, ask this of the *source* series:
         the study itself always exists again then, re-created by the outputs just stored."""
-        try:
-            self._request("GET", f"/series/{orthanc_series_id}", "read the series")
-        except OrthancError as e:
-            if e.status == 404:
-                return False
-            raise
-        return True
+        return self._exists(f"/series/{orthanc_series_id}", "read the series")
 
     def study_exists(self, orthanc_study_id: str) -> bool:
+        return self._exists(f"/studies/{orthanc_study_id}", "read the study")
+
+    def _exists(self, path: str, what: str) -> bool:
         try:
-            self._request("GET", f"/studies/{orthanc_study_id}", "read the study")
+            self._request("GET", path, what)
         except OrthancError as e:
             if e.status == 404:
                 return False
