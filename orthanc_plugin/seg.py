@@ -4,7 +4,9 @@ Two encodings, chosen per pipeline (``outputs.seg_type``): ``BINARY`` (Segmentat
 Storage, a 1-bit frame per segment and slice, what every SEG reader knows) and
 ``LABELMAP`` (Label Map Segmentation Storage, DICOM 2024b: one 8-bit frame per slice
 holding every segment's number, smaller and faster to load, read only by recent viewers).
-Both carry the same segment numbers, descriptions, references and equipment.
+Both carry the same segment numbers, descriptions, references and equipment. highdicom
+encodes LABELMAP; BINARY is written by :mod:`orthanc_plugin.seg_binary` (the same object as
+highdicom's, several times faster), highdicom remaining the reference (``encoder=``).
 
 The SEG references its source series (ReferencedSeriesSequence, which OHIF needs to
 make a display set), describes every segment with codes, a tracking identifier and a
@@ -25,6 +27,7 @@ from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.valuerep import DA, TM
 
+from . import seg_binary
 from .codes import PROCESSING_EQUIPMENT
 from .results import AlgorithmInfo, SegmentSpec, check_uid
 from .uids import derived_uid
@@ -37,10 +40,16 @@ SEG_TYPES = ("BINARY", "LABELMAP")
 #: SOP Class UIDs of the two encodings: Segmentation Storage and Label Map Segmentation
 #: Storage (DICOM PS3.4 Table B.5-1, the latter added in 2024b).
 SEG_SOP_CLASS_UIDS = {
-    "BINARY": "1.2.840.10008.5.1.4.1.1.66.4",
+    "BINARY": seg_binary.SOP_CLASS_UID,
     "LABELMAP": "1.2.840.10008.5.1.4.1.1.66.7",
 }
+#: Who encodes a BINARY SEG (:func:`build_seg`'s ``encoder``): ``"fast"`` is
+#: :mod:`orthanc_plugin.seg_binary` (the same object, several times faster), ``"highdicom"``
+#: is ``highdicom.seg.Segmentation``, kept as the reference the tests compare with.
+SEG_ENCODERS = ("fast", "highdicom")
 
+#: Voxels per step of :func:`label_counts` (4 MB of labels).
+_COUNT_CHUNK = 1 << 22
 _CS_UNSAFE = re.compile(r"[^A-Z0-9_]+")
 
 
@@ -157,6 +166,24 @@ def check_labels(labels: NDArray[np.integer[Any]], n_images: int, rows: int, col
     return labels.astype(np.uint8, copy=False)
 
 
+def label_counts(labels: NDArray[np.uint8], values: Sequence[int]) -> tuple[dict[int, int], int]:
+    """Voxels equal to each of ``values``, and voxels not 0.
+
+    One comparison per value and a nonzero count, a few MB at a time: a bincount of the whole
+    label map (converted to intp) costs ten times more (it is only needed to name unknown
+    values), and whole-volume temporaries three times more than these, which stay in cache.
+    """
+    flat = labels.reshape(-1)
+    counts = dict.fromkeys(values, 0)
+    nonzero = 0
+    for start in range(0, flat.size, _COUNT_CHUNK):
+        part = flat[start : start + _COUNT_CHUNK]
+        nonzero += int(np.count_nonzero(part))
+        for k in counts:
+            counts[k] += int(np.count_nonzero(part == k))
+    return counts, nonzero
+
+
 def build_seg(
     source_images: Sequence[Dataset],
     labels: NDArray[np.integer[Any]],
@@ -168,6 +195,7 @@ def build_seg(
     series_description: str,
     content_creation: dt.datetime | None = None,
     seg_type: str = "BINARY",
+    encoder: str = "fast",
 ) -> Dataset:
     """Encode ``labels`` (slice i aligned with ``source_images[i]``) as a DICOM SEG.
 
@@ -177,9 +205,17 @@ def build_seg(
     are left out (an empty segment has no frames, and viewers handle that badly). Slices
     without any segment get no frame. Raises :class:`EmptySegmentationError` when no
     segment has a voxel, ``ValueError`` for inconsistent input.
+
+    ``encoder`` (BINARY only; LABELMAP is always highdicom's): ``"fast"`` writes the SEG
+    with :mod:`orthanc_plugin.seg_binary` where it covers the sources (single-frame images
+    in a patient frame of reference; highdicom otherwise), ``"highdicom"`` with
+    ``highdicom.seg.Segmentation``. Both give the same object but for the values highdicom
+    makes random or takes from the clock (see :mod:`orthanc_plugin.seg_binary`).
     """
     if seg_type not in SEG_TYPES:
         raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {seg_type!r}")
+    if encoder not in SEG_ENCODERS:
+        raise ValueError(f"encoder must be one of {', '.join(SEG_ENCODERS)}, got {encoder!r}")
     rows, cols = check_source_images(source_images)
     check_segments(segments)
     if not isinstance(algorithm, AlgorithmInfo):
@@ -191,28 +227,15 @@ def build_seg(
     check_series_description(series_description)
     lab = check_labels(labels, len(source_images), rows, cols)
 
-    # One comparison per segment and a nonzero count: a bincount of the whole label map
-    # (converted to intp) costs ten times more; it is only needed to name unknown values.
     by_label = {s.label: s for s in segments}
-    counts = {k: int(np.count_nonzero(lab == k)) for k in by_label}
-    if sum(counts.values()) != int(np.count_nonzero(lab)):
+    counts, nonzero = label_counts(lab, list(by_label))
+    if sum(counts.values()) != nonzero:
         every = np.bincount(lab.ravel(), minlength=256)
         unknown = sorted(int(v) for v in np.flatnonzero(every[1:]) + 1 if int(v) not in by_label)
         raise ValueError(f"labels contain values with no segment: {unknown}")
     present = [by_label[k] for k in sorted(by_label) if counts[k] > 0]
     if not present:
         raise EmptySegmentationError("no segment has any voxel in labels")
-
-    # Segment numbers 1..K: highdicom's label-map input wants them for BINARY, and OHIF 3.13
-    # needs them for LABELMAP too (it pairs SegmentSequence items with pixel values by
-    # position), although the standard allows any numbers there. Remap only when needed.
-    if [s.label for s in present] == list(range(1, len(present) + 1)):
-        pixel_array = lab
-    else:
-        lut = np.zeros(256, dtype=np.uint8)
-        for number, spec in enumerate(present, start=1):
-            lut[spec.label] = number
-        pixel_array = lut[lab]
 
     created = content_creation or dt.datetime.now(dt.UTC).astimezone()
     algorithm_id = hd.AlgorithmIdentificationSequence(
@@ -238,6 +261,57 @@ def build_seg(
         )
         for number, spec in enumerate(present, start=1)
     ]
+    header = seg_binary.SegHeader(
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        series_description=series_description,
+        manufacturer=algorithm.manufacturer,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        device_serial_number=DEVICE_SERIAL_NUMBER,
+        content_label=content_label(algorithm.name),
+        content_description=f"{algorithm.name} {algorithm.version}"[:64],
+        created=created,
+    )
+    equipment = [algorithm_equipment(algorithm, created)]
+    seg: Dataset | None = None
+    if seg_type == "BINARY" and encoder == "fast":
+        sources = seg_binary.read_sources(source_images)
+        if sources is not None:
+            # Segment k is the voxels labelled present[k - 1].label: no renumbered copy.
+            labels_in_order = [s.label for s in present]
+            seg = seg_binary.encode(
+                source_images, sources, lab, labels_in_order, descriptions, equipment, header
+            )
+    if seg is None:
+        seg = _highdicom_seg(source_images, lab, present, seg_type, descriptions, equipment, header)
+    # DA/TM values (the fast encoder's, read back, are strings), whichever encoder wrote it.
+    seg.ContentDate = DA(created.date())
+    seg.ContentTime = TM(created.time())
+    return seg
+
+
+def _highdicom_seg(
+    source_images: Sequence[Dataset],
+    lab: NDArray[np.uint8],
+    present: Sequence[SegmentSpec],
+    seg_type: str,
+    descriptions: Sequence[hd.seg.SegmentDescription],
+    equipment: Sequence[hd.ContributingEquipment],
+    header: seg_binary.SegHeader,
+) -> Dataset:
+    """The SEG encoded by ``highdicom.seg.Segmentation`` (LABELMAP, and BINARY as the reference)."""
+    # Segment numbers 1..K: highdicom's label-map input wants them for BINARY, and OHIF 3.13
+    # needs them for LABELMAP too (it pairs SegmentSequence items with pixel values by
+    # position), although the standard allows any numbers there. Remap only when needed.
+    if [s.label for s in present] == list(range(1, len(present) + 1)):
+        pixel_array = lab
+    else:
+        lut = np.zeros(256, dtype=np.uint8)
+        for number, spec in enumerate(present, start=1):
+            lut[spec.label] = number
+        pixel_array = lut[lab]
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
@@ -245,19 +319,19 @@ def build_seg(
         # segments' RecommendedDisplayCIELabValue as in BINARY.
         segmentation_type=hd.seg.SegmentationTypeValues(seg_type),
         segment_descriptions=descriptions,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        series_number=header.series_number,
+        sop_instance_uid=header.sop_instance_uid,
         instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
-        device_serial_number=DEVICE_SERIAL_NUMBER,
-        content_description=f"{algorithm.name} {algorithm.version}"[:64],
-        content_label=content_label(algorithm.name),
-        series_description=series_description,
+        manufacturer=header.manufacturer,
+        manufacturer_model_name=header.manufacturer_model_name,
+        software_versions=header.software_versions,
+        device_serial_number=header.device_serial_number,
+        content_description=header.content_description,
+        content_label=header.content_label,
+        series_description=header.series_description,
         omit_empty_frames=True,
-        contributing_equipment=[algorithm_equipment(algorithm, created)],
+        contributing_equipment=equipment,
     )
     if seg_type == "LABELMAP":
         # highdicom describes pixel value 0 with a "Background" item (Segment Number 0).
@@ -266,8 +340,6 @@ def build_seg(
         # a "Background" segment is listed. Without it, dciodvfy (which checks the LABELMAP
         # rules) reports no error and highdicom reads the SEG back the same.
         seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
-    seg.ContentDate = DA(created.date())
-    seg.ContentTime = TM(created.time())
     return seg
 
 
