@@ -17,7 +17,14 @@ from pydicom.sr.codedict import codes as dcm_codes
 from scipy import ndimage
 
 from orthanc_plugin.results import SegmentSpec, VolumeMeasurement
-from orthanc_plugin.sr import MAX_POLYGON_POINTS, build_sr, device_observer_uid, segment_outlines
+from orthanc_plugin.sr import (
+    MAX_POLYGON_POINTS,
+    _region_like,
+    build_sr,
+    device_observer_uid,
+    image_regions,
+    segment_outlines,
+)
 
 from .test_seg import (
     ABNORMAL_STRUCTURE,
@@ -155,6 +162,42 @@ def test_regions_outline_each_slice(sr: pydicom.Dataset, ct: list[pydicom.Datase
             rows, cols = np.nonzero(mask[i])
             assert points[:, 0].min() == cols.min() and points[:, 0].max() == cols.max() + 1
             assert points[:, 1].min() == rows.min() and points[:, 1].max() == rows.max() + 1
+
+
+def _encoded(item: pydicom.Dataset) -> bytes:
+    buffer = pydicom.filebase.DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(buffer, item)
+    return buffer.getvalue()
+
+
+def test_further_regions_encode_like_highdicoms(ct: list[pydicom.Dataset], labels: Array) -> None:
+    """The regions after the first are made without highdicom: byte for byte what
+    hd.sr.ImageRegion makes for the same outline and image, and read back the same."""
+    found = image_regions(labels == 2, ct)
+    assert found is not None
+    lead, more = found
+    assert len(more) == int((labels == 2).any(axis=(1, 2)).sum()) - 1
+    rng = np.random.default_rng(7)
+    outlines = [region.GraphicData for region in more] + [
+        rng.uniform(0, 511, size=(n, 2)).astype(np.float32).ravel().tolist() for n in (2, 3, 64)
+    ]
+    for k, data in enumerate(outlines):
+        outline = np.asarray(data, dtype=np.float32).reshape(-1, 2)
+        image = ct[k % len(ct)]
+        reference = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
+            ),
+        )
+        ours = _region_like(lead, outline, image)
+        assert _encoded(ours) == _encoded(reference)
+        read = hd.sr.ImageRegion.from_dataset(pydicom.dataset.Dataset(ours))
+        assert np.array_equal(read.value, outline)
+    with pytest.raises(ValueError, match="outline"):
+        _region_like(lead, np.zeros((1, 2), dtype=np.float32), ct[0])
 
 
 def test_seg_and_sources_are_evidence(
