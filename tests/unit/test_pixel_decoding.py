@@ -33,6 +33,7 @@ def offline_client(handler: httpx.MockTransport | None = None) -> OrthancClient:
     c = OrthancClient("http://orthanc.invalid")
     if handler is not None:
         c._http = httpx.Client(base_url="http://orthanc.invalid", transport=handler)
+        c._files = None  # instance files through httpx too (the http.client reader: test_orthanc_client.py)
     return c
 
 
