@@ -74,7 +74,15 @@ def main() -> int:
         default=0,
         help="resample the (single) study along z to this many slices first (derived)",
     )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="write a cProfile file per job attempt to this folder (the worker's ORTHANC_AI_PROFILE_DIR)",
+    )
     args = p.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ["ORTHANC_AI_PROFILE_DIR"] = str(args.profile.resolve())
     folders = args.study or [ROOT.parent / "shared" / "data" / "ct" / "A0001-5mm"]
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:

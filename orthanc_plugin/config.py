@@ -341,6 +341,13 @@ class Settings(_Strict):
     )
     workers: int = Field(default=1, ge=0, le=64, alias="Workers")
     worker_python: Path | None = Field(default=None, alias="WorkerPython")
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        alias="WorkerNice",
+        description="CPU niceness of the workers: Orthanc's own requests (viewers, PACS) come first",
+    )
     triton_url: str = Field(default="127.0.0.1:8001", alias="TritonUrl")
     triton_shared_memory: bool | None = Field(default=None, alias="TritonSharedMemory")
     # TLS to Triton's gRPC endpoint: file paths only (keys stay in files outside the repository).

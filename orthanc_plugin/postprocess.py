@@ -154,24 +154,42 @@ def _runs(lo: NDArray[np.intp], n_in: int) -> tuple[NDArray[np.intp], NDArray[np
 def keep_largest_components(labels: NDArray[np.uint8], values: Sequence[int] | range) -> None:
     """In place: keep only the largest 3D connected component of each label value."""
     for v in values:
-        mask = labels == v
-        if not mask.any():
+        box = _bounding_box(labels, v)
+        if box is None:
             continue
-        # Work inside the label's bounding box: the organ is a fraction of the field of view.
-        box = tuple(
-            slice(int(idx[0]), int(idx[-1]) + 1)
-            for idx in (
-                np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)
-            )
-        )
-        crop = mask[box]
+        crop = labels[box] == v
         comp, n = ndimage.label(crop)
         if n <= 1:
             continue
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
-        drop = crop & (comp != int(np.argmax(sizes)))
-        labels[box][drop] = 0
+        # Sizes from each component's own bounding box: a bincount of the whole crop would
+        # first copy the int32 labels to intp; a few hundred small boxes cost far less.
+        objects = ndimage.find_objects(comp)
+        if n > 256:
+            sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+        else:
+            sizes = np.array(
+                [np.count_nonzero(comp[sl] == i) for i, sl in enumerate(objects, start=1)], dtype=np.int64
+            )
+        keep = int(np.argmax(sizes)) + 1  # ties: the first, as before
+        target = labels[box]
+        for i, sl in enumerate(objects, start=1):
+            if i != keep and sl is not None:
+                target[sl][comp[sl] == i] = 0
+
+
+def _bounding_box(labels: NDArray[np.uint8], v: int) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every voxel of value ``v``, or None: slices first (one
+    contiguous pass), then rows and columns inside those slices only."""
+    nz = labels.shape[0]
+    per_slice = (labels.reshape(nz, -1) == v).any(axis=1)
+    zs = np.flatnonzero(per_slice)
+    if zs.size == 0:
+        return None
+    z = slice(int(zs[0]), int(zs[-1]) + 1)
+    mask = labels[z] == v
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    return z, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def volumes_ml(

@@ -35,6 +35,29 @@ def test_labels_match_full_resolution_argmax_and_drop_islands():
     assert ndimage.label(labels == 1)[1] == 1 and ndimage.label(labels == 2)[1] == 1
 
 
+def _plain_largest(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """The obvious version: label the whole mask, keep the first largest component."""
+    out = labels.copy()
+    for v in values:
+        comp, n = ndimage.label(labels == v)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            out[(labels == v) & (comp != int(np.argmax(sizes)))] = 0
+    return out
+
+
+def test_largest_components_equal_the_plain_version_on_random_maps():
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        shape = tuple(int(x) for x in rng.integers(1, 24, 3))
+        density = rng.uniform(0.02, 0.7)
+        labels = ((rng.random(shape) < density) * rng.integers(1, 4, shape)).astype(np.uint8)
+        expected = _plain_largest(labels, [1, 2, 3])
+        keep_largest_components(labels, [1, 2, 3])
+        np.testing.assert_array_equal(labels, expected)
+
+
 def test_volumes_ml():
     labels = np.zeros((2, 3, 4), dtype=np.uint8)
     labels[0, :, :2] = 1
