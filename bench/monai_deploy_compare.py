@@ -4,11 +4,15 @@ What is timed, per run, on one CT series read from files (no Orthanc, no model i
 
 * load: MONAI Deploy ``DICOMDataLoaderOperator.load_data_to_studies`` +
   ``DICOMSeriesSelectorOperator.filter`` (no rules: the one series) +
-  ``DICOMSeriesToVolumeOperator.convert_to_image``; ours: ``pydicom.dcmread`` of every file +
-  ``orthanc_plugin.volume.build_volume``.
+  ``DICOMSeriesToVolumeOperator.convert_to_image``; ours: every file read whole and parsed
+  from memory with ``pydicom.dcmread`` (as the worker parses the files it fetched from
+  Orthanc) + ``orthanc_plugin.volume.build_volume``.
 * SEG: MONAI Deploy ``DICOMSegmentationWriterOperator.create_dicom_seg`` (highdicom BINARY SEG,
   written to a file and read back, as the operator does); ours: ``orthanc_plugin.seg.build_seg``
-  (BINARY) + writing the file.
+  (BINARY, our own encoder, ``orthanc_plugin/seg_binary.py``) + writing the file.
+
+Each comparison runs twice per round, with Python's cyclic garbage collector on for both
+sides and paused for both during the timed steps (our worker pauses it during every job).
 
 The operators' methods are called directly (no Holoscan application graph). MONAI Deploy runs
 in its own venv (``bench/setup_monai_deploy.sh`` makes ``.venv-monai-deploy``) as a child
@@ -47,6 +51,7 @@ SEGMENTS = (  # label, name, SNOMED type code, meaning: the ct_lung pipeline's t
 
 def monai_worker() -> int:
     """Child process (MONAI Deploy venv): read one JSON command a line, answer one JSON line."""
+    import gc
     import logging
     import warnings
 
@@ -82,6 +87,8 @@ def monai_worker() -> int:
         if cmd["op"] == "quit":
             break
         folder, out = Path(cmd["folder"]), Path(cmd["out"])
+        if cmd.get("gc_paused"):
+            gc.disable()
         t0 = time.perf_counter()
         studies = loader.load_data_to_studies(folder)
         selected = selector.filter(None, studies)
@@ -100,6 +107,8 @@ def monai_worker() -> int:
         t2 = time.perf_counter()
         writer.create_dicom_seg(mask, series, out)
         t3 = time.perf_counter()
+        gc.enable()
+        gc.collect()
         (path,) = out.glob("*.dcm")
         shape = list(np.asarray(image.asnumpy()).shape)
         print(
@@ -112,14 +121,20 @@ def monai_worker() -> int:
 # --------------------------------------------------------------------------- our side
 
 
-def ours_once(folder: Path, labels: Any, out: Path) -> dict[str, Any]:
+def ours_once(folder: Path, labels: Any, out: Path, gc_paused: bool = False) -> dict[str, Any]:
+    import gc
+    import io
+
     import pydicom
 
     from orthanc_plugin import seg
     from orthanc_plugin.volume import build_volume
 
+    if gc_paused:
+        gc.disable()
     t0 = time.perf_counter()
-    volume = build_volume([pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))])
+    # As the worker does with what it fetched from Orthanc: the whole file's bytes, parsed from memory.
+    volume = build_volume([pydicom.dcmread(io.BytesIO(f.read_bytes())) for f in sorted(folder.glob("*.dcm"))])
     t1 = time.perf_counter()
     ds = seg.build_seg(
         list(volume.datasets), labels, _specs(), _algorithm(),
@@ -130,6 +145,8 @@ def ours_once(folder: Path, labels: Any, out: Path) -> dict[str, Any]:
     path = out / "seg.dcm"
     ds.save_as(path, enforce_file_format=True)
     t2 = time.perf_counter()
+    gc.enable()
+    gc.collect()
     return {"load": t1 - t0, "seg": t2 - t1, "file": str(path), "volume_shape": list(volume.shape)}
 
 
@@ -221,9 +238,10 @@ def main() -> int:
         )  # fmt: skip
         assert child.stdin is not None and child.stdout is not None
 
-        def monai_once(k: int) -> dict[str, Any]:
+        def monai_once(k: int, gc_paused: bool = False) -> dict[str, Any]:
             cmd = {"op": "run", "folder": str(folder), "mask": str(tmp / "mask.npy"),
-                   "order": str(tmp / "order.json"), "out": str(tmp / f"monai-{k}")}  # fmt: skip
+                   "order": str(tmp / "order.json"), "out": str(tmp / f"monai-{k}"),
+                   "gc_paused": gc_paused}  # fmt: skip
             child.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
             child.stdin.flush()  # type: ignore[union-attr]
             line = child.stdout.readline()  # type: ignore[union-attr]
@@ -236,12 +254,15 @@ def main() -> int:
             # One warm-up each (imports, first-call caches), then interleaved timed runs.
             monai_once(-1)
             ours_once(folder, labels, tmp / "ours--1")
-            monai_runs, our_runs = [], []
+            runs: dict[tuple[str, bool], list[dict[str, Any]]] = {
+                (side, paused): [] for side in ("monai", "ours") for paused in (False, True)
+            }
             for k in range(args.runs):
-                monai_runs.append(monai_once(k))
-                our_runs.append(ours_once(folder, labels, tmp / f"ours-{k}"))
-            counts_monai = voxels_per_segment(monai_runs[-1]["file"])
-            counts_ours = voxels_per_segment(our_runs[-1]["file"])
+                for paused in (False, True):
+                    runs["monai", paused].append(monai_once(k + 1000 * paused, paused))
+                    runs["ours", paused].append(ours_once(folder, labels, tmp / f"ours-{k}-{paused}", paused))
+            counts_monai = voxels_per_segment(runs["monai", False][-1]["file"])
+            counts_ours = voxels_per_segment(runs["ours", False][-1]["file"])
         finally:
             if child.stdin:
                 child.stdin.write(json.dumps({"op": "quit"}) + "\n")
@@ -252,12 +273,16 @@ def main() -> int:
         return statistics.median(r["load"] + r["seg"] if key == "both" else r[key] for r in runs)
 
     print(f"machine: {machine()}")
-    print(f"study: {folder}: {len(order)} slices, volume {our_runs[0]['volume_shape']} (ours, z y x)")
-    print(f"runs: {args.runs} each, interleaved, after one warm-up each; medians in seconds\n")
-    print(f"{'step':<22} {'MONAI Deploy':>12} {'ours':>8} {'ratio':>7}")
+    shape = runs["ours", False][0]["volume_shape"]
+    print(f"study: {folder}: {len(order)} slices, volume {shape} (ours, z y x)")
+    print(f"runs: {args.runs} of each, interleaved, after one warm-up each; medians in seconds")
+    print("Python's cyclic garbage collector: on for both, then paused for both during the timed")
+    print("steps (our worker pauses it for every job; MONAI Deploy applications do not)\n")
+    print(f"{'step':<22} {'GC':<7} {'MONAI Deploy':>12} {'ours':>8} {'ratio':>7}")
     for key, label in (("load", "load series -> volume"), ("seg", "write SEG (BINARY)"), ("both", "both")):
-        m, o = med(monai_runs, key), med(our_runs, key)
-        print(f"{label:<22} {m:12.3f} {o:8.3f} {m / o:6.1f}x")
+        for paused in (False, True):
+            m, o = med(runs["monai", paused], key), med(runs["ours", paused], key)
+            print(f"{label:<22} {'paused' if paused else 'on':<7} {m:12.3f} {o:8.3f} {m / o:6.1f}x")
     print(f"\nset voxels per segment: MONAI Deploy {counts_monai}, ours {counts_ours}")
     if counts_monai != counts_ours:
         print("MISMATCH: the two SEGs do not encode the same mask")
