@@ -18,6 +18,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -40,6 +41,15 @@ def post_folder(url: str, folder: Path) -> str:
         return study
 
 
+def _get(c: httpx.Client, path: str, params: dict[str, str] | None = None) -> Any:
+    """GET JSON, once more on a fresh connection if Orthanc closed the kept-alive one (its
+    idle timeout is about as long as the poll interval)."""
+    try:
+        return c.get(path, params=params).json()
+    except httpx.RemoteProtocolError:
+        return c.get(path, params=params).json()
+
+
 def run(workers: int, studies: list[Path], tmp: Path, timeout_s: float) -> dict[str, float | int | str]:
     triton = TritonServer(
         Path(os.environ.get("ORTHANC_AI_MODEL_REPO", ROOT / "triton_models")),
@@ -58,7 +68,7 @@ def run(workers: int, studies: list[Path], tmp: Path, timeout_s: float) -> dict[
         with httpx.Client(base_url=orthanc.url, timeout=60) as c:
             deadline = time.time() + timeout_s
             while time.time() < deadline:
-                jobs = c.get("/ai/jobs", params={"limit": "10000"}).json()
+                jobs = _get(c, "/ai/jobs", {"limit": "10000"})
                 if len(jobs) >= len(studies) and all(j["state"] in ("succeeded", "failed") for j in jobs):
                     break
                 time.sleep(1)
@@ -70,7 +80,7 @@ def run(workers: int, studies: list[Path], tmp: Path, timeout_s: float) -> dict[
             durations = [j["duration_s"] for j in jobs if j["duration_s"]]
             once = 0
             for sid in ids:
-                mods = [s["MainDicomTags"].get("Modality") for s in c.get(f"/studies/{sid}/series").json()]
+                mods = [s["MainDicomTags"].get("Modality") for s in _get(c, f"/studies/{sid}/series")]
                 once += mods.count("SEG") == 1 and mods.count("SR") == 1
             retried = sum(1 for j in jobs if j["attempts"] > 1)
     finally:
