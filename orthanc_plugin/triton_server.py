@@ -182,6 +182,8 @@ class TritonServer:
     ``start()`` returns once ``/v2/health/ready`` answers 200 (all models loaded). The process
     runs in its own session so that it survives the terminal; ``stop()`` (or leaving the
     ``with`` block) sends SIGTERM, then SIGKILL to its process group after ``timeout``.
+    It runs at CPU niceness ``nice`` (10 by default, like the workers): on a node shared with
+    Orthanc, CPU inference is background work and Orthanc's requests come first.
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class TritonServer:
         exit_timeout_s: int = 10,
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
+        nice: int = 10,
     ) -> None:
         if model_control not in ("none", "explicit", "poll"):
             raise ValueError(f"model_control must be 'none', 'explicit' or 'poll', not {model_control!r}")
@@ -216,6 +219,9 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
         self.extra_args = tuple(extra_args)
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be 0..19, not {nice}")
+        self.nice = nice
         self._process: subprocess.Popen[bytes] | None = None
         self._own_log: Path | None = None
 
@@ -315,6 +321,7 @@ class TritonServer:
                     env=env,
                     cwd=str(self.backend_root),
                     start_new_session=True,
+                    preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
                 )
             except OSError as exc:
                 raise TritonServerError(f"cannot run {command[0]}: {exc}") from exc
