@@ -94,6 +94,7 @@ def make_seg(
     segments: tuple[SegmentSpec, ...] = SEGMENTS,
     sop_instance_uid: str = "2.25.1001",
     seg_type: str = "BINARY",
+    encoder: str = "fast",
 ) -> pydicom.Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # highdicom notes the source's one-component patient name
@@ -108,6 +109,7 @@ def make_seg(
             series_description="AI lung segmentation",
             content_creation=CREATED,
             seg_type=seg_type,
+            encoder=encoder,
         )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from orthanc_plugin.uids import derived_uid
 from .test_seg import (
     ABNORMAL_STRUCTURE,
     ALGORITHM,
-    CREATED,
     LUNG,
     NODULE,
     SEGMENTS,
@@ -56,20 +54,7 @@ def make_reference(
     ct: list[pydicom.Dataset], labels: Array, segments: tuple[SegmentSpec, ...] = SEGMENTS
 ) -> pydicom.Dataset:
     """highdicom's SEG for make_seg's arguments."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # highdicom notes the source's one-component patient name
-        return build_seg(
-            ct,
-            labels,
-            segments,
-            ALGORITHM,
-            series_instance_uid="2.25.1000",
-            sop_instance_uid=SOP_INSTANCE_UID,
-            series_number=901,
-            series_description="AI lung segmentation",
-            content_creation=CREATED,
-            encoder="highdicom",
-        )
+    return make_seg(ct, labels, segments, sop_instance_uid=SOP_INSTANCE_UID, encoder="highdicom")
 
 
 def written(ds: pydicom.Dataset) -> bytes:
