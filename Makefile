@@ -24,10 +24,10 @@ model:
 	@$(MAKE) --no-print-directory $(MODEL)
 
 up: install $(MODEL)
-	@$(PY) -m orthanc_plugin.stack up
+	@$(PY) -m devstack.stack up
 
 down:
-	@$(PY) -m orthanc_plugin.stack down
+	@$(PY) -m devstack.stack down
 
 demo: up
 	@$(PY) scripts/demo.py
@@ -39,8 +39,8 @@ test-unit: install
 	@$(PY) -m pytest -q tests/unit
 
 lint: install
-	@.venv/bin/ruff check orthanc_plugin tests triton_backends triton_models scripts bench
-	@.venv/bin/ruff format --check orthanc_plugin tests triton_backends triton_models scripts bench
+	@.venv/bin/ruff check orthanc_plugin devstack tests triton_backends triton_models scripts bench
+	@.venv/bin/ruff format --check orthanc_plugin devstack tests triton_backends triton_models scripts bench
 	@.venv/bin/mypy
 
 bench: install $(MODEL)

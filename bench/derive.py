@@ -15,7 +15,7 @@ import pydicom
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orthanc_plugin.uids import derived_uid  # noqa: E402
+from orthanc_plugin.core.uids import derived_uid  # noqa: E402
 
 
 def sorted_slices(folder: Path) -> list[pydicom.Dataset]:

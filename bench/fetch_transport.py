@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.pipeline_stages import machine  # noqa: E402
-from orthanc_plugin.orthanc_client import OrthancClient  # noqa: E402
-from orthanc_plugin.stack import OrthancServer, free_port  # noqa: E402
+from devstack.stack import OrthancServer, free_port  # noqa: E402
+from orthanc_plugin.orthanc_rest.client import OrthancClient  # noqa: E402
 
 
 def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:

@@ -29,9 +29,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orthanc_plugin.inference import TritonClient  # noqa: E402
-from orthanc_plugin.stack import free_port  # noqa: E402
-from orthanc_plugin.triton_server import TritonServer  # noqa: E402
+from devstack.stack import free_port  # noqa: E402
+from devstack.triton_server import TritonServer  # noqa: E402
+from orthanc_plugin.inference.triton import TritonClient  # noqa: E402
 
 MODELS = ("ct_lung", "lung_attenuation", "mr_brain")
 

@@ -6,9 +6,9 @@ What is timed, per run, on one CT series read from files (no Orthanc, no model i
   ``DICOMSeriesSelectorOperator.filter`` (no rules: the one series) +
   ``DICOMSeriesToVolumeOperator.convert_to_image``; ours: every file read whole and parsed
   from memory with ``pydicom.dcmread`` (as the worker parses the files it fetched from
-  Orthanc) + ``orthanc_plugin.volume.build_volume``.
+  Orthanc) + ``orthanc_plugin.imaging.volume.build_volume``.
 * SEG: MONAI Deploy ``DICOMSegmentationWriterOperator.create_dicom_seg`` (highdicom BINARY SEG,
-  written to a file and read back, as the operator does); ours: ``orthanc_plugin.seg.build_seg``
+  written to a file and read back, as the operator does); ours: ``orthanc_plugin.outputs.seg.build_seg``
   (BINARY, our own encoder, ``orthanc_plugin/seg_binary.py``) + writing the file.
 
 Each comparison runs twice per round, with Python's cyclic garbage collector on for both
@@ -127,8 +127,8 @@ def ours_once(folder: Path, labels: Any, out: Path, gc_paused: bool = False) -> 
 
     import pydicom
 
-    from orthanc_plugin import seg
-    from orthanc_plugin.volume import build_volume
+    from orthanc_plugin.imaging.volume import build_volume
+    from orthanc_plugin.outputs import seg
 
     if gc_paused:
         gc.disable()
@@ -151,8 +151,8 @@ def ours_once(folder: Path, labels: Any, out: Path, gc_paused: bool = False) -> 
 
 
 def _specs() -> list[Any]:
-    from orthanc_plugin.codes import Code
-    from orthanc_plugin.results import SegmentSpec
+    from orthanc_plugin.core.codes import Code
+    from orthanc_plugin.core.results import SegmentSpec
 
     category = Code("123037004", "SCT", "Anatomical Structure")
     return [
@@ -163,7 +163,7 @@ def _specs() -> list[Any]:
 
 
 def _algorithm() -> Any:
-    from orthanc_plugin.results import AlgorithmInfo
+    from orthanc_plugin.core.results import AlgorithmInfo
 
     return AlgorithmInfo(name="orthanc-ai ct-lung", version="1.0.0", model_name="ct_lung", model_version="1")
 
@@ -174,8 +174,8 @@ def model_labels(folder: Path) -> tuple[Any, list[str]]:
     import onnxruntime as ort
     import pydicom
 
-    from orthanc_plugin import postprocess, preprocess
-    from orthanc_plugin.volume import axial_flips, build_volume
+    from orthanc_plugin.imaging import postprocess, preprocess
+    from orthanc_plugin.imaging.volume import axial_flips, build_volume
 
     volume = build_volume([pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))])
     flips = axial_flips(volume)

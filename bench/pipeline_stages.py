@@ -23,8 +23,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orthanc_plugin.stack import OrthancServer, free_port  # noqa: E402
-from orthanc_plugin.triton_server import TritonServer  # noqa: E402
+from devstack.stack import OrthancServer, free_port  # noqa: E402
+from devstack.triton_server import TritonServer  # noqa: E402
 
 STAGES = (
     "fetch", "volume", "preprocess", "inference", "postprocess", "seg_encode", "sr_encode", "fhir_build", "store",

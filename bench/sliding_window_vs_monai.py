@@ -1,4 +1,4 @@
-"""Compare orthanc_plugin.sliding_window with MONAI's sliding_window_inference on the same data.
+"""Compare orthanc_plugin.inference.sliding_window with MONAI's sliding_window_inference on the same data.
 
 Run with the training environment, which has torch and MONAI (from the repository root):
 
@@ -25,7 +25,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orthanc_plugin.sliding_window import sliding_window_inference  # noqa: E402
+from orthanc_plugin.inference.sliding_window import sliding_window_inference  # noqa: E402
 
 TOLERANCE = 1e-5
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.derive import copy_study, sorted_slices  # noqa: E402
 from bench.pipeline_stages import machine  # noqa: E402
-from orthanc_plugin.stack import OrthancServer, free_port  # noqa: E402
-from orthanc_plugin.triton_server import TritonServer  # noqa: E402
+from devstack.stack import OrthancServer, free_port  # noqa: E402
+from devstack.triton_server import TritonServer  # noqa: E402
 
 
 def post_folder(url: str, folder: Path) -> str:

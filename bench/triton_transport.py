@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from triton_fixtures import conv_segmentation_onnx, free_ports  # noqa: E402
 
-from orthanc_plugin.inference import TritonClient  # noqa: E402
-from orthanc_plugin.triton_server import TritonServer  # noqa: E402
+from devstack.triton_server import TritonServer  # noqa: E402
+from orthanc_plugin.inference.triton import TritonClient  # noqa: E402
 
 DEFAULT_REAL_MODEL = ROOT / "triton_models" / "ct_lung" / "1" / "model.onnx"
 _ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64"}

@@ -1,7 +1,7 @@
 """Command line: ``python -m orthanc_plugin worker --settings FILE`` (and more sub-commands).
 
 ``worker --orthanc-url URL --triton-url HOST:PORT --database-url postgresql://... --pipelines FILE``
-runs workers on a host without Orthanc (scale-out), see :mod:`orthanc_plugin.remote_worker`.
+runs workers on a host without Orthanc (scale-out), see :mod:`orthanc_plugin.worker.remote`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     w.add_argument("--owner", default=None, help="lease owner name (default host:pid)")
     w.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
-    from .remote_worker import add_arguments as add_remote_worker_arguments
+    from orthanc_plugin.worker.remote import add_arguments as add_remote_worker_arguments
 
     add_remote_worker_arguments(w)
     c = sub.add_parser("check-config", help="validate a pipelines file and exit")
@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
-        from .logging_setup import setup_worker_logging
-        from .worker import main as worker_main
+        from orthanc_plugin.core.logs import setup_worker_logging
+        from orthanc_plugin.worker.loop import main as worker_main
 
         setup_worker_logging()  # JSON lines (replaces the plain format set above)
 
-        from .remote_worker import run as run_remote_workers
-        from .remote_worker import uses_command_line
+        from orthanc_plugin.worker.remote import run as run_remote_workers
+        from orthanc_plugin.worker.remote import uses_command_line
 
         if uses_command_line(args):  # a worker host: Orthanc, Triton and the database by flags
             return run_remote_workers(args)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         from pathlib import Path
 
-        from .config import ConfigError, load_pipelines
+        from orthanc_plugin.core.config import ConfigError, load_pipelines
 
         try:
             pipelines = load_pipelines(Path(args.pipelines_file))
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 def _model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .model_cli import ModelCliError, add_model, format_models, list_models
+    from orthanc_plugin.models.cli import ModelCliError, add_model, format_models, list_models
 
     try:
         if args.model_command == "list":

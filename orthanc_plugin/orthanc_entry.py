@@ -17,6 +17,6 @@ sys.path[:] = [p for p in sys.path if p not in _before] + _before
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from orthanc_plugin.plugin import register  # noqa: E402
+from orthanc_plugin.server.plugin import register  # noqa: E402
 
 register()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orthanc_plugin.stack import ROOT
+from devstack.stack import ROOT
 
 CHROMIUM = Path(os.environ.get("ORTHANC_AI_CHROMIUM", "/usr/bin/chromium"))
 PLAYWRIGHT = ROOT / "viewer" / "node_modules" / "playwright-core" / "package.json"

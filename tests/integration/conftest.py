@@ -1,6 +1,6 @@
 """Real services for integration tests: tritonserver from the wheel, Orthanc from Debian, our plugin.
 
-They are started the same way `make up` starts them (orthanc_plugin.stack), on free ports in a
+They are started the same way `make up` starts them (devstack.stack), on free ports in a
 temporary folder, so a running local stack is never disturbed.
 """
 
@@ -18,8 +18,8 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import ROOT, OrthancServer, free_port
+from devstack.triton_server import TritonServer
 
 from ..conftest import require_data
 

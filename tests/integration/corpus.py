@@ -37,7 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from orthanc_plugin.uids import derived_uid
+from orthanc_plugin.core.uids import derived_uid
 
 from ..conftest import CT_A0001, MR, require_data
 

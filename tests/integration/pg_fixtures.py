@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from orthanc_plugin.database import PostgresTarget
-from orthanc_plugin.postgres_server import PostgresServer
-from orthanc_plugin.stack import free_port
+from devstack.postgres_server import PostgresServer
+from devstack.stack import free_port
+from orthanc_plugin.jobs.database import PostgresTarget
 
 PASSWORD_ENV = "ORTHANC_AI_TEST_PG_PASSWORD"
 _names = itertools.count(1)

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from orthanc_plugin.stack import OrthancServer
+from devstack.stack import OrthancServer
 
 from ..conftest import CT_B40, require_data
 from .browser import require_browser, run_check

@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from orthanc_plugin.stack import OrthancServer
-from orthanc_plugin.uids import derived_uid
+from devstack.stack import OrthancServer
+from orthanc_plugin.core.uids import derived_uid
 
 from ..conftest import CT_B40, require_data
 from .conftest import series_by_modality, study_uid, upload_folder, wait_job_done

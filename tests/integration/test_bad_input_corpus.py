@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from bench.derive import copy_study, sorted_slices
-from orthanc_plugin.routing import OWN_MANUFACTURER
-from orthanc_plugin.stack import OrthancServer
-from orthanc_plugin.uids import derived_uid
+from devstack.stack import OrthancServer
+from orthanc_plugin.core.uids import derived_uid
+from orthanc_plugin.intake.routing import OWN_MANUFACTURER
 
 from ..conftest import CT_A0001, require_data
 from .conftest import TERMINAL, client, wait_for

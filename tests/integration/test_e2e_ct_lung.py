@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from orthanc_plugin.stack import OrthancServer
+from devstack.stack import OrthancServer
 
 from ..conftest import CT_A0001, CT_B40, CT_B70, require_data
 from .conftest import series_by_modality, study_uid, upload_folder, wait_for, wait_job_done

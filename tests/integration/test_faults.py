@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from bench.derive import copy_study, sorted_slices
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
-from orthanc_plugin.uids import derived_uid
+from devstack.stack import ROOT, OrthancServer, free_port
+from devstack.triton_server import TritonServer
+from orthanc_plugin.core.uids import derived_uid
 
 from ..conftest import CT_B40, require_data
 from .conftest import TERMINAL, series_by_modality, wait_for
@@ -367,7 +367,7 @@ def test_triton_graceful_stop_errors_are_retryable(triton_f: TritonServer) -> No
     Triton unloads its models before closing its endpoints; a worker asking in that window
     must get a retryable error, or a routine Triton restart fails its jobs for good.
     """
-    from orthanc_plugin.inference import InferenceError, TritonClient
+    from orthanc_plugin.inference.triton import InferenceError, TritonClient
 
     client = TritonClient(triton_f.grpc_url, use_shared_memory=False, timeout_s=5)
     assert client.model_info("ct_lung").name == "ct_lung"

@@ -19,9 +19,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from orthanc_plugin.fhir_report import URI_SYSTEM
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import ROOT, OrthancServer, free_port
+from devstack.triton_server import TritonServer
+from orthanc_plugin.fhir.report import URI_SYSTEM
 
 from ..conftest import CT_A0001, CT_B40, require_data
 from .conftest import study_uid, upload_folder, wait_for, wait_job_done
@@ -34,7 +34,7 @@ TOKEN_ENV = "EHR_TEST_TOKEN"
 
 
 class EhrProcess:
-    """``python -m orthanc_plugin.ehr_server`` on a fixed port, restartable, with a data file."""
+    """``python -m devstack.ehr_server`` on a fixed port, restartable, with a data file."""
 
     def __init__(self, port: int, data: Path, log: Path) -> None:
         self.port = port
@@ -54,7 +54,7 @@ class EhrProcess:
         cmd = [
             sys.executable,
             "-m",
-            "orthanc_plugin.ehr_server",
+            "devstack.ehr_server",
             "--port",
             str(self.port),
             "--data",

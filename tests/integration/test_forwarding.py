@@ -19,8 +19,8 @@ import httpx
 import pytest
 import yaml
 
-from orthanc_plugin.stack import ORTHANC_BIN, ROOT, OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import ORTHANC_BIN, ROOT, OrthancServer, free_port
+from devstack.triton_server import TritonServer
 
 from ..conftest import CT_B40
 from .conftest import copy_as_new_study, wait_for, wait_job_done
@@ -203,7 +203,7 @@ def test_destination_down_then_retried_through_the_api(stack: dict[str, Any]) ->
 
 def test_destinations_are_validated(tmp_path: Path) -> None:
     """No services: a destination is exactly one of modality/dicomweb, with a plain name."""
-    from orthanc_plugin.config import ConfigError, ForwardDestination, load_pipelines
+    from orthanc_plugin.core.config import ConfigError, ForwardDestination, load_pipelines
 
     assert ForwardDestination(modality="PACS2").label == "modality:PACS2"
     assert ForwardDestination(dicomweb="archive").label == "dicomweb:archive"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from orthanc_plugin.database import PostgresTarget
+from orthanc_plugin.jobs.database import PostgresTarget
 from tests.unit.test_jobstore import *  # noqa: F403 - the same tests, on another database
 
 from .pg_fixtures import pg_target, postgres  # noqa: F401 - fixtures

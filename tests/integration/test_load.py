@@ -29,9 +29,9 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 
-from orthanc_plugin.stack import OrthancServer
-from orthanc_plugin.triton_server import TritonServer
-from orthanc_plugin.uids import derived_uid
+from devstack.stack import OrthancServer
+from devstack.triton_server import TritonServer
+from orthanc_plugin.core.uids import derived_uid
 
 from .conftest import TERMINAL, client, make_orthanc, wait_for
 from .corpus import RUN, downsampled_ct, encode

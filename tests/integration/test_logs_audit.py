@@ -18,8 +18,8 @@ import httpx
 import pydicom
 import pytest
 
-from orthanc_plugin.stack import OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import OrthancServer, free_port
+from devstack.triton_server import TritonServer
 
 from ..conftest import CT_A0001, require_data
 from .conftest import upload_folder, wait_job_done

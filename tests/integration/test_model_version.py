@@ -19,10 +19,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from orthanc_plugin.inference import TritonClient
-from orthanc_plugin.model_cli import add_model, read_config
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import ROOT, OrthancServer, free_port
+from devstack.triton_server import TritonServer
+from orthanc_plugin.inference.triton import TritonClient
+from orthanc_plugin.models.cli import add_model, read_config
 
 from ..conftest import CT_B40, require_data
 from .conftest import series_by_modality, study_uid, upload_folder, wait_for, wait_job_done

@@ -23,8 +23,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from orthanc_plugin.stack import OrthancServer
-from orthanc_plugin.volume import build_volume
+from devstack.stack import OrthancServer
+from orthanc_plugin.imaging.volume import build_volume
 
 from ..conftest import MR, read_series, require_data
 from .conftest import series_by_modality, study_uid, upload_folder, wait_job_done

@@ -1,6 +1,6 @@
 """OHIF 3.13 shows what the plugin stored: the SEG as an overlay on the CT, the SR's measurements.
 
-Real Orthanc + real Triton (the session fixtures), the viewer proxy of ``orthanc_plugin.viewer``,
+Real Orthanc + real Triton (the session fixtures), the viewer proxy of ``devstack.viewer``,
 and headless Debian Chromium driven by ``ohif_check.mjs`` (playwright-core). The assertions are on
 what OHIF itself reports through ``window.services`` and Cornerstone, not only on pixels; the
 screenshots ``test-artifacts/ohif-seg.png`` and ``ohif-sr.png`` are kept for a person to look at.
@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from orthanc_plugin.stack import OrthancServer, free_port
-from orthanc_plugin.viewer import DEFAULT_DIST, ViewerServer
+from devstack.stack import OrthancServer, free_port
+from devstack.viewer import DEFAULT_DIST, ViewerServer
 
 from ..conftest import CT_B40, require_data
 from .browser import require_browser, run_check

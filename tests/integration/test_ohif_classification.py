@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from orthanc_plugin.stack import OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
-from orthanc_plugin.viewer import ViewerServer
+from devstack.stack import OrthancServer, free_port
+from devstack.triton_server import TritonServer
+from devstack.viewer import ViewerServer
 
 from ..conftest import CT_B40, require_data
 from .browser import run_check

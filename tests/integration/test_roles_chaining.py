@@ -31,12 +31,12 @@ import pydicom
 import pytest
 import yaml
 
-from orthanc_plugin import model_input
-from orthanc_plugin.config import load_pipelines
-from orthanc_plugin.onnx_proto import attr_int, model, node, tensor, value_info
-from orthanc_plugin.stack import ROOT, free_port
-from orthanc_plugin.triton_server import TritonServer
-from orthanc_plugin.volume import build_volume
+from devstack.stack import ROOT, free_port
+from devstack.triton_server import TritonServer
+from orthanc_plugin.core.config import load_pipelines
+from orthanc_plugin.imaging import model_input
+from orthanc_plugin.imaging.volume import build_volume
+from orthanc_plugin.models.onnx_proto import attr_int, model, node, tensor, value_info
 
 from ..conftest import CT_A0001, CT_B40, CT_B70, MR, read_series, require_data
 from .conftest import TERMINAL, make_orthanc, series_by_modality, study_uid, upload_folder, wait_for

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from orthanc_plugin.stack import OrthancServer
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import OrthancServer
+from devstack.triton_server import TritonServer
 
 from ..conftest import CT_B40
 from .conftest import copy_as_new_study, make_orthanc, shipped_pipelines, wait_for, wait_job_done

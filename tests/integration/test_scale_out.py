@@ -27,10 +27,10 @@ import pytest
 import yaml
 
 from bench.derive import copy_study, sorted_slices
-from orthanc_plugin.jobstore import JobStore
-from orthanc_plugin.postgres_server import PostgresServer
-from orthanc_plugin.stack import ROOT, OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
+from devstack.postgres_server import PostgresServer
+from devstack.stack import ROOT, OrthancServer, free_port
+from devstack.triton_server import TritonServer
+from orthanc_plugin.jobs.store import JobStore
 
 from ..conftest import CT_A0001, require_data
 from .conftest import TERMINAL, series_by_modality, upload_folder, wait_for

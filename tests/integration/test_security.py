@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from orthanc_plugin.stack import OrthancServer, free_port
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import OrthancServer, free_port
+from devstack.triton_server import TritonServer
 
 from ..conftest import CT_B40, require_data
 from .conftest import series_by_modality, study_uid, upload_folder, wait_for, wait_job_done

@@ -20,11 +20,11 @@ import httpx
 import numpy as np
 import pytest
 
-from orthanc_plugin.config import Settings
-from orthanc_plugin.inference import InferenceError, TritonClient
-from orthanc_plugin.stack import ROOT, free_port
-from orthanc_plugin.tls import fhir_tls, triton_tls_options
-from orthanc_plugin.triton_server import TritonServer
+from devstack.stack import ROOT, free_port
+from devstack.triton_server import TritonServer
+from orthanc_plugin.core.config import Settings
+from orthanc_plugin.core.tls import fhir_tls, triton_tls_options
+from orthanc_plugin.inference.triton import InferenceError, TritonClient
 
 pytestmark = pytest.mark.integration
 

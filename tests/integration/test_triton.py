@@ -20,9 +20,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from orthanc_plugin import inference
-from orthanc_plugin.inference import InferenceError, TritonClient
-from orthanc_plugin.triton_server import TritonServer, TritonServerError, find_tritonserver
+from devstack.triton_server import TritonServer, TritonServerError, find_tritonserver
+from orthanc_plugin.inference import triton as inference
+from orthanc_plugin.inference.triton import InferenceError, TritonClient
 
 try:  # pytest's default "prepend" import mode puts this folder on sys.path
     from triton_fixtures import conv_segmentation_onnx, free_ports, write_onnx_model
@@ -187,7 +187,7 @@ def test_shared_memory_is_registered_and_released(stack: Stack) -> None:
 def test_regions_of_a_killed_process_are_unregistered(stack: Stack) -> None:
     script = (
         "import os, signal, numpy as np\n"
-        "from orthanc_plugin.inference import TritonClient\n"
+        "from orthanc_plugin.inference.triton import TritonClient\n"
         f"c = TritonClient('{stack.server.grpc_url}')\n"
         "c.infer('tiny', {'image': np.zeros((1, 1, 4, 8, 8), np.float32)}, ['probabilities'])\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -318,7 +318,7 @@ def test_refused_shared_memory_falls_back_once(
 ) -> None:
     # Regions created outside /dev/shm cannot be opened by Triton, as with a remote server.
     monkeypatch.setattr(inference, "_SHM_DIR", str(tmp_path))
-    caplog.set_level(logging.WARNING, logger="orthanc_plugin.inference")
+    caplog.set_level(logging.WARNING, logger="orthanc_plugin.inference.triton")
     with TritonClient(stack.server.grpc_url, use_shared_memory=True) as client:
         for seed in (1, 2):
             x = _image(1, seed=seed)
@@ -413,7 +413,7 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
         "--metrics-port",
         str(metrics),
     ]
-    cli = [sys.executable, "-m", "orthanc_plugin.triton_server"]
+    cli = [sys.executable, "-m", "devstack.triton_server"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """Helpers for the Triton integration tests and ``bench/triton_transport.py``.
 
-Small ONNX models are written with the minimal protobuf encoder of orthanc_plugin.onnx_proto
+Small ONNX models are written with the minimal protobuf encoder of orthanc_plugin.models.onnx_proto
 so neither the tests nor the benchmark need the ``onnx`` package.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orthanc_plugin.onnx_proto import attr_int, attr_ints, model, node, tensor, value_info
-from orthanc_plugin.stack import free_port
+from devstack.stack import free_port
+from orthanc_plugin.models.onnx_proto import attr_int, attr_ints, model, node, tensor, value_info
 
 
 def conv_segmentation_onnx(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_plugin.api import Api
-from orthanc_plugin.config import ConfigError, load_pipelines
-from orthanc_plugin.jobstore import JobStore
+from orthanc_plugin.core.config import ConfigError, load_pipelines
+from orthanc_plugin.jobs.store import JobStore
+from orthanc_plugin.server.api import Api
 
 from .test_intake import FakeOrthanc, make_intake
 
@@ -128,7 +128,7 @@ def test_admin_list_semantics(api):
 
 
 def test_which_routes_change_state(api):
-    from orthanc_plugin.api import changes_state
+    from orthanc_plugin.server.api import changes_state
 
     writes = {(p, v) for p, v, _ in api._routes() if changes_state(p, v)}
     assert writes == {
@@ -143,7 +143,7 @@ def test_which_routes_change_state(api):
 
 
 def test_admin_users_setting(tmp_path):
-    from orthanc_plugin.config import load_settings
+    from orthanc_plugin.core.config import load_settings
 
     base = {"PipelinesFile": str(ROOT / "config" / "pipelines.yaml"), "JobStore": str(tmp_path / "j.sqlite")}
     s = load_settings({"OrthancAI": base})

@@ -13,11 +13,11 @@ import pydicom
 import pytest
 from numpy.typing import NDArray
 
-from orthanc_plugin.codes import Code
-from orthanc_plugin.config import Classifier, ConfigError, load_pipelines
-from orthanc_plugin.fhir_report import build_diagnostic_report
-from orthanc_plugin.results import ClassificationResult, OutputUIDs, StudyRef
-from orthanc_plugin.sr import build_sr
+from orthanc_plugin.core.codes import Code
+from orthanc_plugin.core.config import Classifier, ConfigError, load_pipelines
+from orthanc_plugin.core.results import ClassificationResult, OutputUIDs, StudyRef
+from orthanc_plugin.fhir.report import build_diagnostic_report
+from orthanc_plugin.outputs.sr import build_sr
 
 from .test_seg import ALGORITHM, CREATED, SEGMENTS, run_dciodvfy
 from .test_sr import VOLUMES

@@ -12,7 +12,7 @@ import pytest
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from orthanc_plugin.conform import (
+from orthanc_plugin.imaging.conform import (
     conform,
     orientation_directions,
     resample_to,
@@ -20,7 +20,7 @@ from orthanc_plugin.conform import (
     to_source,
     volume_affine,
 )
-from orthanc_plugin.volume import Volume, build_volume
+from orthanc_plugin.imaging.volume import Volume, build_volume
 
 from ..conftest import MR, read_series
 

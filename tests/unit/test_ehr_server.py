@@ -18,10 +18,10 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
     from starlette.testclient import TestClient
 
-from orthanc_plugin.codes import Code
-from orthanc_plugin.ehr_server import create_app
-from orthanc_plugin.fhir_report import URI_SYSTEM, build_diagnostic_report
-from orthanc_plugin.results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+from devstack.ehr_server import create_app
+from orthanc_plugin.core.codes import Code
+from orthanc_plugin.core.results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
+from orthanc_plugin.fhir.report import URI_SYSTEM, build_diagnostic_report
 
 FHIR = "application/fhir+json"
 LUNG = SegmentSpec(

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from orthanc_plugin.config import Settings
-from orthanc_plugin.ehr_server import create_app
-from orthanc_plugin.fhir_api import FhirReports
-from orthanc_plugin.fhir_delivery import DeliveryLoop, FhirDeliveryClient, start_delivery_thread
-from orthanc_plugin.jobstore import JobStore
-from orthanc_plugin.outbox import Outbox
+from devstack.ehr_server import create_app
+from orthanc_plugin.core.config import Settings
+from orthanc_plugin.fhir.delivery import DeliveryLoop, FhirDeliveryClient, start_delivery_thread
+from orthanc_plugin.fhir.read_api import FhirReports
+from orthanc_plugin.jobs.outbox import Outbox
+from orthanc_plugin.jobs.store import JobStore
 
 from .test_ehr_server import STUDY_UID, report_bundle
 

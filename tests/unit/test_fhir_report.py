@@ -16,7 +16,8 @@ from fhir.resources.diagnosticreport import DiagnosticReport as R5DiagnosticRepo
 from fhir.resources.observation import Observation as R5Observation
 from fhir.resources.R4B.bundle import Bundle
 
-from orthanc_plugin.fhir_report import (
+from orthanc_plugin.core.results import OutputUIDs, StudyRef, VolumeMeasurement
+from orthanc_plugin.fhir.report import (
     DICOM_UID_SYSTEM,
     URI_SYSTEM,
     build_diagnostic_report,
@@ -24,7 +25,6 @@ from orthanc_plugin.fhir_report import (
     report_summary,
     validate_bundle,
 )
-from orthanc_plugin.results import OutputUIDs, StudyRef, VolumeMeasurement
 
 # The same segments and algorithm as the SEG/SR tests: one synthetic result across all encoders.
 from .test_seg import ALGORITHM, LUNG, SEGMENTS

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from orthanc_plugin.config import load_pipelines
-from orthanc_plugin.intake import SEQ_KEY, Intake
-from orthanc_plugin.jobstore import JobStore
+from orthanc_plugin.core.config import load_pipelines
+from orthanc_plugin.intake.changes import SEQ_KEY, Intake
+from orthanc_plugin.jobs.store import JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,9 @@ def test_change_number_that_never_comes_is_skipped_after_a_while(setup, monkeypa
     )
     intake.process_changes()
     assert intake._cursor == 1 and store.list_jobs() == []  # waits for 2
-    monkeypatch.setattr("orthanc_plugin.intake.GAP_WAIT_S", 0.0)  # a rolled-back transaction: 2 never comes
+    monkeypatch.setattr(
+        "orthanc_plugin.intake.changes.GAP_WAIT_S", 0.0
+    )  # a rolled-back transaction: 2 never comes
     intake.process_changes()
     assert intake._cursor == 3
     assert [j.orthanc_study_id for j in store.list_jobs()] == ["after-gap"]

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from orthanc_plugin.jobstore import JobStateError, JobStore
+from orthanc_plugin.jobs.store import JobStateError, JobStore
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_concurrent_claims_and_enqueues_from_many_connections(db_target):
 
 
 def test_succeed_queues_the_report_for_delivery_in_the_same_transaction(store):
-    from orthanc_plugin.outbox import Outbox
+    from orthanc_plugin.jobs.outbox import Outbox
 
     enqueue(store)
     job = store.claim("w1", lease_s=30)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_plugin.jobstore import JobStore
-from orthanc_plugin.metrics import CONTENT_TYPE, REASONS, escape_label, failure_reason, render_metrics
-from orthanc_plugin.outbox import Outbox
+from orthanc_plugin.jobs.outbox import Outbox
+from orthanc_plugin.jobs.store import JobStore
+from orthanc_plugin.server.metrics import CONTENT_TYPE, REASONS, escape_label, failure_reason, render_metrics
 
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')

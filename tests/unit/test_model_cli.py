@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from orthanc_plugin.__main__ import main
-from orthanc_plugin.config import ConfigError, load_pipelines
-from orthanc_plugin.model_cli import (
+from orthanc_plugin.core.config import ConfigError, load_pipelines
+from orthanc_plugin.models.cli import (
     TODO,
     ModelCliError,
     TritonTensor,
@@ -19,9 +19,9 @@ from orthanc_plugin.model_cli import (
     list_models,
     read_config,
 )
-from orthanc_plugin.onnx_proto import model as _model
-from orthanc_plugin.onnx_proto import node as _node
-from orthanc_plugin.onnx_proto import value_info as _value_info
+from orthanc_plugin.models.onnx_proto import model as _model
+from orthanc_plugin.models.onnx_proto import node as _node
+from orthanc_plugin.models.onnx_proto import value_info as _value_info
 
 from ..integration.triton_fixtures import conv_segmentation_onnx
 

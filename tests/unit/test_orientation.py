@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from orthanc_plugin import model_input
-from orthanc_plugin.config import load_pipelines
-from orthanc_plugin.volume import Volume, VolumeError, axial_flips, build_volume
+from orthanc_plugin.core.config import load_pipelines
+from orthanc_plugin.imaging import model_input
+from orthanc_plugin.imaging.volume import Volume, VolumeError, axial_flips, build_volume
 
 ROOT = Path(__file__).resolve().parents[2]
 

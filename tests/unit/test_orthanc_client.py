@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orthanc_plugin.orthanc_client import OrthancClient, OrthancError
+from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

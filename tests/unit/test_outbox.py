@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from orthanc_plugin.jobstore import JobStore
-from orthanc_plugin.outbox import Outbox, enqueue_in
+from orthanc_plugin.jobs.outbox import Outbox, enqueue_in
+from orthanc_plugin.jobs.store import JobStore
 
 URL = "http://ehr.example/fhir"
 

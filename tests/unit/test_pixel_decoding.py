@@ -16,9 +16,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, RLELossless
 
-from orthanc_plugin.orthanc_client import OrthancClient, OrthancError, PixelDecodeError
-from orthanc_plugin.routing import SeriesInfo, StudyInfo, route
-from orthanc_plugin.volume import VolumeError, build_volume, native_pixels
+from orthanc_plugin.imaging.volume import VolumeError, build_volume, native_pixels
+from orthanc_plugin.intake.routing import SeriesInfo, StudyInfo, route
+from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError, PixelDecodeError
 
 from ..conftest import DATA, read_series
 from ..integration.corpus import to_jpeg2000
@@ -138,7 +138,7 @@ def test_two_missing_slices_are_counted(slices: list[Dataset]) -> None:
 def test_multi_frame_series_rejected_by_routing_with_the_reason() -> None:
     from pathlib import Path
 
-    from orthanc_plugin.config import load_pipelines
+    from orthanc_plugin.core.config import load_pipelines
 
     root = Path(__file__).resolve().parents[2]
     (ct_lung,) = [p for p in load_pipelines(root / "config" / "pipelines.yaml") if p.name == "ct-lung"]

@@ -1,8 +1,8 @@
 import numpy as np
 from scipy import ndimage
 
-from orthanc_plugin.postprocess import keep_largest_components, labels_from_probabilities, volumes_ml
-from orthanc_plugin.preprocess import resize
+from orthanc_plugin.imaging.postprocess import keep_largest_components, labels_from_probabilities, volumes_ml
+from orthanc_plugin.imaging.preprocess import resize
 
 
 def test_resize_matches_scipy_linear_zoom():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orthanc_plugin import preprocess
+from orthanc_plugin.imaging import preprocess
 
 
 @pytest.mark.parametrize(

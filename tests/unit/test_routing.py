@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from orthanc_plugin.config import ConfigError, InputRole, load_pipelines
-from orthanc_plugin.routing import SeriesInfo, StudyInfo, route
+from orthanc_plugin.core.config import ConfigError, InputRole, load_pipelines
+from orthanc_plugin.intake.routing import SeriesInfo, StudyInfo, route
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,9 +21,9 @@ import pytest
 from numpy.typing import NDArray
 from pydicom.uid import generate_uid
 
-from orthanc_plugin.codes import Code
-from orthanc_plugin.results import AlgorithmInfo, SegmentSpec
-from orthanc_plugin.seg import (
+from orthanc_plugin.core.codes import Code
+from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec
+from orthanc_plugin.outputs.seg import (
     SEG_SOP_CLASS_UIDS,
     EmptySegmentationError,
     build_seg,

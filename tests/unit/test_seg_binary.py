@@ -1,4 +1,4 @@
-"""The fast BINARY SEG encoder (orthanc_plugin.seg_binary) against highdicom's, on the real CT."""
+"""The fast BINARY SEG encoder (orthanc_plugin.outputs.seg_binary) against highdicom's, on the real CT."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 from numpy.typing import NDArray
 from pydicom.dataelem import RawDataElement
 
-from orthanc_plugin import seg_binary
-from orthanc_plugin.results import SegmentSpec
-from orthanc_plugin.seg import build_seg
-from orthanc_plugin.uids import derived_uid
+from orthanc_plugin.core.results import SegmentSpec
+from orthanc_plugin.core.uids import derived_uid
+from orthanc_plugin.outputs import seg_binary
+from orthanc_plugin.outputs.seg import build_seg
 
 from .test_seg import (
     ABNORMAL_STRUCTURE,

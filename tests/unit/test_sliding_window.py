@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from orthanc_plugin.sliding_window import (
+from orthanc_plugin.inference.sliding_window import (
     importance_map,
     roi_for,
     sliding_window_inference,

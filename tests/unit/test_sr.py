@@ -16,8 +16,8 @@ from numpy.typing import NDArray
 from pydicom.sr.codedict import codes as dcm_codes
 from scipy import ndimage
 
-from orthanc_plugin.results import SegmentSpec, VolumeMeasurement
-from orthanc_plugin.sr import (
+from orthanc_plugin.core.results import SegmentSpec, VolumeMeasurement
+from orthanc_plugin.outputs.sr import (
     MAX_POLYGON_POINTS,
     _region_like,
     build_sr,

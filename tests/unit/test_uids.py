@@ -1,4 +1,4 @@
-from orthanc_plugin.uids import derived_uid, fingerprint, job_id, job_key, output_uids
+from orthanc_plugin.core.uids import derived_uid, fingerprint, job_id, job_key, output_uids
 
 
 def test_fingerprint_ignores_order_and_duplicates():

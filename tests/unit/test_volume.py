@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from orthanc_plugin.volume import VolumeError, build_volume
+from orthanc_plugin.imaging.volume import VolumeError, build_volume
 
 from ..conftest import read_series
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _nice_after(*steps: int) -> int:
     code = (
         "import os\n"
-        "from orthanc_plugin.worker import lower_priority\n"
+        "from orthanc_plugin.worker.loop import lower_priority\n"
         f"for n in {list(steps)!r}:\n"
         "    lower_priority(n)\n"
         "print(os.getpriority(os.PRIO_PROCESS, 0))\n"
@@ -32,6 +32,6 @@ def test_a_smaller_setting_never_raises_the_priority() -> None:
 
 
 def test_default_setting_is_ten() -> None:
-    from orthanc_plugin.config import Settings
+    from orthanc_plugin.core.config import Settings
 
     assert Settings.model_validate({"PipelinesFile": "x.yaml"}).worker_nice == 10

@@ -10,7 +10,7 @@ Steps:
 1. read the chest CT series (pydicom), sorted along the slice normal, in Hounsfield units;
 2. label the right/left lung of each series with the classical method of ``reference_labels.py``;
 3. put the training series (plus z-cropped and slice-thickness-resampled variants) on the
-   network grid with the worker's own functions (``orthanc_plugin.preprocess``);
+   network grid with the worker's own functions (``orthanc_plugin.imaging.preprocess``);
 4. train a small MONAI 3D UNet (CPU, fixed seed) with intensity, noise, blur and small affine
    augmentation (no left-right flips: the labels are sided);
 5. export ONNX (opset 17, dynamic batch, softmax inside the graph), check it against torch
@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE))
 
 from reference_labels import LEFT_LUNG, RIGHT_LUNG, label_volumes_ml, reference_labels  # noqa: E402
 
-from orthanc_plugin.preprocess import resize, window  # noqa: E402
+from orthanc_plugin.imaging.preprocess import resize, window  # noqa: E402
 
 GRID = (64, 128, 128)  # network input (z, y, x)
 HU_LOW, HU_HIGH = -1024.0, 400.0

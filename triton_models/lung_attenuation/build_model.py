@@ -25,7 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from orthanc_plugin.onnx_proto import attr_int, model, node, tensor, value_info  # noqa: E402
+from orthanc_plugin.models.onnx_proto import attr_int, model, node, tensor, value_info  # noqa: E402
 
 WINDOW = (-1024.0, 400.0)  # the ct_lung window: image = (HU - low) / (high - low)
 SPATIAL = (64, 128, 128)

@@ -1,0 +1,500 @@
+"""Typed, validated configuration: the ``OrthancAI`` section of Orthanc's JSON and the pipelines file.
+
+Errors name the file and the key, so an admin can fix them without reading code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orthanc_plugin.core.codes import Code
+from orthanc_plugin.core.db_target import DatabaseTarget, PostgresTarget, check_postgres_url
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be used; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class Condition(_Strict):
+    """Test on one DICOM attribute (keyword) of a series; every given test must hold."""
+
+    equals: str | list[str] | None = None
+    not_equals: str | list[str] | None = None
+    matches: str | None = Field(default=None, description="regular expression, searched, case-sensitive")
+    not_matches: str | None = None
+    min: float | None = None
+    max: float | None = None
+    present: bool | None = None
+
+    @field_validator("matches", "not_matches")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {v!r}: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Condition:
+        if all(getattr(self, f) is None for f in type(self).model_fields):
+            raise ValueError("a condition needs at least one of " + ", ".join(type(self).model_fields))
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class Preference(_Strict):
+    """Tie-breaker when several series satisfy a role: the first preference that separates them wins."""
+
+    attribute: str
+    matches: str | None = None
+    order: Literal["max", "min"] | None = None
+    reason: str = ""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Preference:
+        if (self.matches is None) == (self.order is None):
+            raise ValueError("a preference needs exactly one of 'matches' or 'order'")
+        if self.matches is not None:
+            re.compile(self.matches)
+        return self
+
+
+class InputRole(_Strict):
+    """A named input of a pipeline and the rule that picks its series from a study."""
+
+    role: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    required: bool = True
+    where: dict[str, Condition] = Field(default_factory=dict)
+    exclude: dict[str, Condition] = Field(
+        default_factory=dict, description="a series for which any of these holds is excluded"
+    )
+    prefer: list[Preference] = Field(default_factory=list)
+    temporal_position: int | None = Field(
+        default=None, ge=1, description="for series with several temporal positions: which one to use"
+    )
+    ambiguous: Literal["fail", "first_by_uid"] = Field(
+        default="fail",
+        description="when the preferences cannot separate several matching series: fail the job "
+        "and name them (default), or take the first by SeriesInstanceUID",
+    )
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+class ModelRef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: str = Field(default="", description="empty: the newest version Triton serves")
+    input: str = "image"
+    output: str = "probabilities"
+
+
+class Preprocess(_Strict):
+    """From the series' voxels to the model's input grid, for every input channel alike.
+
+    ``grid``: ``resize`` stretches the (axially oriented) volume to ``shape``; ``spacing``
+    resamples it to ``spacing_mm`` (slice, row, column) whatever the study's size (use with
+    sliding-window inference); ``conform`` resamples it in patient space to ``shape`` voxels of
+    ``spacing_mm`` in the ``orientation`` layout, centred on the series (brain MR networks).
+    Intensities: ``window`` [low, high] -> [0, 1] before resampling, or ``minmax`` after it.
+    """
+
+    grid: Literal["resize", "spacing", "conform"] = "resize"
+    window: tuple[float, float] | None = None
+    minmax: bool = False
+    shape: tuple[int, int, int] | None = None
+    spacing_mm: tuple[float, float, float] | None = None
+    orientation: Literal["LIA"] = "LIA"
+
+    @model_validator(mode="after")
+    def _one_scaling(self) -> Preprocess:
+        if self.window is not None and self.minmax:
+            raise ValueError("choose either 'window' or 'minmax', not both")
+        if self.window is not None and not self.window[1] > self.window[0]:
+            raise ValueError(f"window {list(self.window)}: the second value must be greater")
+        if self.shape is not None and min(self.shape) < 1:
+            raise ValueError("shape: three positive sizes")
+        if self.spacing_mm is not None and min(self.spacing_mm) <= 0:
+            raise ValueError("spacing_mm: three positive sizes in mm")
+        if self.grid in ("resize", "conform") and self.shape is None:
+            raise ValueError(f"grid '{self.grid}' needs 'shape' (slices, rows, columns)")
+        if self.grid in ("spacing", "conform") and self.spacing_mm is None:
+            raise ValueError(f"grid '{self.grid}' needs 'spacing_mm' (slice, row, column)")
+        if self.grid == "spacing" and self.shape is not None:
+            raise ValueError("grid 'spacing' takes its size from the study: leave 'shape' out")
+        return self
+
+
+class Inference(_Strict):
+    """How the model is run on the prepared tensor."""
+
+    mode: Literal["whole", "sliding_window"] = "whole"
+    roi: tuple[int, int, int] | None = Field(default=None, description="window (slices, rows, columns)")
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    batch: int = Field(default=2, ge=1, le=64, description="windows sent to Triton per request")
+    blend: Literal["constant", "gaussian"] = "gaussian"
+    timeout_s: float = Field(default=120.0, gt=0, description="per Triton request (large models on CPU)")
+
+    @model_validator(mode="after")
+    def _roi(self) -> Inference:
+        if self.mode == "sliding_window" and (self.roi is None or min(self.roi) < 1):
+            raise ValueError("sliding_window needs 'roi': three positive sizes")
+        return self
+
+
+class Costs(_Strict):
+    false_negative: float = Field(gt=0)
+    false_positive: float = Field(gt=0)
+
+
+class Classifier(_Strict):
+    """A classification model chained after the segmentation, in the same job.
+
+    Its inputs are named tensors of the first step: ``image`` (what the segmentation model
+    saw) and ``segmentation`` (its output probabilities). Its output is one probability per
+    class, in the order of ``classes``. The finding is ``positive`` when its probability is
+    at least ``threshold``, or, given ``costs``, at least the Bayes operating point
+    false_positive / (false_positive + false_negative) for calibrated probabilities.
+    """
+
+    name: str = Field(description="what is classified, shown in the SR and the FHIR Observation")
+    model: ModelRef
+    inputs: dict[str, Literal["image", "segmentation"]] = Field(min_length=1)
+    classes: list[str] = Field(min_length=2)
+    positive: str
+    threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    costs: Costs | None = None
+    finding: CodeSpec = Field(description="the finding reported when positive (SR value, FHIR code)")
+    absent: CodeSpec | None = Field(default=None, description="value when negative; default SNOMED 'Absent'")
+    validated_for: str = Field(default="", description="plain words on what it is (not) validated for")
+
+    @model_validator(mode="after")
+    def _operating_point(self) -> Classifier:
+        if self.positive not in self.classes:
+            raise ValueError(f"positive class {self.positive!r} is not one of classes {self.classes}")
+        if (self.threshold is None) == (self.costs is None):
+            raise ValueError("give exactly one of 'threshold' or 'costs'")
+        return self
+
+    @property
+    def operating_point(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        assert self.costs is not None
+        return self.costs.false_positive / (self.costs.false_positive + self.costs.false_negative)
+
+
+class CodeSpec(_Strict):
+    value: str
+    scheme: str
+    meaning: str
+
+    def to_code(self) -> Code:
+        return Code(self.value, self.scheme, self.meaning)
+
+
+class SegmentConfig(_Strict):
+    label: int = Field(ge=1, le=255)
+    name: str
+    category: CodeSpec
+    type: CodeSpec
+    anatomic_region: CodeSpec | None = None
+    color: tuple[int, int, int] = (255, 0, 0)
+    tracking_id: str | None = None
+    plausible_mean: tuple[float, float] | None = Field(
+        default=None,
+        description="[low, high] mean source value inside the segment (HU on CT); outside it the job "
+        "fails instead of reporting an implausible segment",
+    )
+    plausible_as: str = Field(default="", description="what the segment should be, for that message")
+
+    @model_validator(mode="after")
+    def _plausible(self) -> SegmentConfig:
+        if self.plausible_mean is not None and not self.plausible_mean[0] < self.plausible_mean[1]:
+            raise ValueError(f"plausible_mean {list(self.plausible_mean)}: the second value must be greater")
+        return self
+
+
+class ForwardDestination(_Strict):
+    """One place the results go after they are stored: exactly one of ``modality`` (a name in
+    Orthanc's ``DicomModalities``, sent by C-STORE) or ``dicomweb`` (a name in Orthanc's
+    ``DicomWeb.Servers``, sent by STOW-RS)."""
+
+    modality: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    dicomweb: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ForwardDestination:
+        if (self.modality is None) == (self.dicomweb is None):
+            raise ValueError("a forward destination needs exactly one of 'modality' or 'dicomweb'")
+        return self
+
+    @property
+    def kind(self) -> Literal["modality", "dicomweb"]:
+        return "modality" if self.modality is not None else "dicomweb"
+
+    @property
+    def name(self) -> str:
+        return self.modality if self.modality is not None else str(self.dicomweb)
+
+    @property
+    def label(self) -> str:
+        """``modality:PACS2`` / ``dicomweb:archive``: how jobs, events and metrics name it."""
+        return f"{self.kind}:{self.name}"
+
+
+class Outputs(_Strict):
+    seg: bool = True
+    seg_type: Literal["BINARY", "LABELMAP"] = Field(
+        default="BINARY",
+        description="LABELMAP: one frame per slice holding every label (DICOM 2024b+ viewers)",
+    )
+    sr: bool = True
+    fhir: bool = True
+    series_number: int = Field(default=9900, ge=1, le=99999, description="SEG gets this, SR this + 1")
+    forward: list[ForwardDestination] = Field(
+        default_factory=list, description="where Orthanc sends the SEG and SR once they are stored"
+    )
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
+    version: str = Field(pattern=r"^[0-9A-Za-z.+-]+$")
+    enabled: bool = True
+    priority: int = 0
+    description: str = ""
+    algorithm_name: str
+    task: Literal["segmentation"] = "segmentation"
+    model: ModelRef
+    inputs: list[InputRole] = Field(min_length=1)
+    study_where: dict[str, Condition] = Field(default_factory=dict)
+    preprocess: Preprocess
+    inference: Inference = Inference()
+    classify: Classifier | None = None
+    largest_component: bool = True
+    segments: list[SegmentConfig] = Field(min_length=1)
+    outputs: Outputs = Outputs()
+
+    @model_validator(mode="after")
+    def _unique(self) -> PipelineConfig:
+        roles = [r.role for r in self.inputs]
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"input roles must be unique, got {roles}")
+        if not self.inputs[0].required:
+            raise ValueError(f"the first input role ('{roles[0]}') gives the grid: it must be required")
+        if self.inference.mode == "sliding_window" and self.preprocess.grid == "resize":
+            raise ValueError("sliding_window inference needs preprocess grid 'spacing' or 'conform'")
+        labels = [s.label for s in self.segments]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"segment labels must be unique, got {labels}")
+        return self
+
+
+class PipelinesFile(_Strict):
+    pipelines: list[PipelineConfig]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PipelinesFile:
+        names = [p.name for p in self.pipelines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pipeline names must be unique, got {names}")
+        return self
+
+
+# --------------------------------------------------------------------------- plugin settings
+
+
+class Settings(_Strict):
+    """The ``OrthancAI`` section of the Orthanc configuration (paths already resolved)."""
+
+    pipelines_file: Path = Field(alias="PipelinesFile")
+    job_store: Path | None = Field(default=None, alias="JobStore")
+    # Scale-out: jobs and the FHIR outbox in PostgreSQL, shared by Orthancs and workers on
+    # several hosts. Unset: the SQLite file JobStore (one host).
+    job_database: str | None = Field(
+        default=None,
+        alias="JobDatabase",
+        description="postgresql://user@host:port/dbname, without password; unset: the SQLite file JobStore",
+    )
+    job_database_password_env: str | None = Field(
+        default=None,
+        alias="JobDatabasePasswordEnv",
+        description="environment variable holding the JobDatabase password (unset: libpq's PGPASSWORD, ~/.pgpass)",
+    )
+    workers: int = Field(default=1, ge=0, le=64, alias="Workers")
+    worker_python: Path | None = Field(default=None, alias="WorkerPython")
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        alias="WorkerNice",
+        description="CPU niceness of the workers: Orthanc's own requests (viewers, PACS) come first",
+    )
+    triton_url: str = Field(default="127.0.0.1:8001", alias="TritonUrl")
+    triton_shared_memory: bool | None = Field(default=None, alias="TritonSharedMemory")
+    # TLS to Triton's gRPC endpoint: file paths only (keys stay in files outside the repository).
+    triton_tls: bool = Field(default=False, alias="TritonTls", description="gRPC over TLS")
+    triton_tls_ca: Path | None = Field(
+        default=None, alias="TritonTlsCaFile", description="PEM CA bundle (default: the system's)"
+    )
+    triton_tls_cert: Path | None = Field(
+        default=None, alias="TritonTlsCertFile", description="PEM client certificate (mutual TLS)"
+    )
+    triton_tls_key: Path | None = Field(default=None, alias="TritonTlsKeyFile", description="its PEM key")
+    orthanc_url: str = Field(default="http://127.0.0.1:8042", alias="OrthancUrl")
+    orthanc_username: str | None = Field(default=None, alias="OrthancUsername")
+    orthanc_password_env: str | None = Field(default=None, alias="OrthancPasswordEnv")
+    admin_users: list[str] | None = Field(
+        default=None,
+        alias="AdminUsers",
+        description="with Orthanc authentication on: the users allowed to change state under /ai/ "
+        "(retry, cancel, run, reload); null: every authenticated user",
+    )
+    lease_seconds: float = Field(default=30.0, gt=1, alias="LeaseSeconds")
+    max_attempts: int = Field(default=3, ge=1, le=20, alias="MaxAttempts")
+    retry_backoff_seconds: float = Field(default=5.0, ge=0, alias="RetryBackoffSeconds")
+    catch_up_delay_seconds: float = Field(default=-1, alias="CatchUpDelaySeconds")
+    log_dir: Path | None = Field(default=None, alias="LogDirectory")
+    # FHIR delivery to the EHR (none when FhirBaseUrl is unset: reports stay in the job store).
+    fhir_base_url: str | None = Field(default=None, alias="FhirBaseUrl")
+    fhir_token_env: str | None = Field(
+        default=None, alias="FhirTokenEnv", description="environment variable holding the bearer token"
+    )
+    fhir_version: Literal["R4", "R5"] = Field(default="R4", alias="FhirVersion")
+    fhir_verify_tls: bool | Path = Field(
+        default=True, alias="FhirVerifyTls", description="false, true or a CA file"
+    )
+    fhir_client_cert: Path | None = Field(
+        default=None, alias="FhirClientCertFile", description="PEM client certificate for mutual TLS"
+    )
+    fhir_client_key: Path | None = Field(default=None, alias="FhirClientKeyFile", description="its PEM key")
+    fhir_timeout_seconds: float = Field(default=30.0, gt=0, alias="FhirTimeoutSeconds")
+    delivery_max_backoff_seconds: float = Field(default=300.0, gt=0, alias="DeliveryMaxBackoffSeconds")
+    # Forwarding of SEG/SR to other DICOM / DICOMweb destinations (pipelines' outputs.forward).
+    forward_attempts: int = Field(default=3, ge=1, le=10, alias="ForwardAttempts")
+    forward_backoff_seconds: float = Field(default=2.0, ge=0, le=300, alias="ForwardBackoffSeconds")
+    forward_timeout_seconds: float = Field(default=60.0, gt=0, alias="ForwardTimeoutSeconds")
+
+    @field_validator(
+        "triton_tls_ca", "triton_tls_cert", "triton_tls_key", "fhir_client_cert", "fhir_client_key",
+        mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _empty_path_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # an unset ${VAR} in orthanc.json
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        for cert, key, names in (
+            (self.triton_tls_cert, self.triton_tls_key, "TritonTlsCertFile and TritonTlsKeyFile"),
+            (self.fhir_client_cert, self.fhir_client_key, "FhirClientCertFile and FhirClientKeyFile"),
+        ):
+            if (cert is None) != (key is None):
+                raise ValueError(f"{names} go together: give both or neither")
+        if not self.triton_tls and any((self.triton_tls_ca, self.triton_tls_cert)):
+            raise ValueError("TritonTlsCaFile/TritonTlsCertFile are set but TritonTls is false")
+        for path in (
+            self.triton_tls_ca, self.triton_tls_cert, self.triton_tls_key,
+            self.fhir_client_cert, self.fhir_client_key,
+        ):  # fmt: skip
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist or is not a file")
+        return self
+
+    @field_validator("orthanc_username")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None  # an empty value (an unset ${VAR} in orthanc.json) means no authentication
+
+    @field_validator("job_database")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None  # an empty value (an unset ${VAR} in orthanc.json) means the SQLite file
+        return check_postgres_url(v.strip())
+
+    @field_validator("job_database_password_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        if v is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            raise ValueError(f"must be the name of an environment variable, got {v!r}")
+        return v
+
+    def database(self) -> DatabaseTarget:
+        """Where jobs and the outbox live: the PostgreSQL JobDatabase, else the SQLite file JobStore."""
+        if self.job_database is not None:
+            return PostgresTarget(self.job_database, self.job_database_password_env)
+        if self.job_store is None:
+            raise ConfigError("JobStore is not resolved: load the settings with load_settings()")
+        return self.job_store
+
+    @field_validator("fhir_base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None  # an empty value (e.g. an unset ${VAR} in orthanc.json) means no delivery
+        if v is not None and not re.match(r"^https?://[^/]+", v):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v.rstrip("/") if v else v
+
+
+def _explain(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{source}: key '{key}': {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_pipelines(path: Path) -> list[PipelineConfig]:
+    """Read and validate a pipelines file (YAML or JSON)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the pipelines file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
+    try:
+        return PipelinesFile.model_validate(raw).pipelines
+    except ValidationError as e:
+        raise ConfigError(_explain(e, str(path))) from None
+
+
+def load_settings(orthanc_config: dict[str, Any], source: str = "Orthanc configuration") -> Settings:
+    """Validate the ``OrthancAI`` section; relative paths are taken from the working directory."""
+    section = orthanc_config.get("OrthancAI")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: key 'OrthancAI' is missing or not an object")
+    try:
+        settings = Settings.model_validate(section)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, f"{source}: OrthancAI")) from None
+    if settings.job_store is None:
+        storage = Path(str(orthanc_config.get("StorageDirectory", "OrthancStorage")))
+        settings = settings.model_copy(update={"job_store": storage / "orthanc-ai" / "jobs.sqlite"})
+    return settings
+
+
+def settings_to_json(settings: Settings) -> str:
+    """Serialise settings for a worker process (aliases kept, so the worker validates them the same way)."""
+    return json.dumps({"OrthancAI": settings.model_dump(mode="json", by_alias=True)})

@@ -1,0 +1,335 @@
+"""Intake: Orthanc's change log -> routing decisions -> jobs.
+
+One loop reads ``/changes`` from the last sequence number we persisted, so the same code
+handles live STABLE_STUDY events (the callback only wakes the loop) and the catch-up after a
+restart. Orthanc forgets stability timers at shutdown, so studies whose series arrived
+without a later StableStudy are evaluated once the stable age has passed after the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from orthanc_plugin.core.config import PipelineConfig
+from orthanc_plugin.core.uids import fingerprint, job_key
+from orthanc_plugin.intake.routing import (
+    OWN_MANUFACTURER,
+    RouteDecision,
+    SeriesInfo,
+    StudyInfo,
+    route,
+)
+from orthanc_plugin.jobs.store import Job, JobStore
+
+log = logging.getLogger("orthanc_ai.intake")
+
+RestGet = Callable[[str], Any]  # path -> parsed JSON; raises on HTTP errors
+SEQ_KEY = "changes.last_seq"
+# Series-level keywords that /series/{id} does not carry; read from one instance.
+_INSTANCE_KEYWORDS = (
+    "ConvolutionKernel", "SliceThickness", "Manufacturer", "ManufacturerModelName", "ImageType",
+    "BodyPartExamined", "ContrastBolusAgent", "SOPClassUID", "KVP", "PixelSpacing", "NumberOfFrames",
+)  # fmt: skip
+PENDING_TTL_S = 3600.0
+GAP_WAIT_S = 5.0  # how long a missing change number is waited for (see Intake._gap_expired)
+GAP_NEAR_TAIL = 1000  # only gaps this close to the newest change can still fill
+# Study-level keywords for ``study_where`` that are not DICOM attributes: how the study arrived.
+STUDY_CALLING_AET = "CallingAETitle"
+STUDY_ORIGIN = "Origin"
+
+
+class StudyGone(LookupError):
+    """The study no longer exists in Orthanc."""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    decision: RouteDecision
+    job: Job | None
+    created: bool
+
+
+class Intake:
+    def __init__(
+        self,
+        rest_get: RestGet,
+        store: JobStore,
+        pipelines: Callable[[], list[PipelineConfig]],
+        max_attempts: int = 3,
+        catch_up_delay_s: float = 10.0,
+        wait_for_gaps: bool = False,
+    ) -> None:
+        self.rest_get = rest_get
+        self.wait_for_gaps = wait_for_gaps
+        self.store = store
+        self.pipelines = pipelines
+        self.max_attempts = max_attempts
+        self.catch_up_delay_s = catch_up_delay_s
+        self.wake = threading.Event()
+        self._pending: dict[str, tuple[int, float]] = {}  # study id -> (first seq, first seen)
+        self._catch_up: dict[str, float] = {}  # study id -> evaluate at
+        self._gaps: dict[int, float] = {}  # missing change number -> when first noticed
+        self._first_pass = True
+        self._cursor: int | None = None  # read position; the persisted one may lag behind it
+
+    # ------------------------------------------------------------------ study description
+
+    def describe_study(self, orthanc_study_id: str) -> StudyInfo:
+        try:
+            study = self.rest_get(f"/studies/{orthanc_study_id}")
+        except LookupError as e:
+            raise StudyGone(orthanc_study_id) from e
+        series: list[SeriesInfo] = []
+        for sid in study.get("Series", []):
+            try:
+                s = self.rest_get(f"/series/{sid}")
+            except LookupError:
+                continue  # deleted meanwhile
+            tags: dict[str, str] = {k: str(v) for k, v in s.get("MainDicomTags", {}).items()}
+            instances = tuple(s.get("Instances", []))
+            if instances:
+                try:
+                    extra = self.rest_get(f"/instances/{instances[0]}/simplified-tags")
+                except LookupError:
+                    extra = {}
+                for kw in _INSTANCE_KEYWORDS:
+                    v = extra.get(kw)
+                    if isinstance(v, str | int | float) and kw not in tags:
+                        tags[kw] = str(v)
+            series.append(SeriesInfo(sid, tags.get("SeriesInstanceUID", ""), tags, instances))
+        stags = {k: str(v) for k, v in study.get("MainDicomTags", {}).items()}
+        stags.update(self._reception(series))
+        return StudyInfo(orthanc_study_id, stags.get("StudyInstanceUID", ""), stags, tuple(series))
+
+    def _reception(self, series: list[SeriesInfo]) -> dict[str, str]:
+        """How the study arrived, for study-level rules: ``CallingAETitle`` (the sender's AE title
+        for C-STORE, Orthanc's ``RemoteAET`` metadata) and ``Origin`` (``DicomProtocol``,
+        ``RestApi``, ``Plugins``...), read from the first instance of each series. Our own
+        SEG/SR series are left out; values from several senders are joined by a backslash."""
+        found: dict[str, set[str]] = {STUDY_CALLING_AET: set(), STUDY_ORIGIN: set()}
+        for s in series:
+            if not s.instance_ids or s.tags.get("Manufacturer", "") == OWN_MANUFACTURER:
+                continue
+            try:
+                meta = self.rest_get(f"/instances/{s.instance_ids[0]}/metadata?expand")
+            except LookupError:
+                continue
+            if not isinstance(meta, dict):
+                continue
+            for key, source in ((STUDY_CALLING_AET, "RemoteAET"), (STUDY_ORIGIN, "Origin")):
+                value = meta.get(source)
+                if isinstance(value, str) and value.strip():
+                    found[key].add(value.strip())
+        return {k: "\\".join(sorted(v)) for k, v in found.items() if v}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def dry_run(self, orthanc_study_id: str) -> list[RouteDecision]:
+        study = self.describe_study(orthanc_study_id)
+        return [route(p, study) for p in self.pipelines()]
+
+    def evaluate(self, orthanc_study_id: str, only: str | None = None, rerun: bool = False) -> list[Enqueued]:
+        """Route the study and enqueue a job per matching pipeline (idempotent by job key).
+
+        ``rerun`` puts an existing finished job with the same key back into the queue.
+        """
+        study = self.describe_study(orthanc_study_id)
+        results: list[Enqueued] = []
+        for p in self.pipelines():
+            if only is not None and p.name != only:
+                continue
+            decision = route(p, study)
+            if not decision.matched and decision.problem is None:
+                results.append(Enqueued(decision, None, False))
+                continue
+            chosen = decision.chosen()
+            # A pipeline that applies but cannot run (a role missing or ambiguous) still gets a
+            # job, failed by the worker with the problem, so the admin sees it in the job list.
+            tied = [s for r in decision.roles for s in r.ambiguous]
+            fp = fingerprint(i for s in [*chosen.values(), *tied] for i in s.instance_ids)
+            key = job_key(study.study_instance_uid, p.name, p.version, fp)
+            job_input: dict[str, Any] = {
+                "roles": {
+                    r.role: {
+                        "series_id": r.chosen.orthanc_id,
+                        "series_uid": r.chosen.series_instance_uid,
+                        "series_description": r.chosen.tags.get("SeriesDescription", ""),
+                        "instances": list(r.chosen.instance_ids),
+                        "reason": r.reason,
+                    }
+                    for r in decision.roles
+                    if r.chosen is not None
+                },
+            }
+            if decision.problem is not None:
+                job_input["problem"] = decision.problem
+            job, created = self.store.enqueue(
+                key, study.study_instance_uid, orthanc_study_id, p.name, p.version, fp, job_input,
+                priority=p.priority, max_attempts=self.max_attempts,
+            )  # fmt: skip
+            if not created and rerun and job.state in ("succeeded", "failed", "cancelled"):
+                job = self.store.retry(job.id, "run requested through the API")
+                created = True
+            log.info(
+                "study %s: pipeline %s %s job %s",
+                orthanc_study_id,
+                p.name,
+                "queued" if created else "has",
+                job.id,
+                extra={"job_id": job.id, "study_uid": study.study_instance_uid, "pipeline": p.name},
+            )
+            results.append(Enqueued(decision, job, created))
+        return results
+
+    # ------------------------------------------------------------------ change log
+
+    def start_seq(self) -> int:
+        stored = self.store.get_kv(SEQ_KEY)
+        if stored is not None:
+            return int(stored)
+        # First start on this store: begin at the present, do not reprocess the whole archive.
+        last = int(self.rest_get("/changes?last").get("Last", 0))
+        self.store.set_kv(SEQ_KEY, str(last))
+        return last
+
+    def process_changes(self, limit: int = 200) -> int:
+        """Handle every change after the persisted sequence number; returns how many were read."""
+        if self._cursor is None:
+            self._cursor = self.start_seq()
+        since = self._cursor
+        seen = 0
+        while True:
+            page = self.rest_get(f"/changes?since={since}&limit={limit}")
+            changes = page.get("Changes", [])
+            held = False
+            if self.wait_for_gaps:
+                self._note_gaps(since, changes)
+            for ch in changes:
+                seq = int(ch.get("Seq", since + 1))
+                if seq > since + 1 and not self._gap_expired(since + 1, seq):
+                    held = True  # read again from here on the next pass
+                    break
+                self._handle_change(ch)
+                seen += 1
+                since = max(since, seq)
+            if changes and not held:
+                since = max(since, int(page.get("Last", since)))
+            self._cursor = since
+            self._persist(since)
+            if held or page.get("Done", True) or not changes:
+                break
+        if self._first_pass:
+            self._first_pass = False
+            now = time.time()
+            for sid in self._pending:
+                self._catch_up.setdefault(sid, now + self.catch_up_delay_s)
+            if self._catch_up:
+                log.info("catch-up: %d study(ies) without a stable event since restart", len(self._catch_up))
+        self._run_catch_up()
+        return seen
+
+    def _note_gaps(self, since: int, changes: list[dict[str, Any]]) -> None:
+        """Remember when each gap of this page was first seen (all at once, so a page with many
+        gaps costs one wait, not one per gap). Only gaps near the end of the log can still be
+        filled by a transaction in flight; older ones are deleted resources: not waited for."""
+        seqs = [int(ch.get("Seq", 0)) for ch in changes]
+        if not seqs:
+            return
+        tail = int(self.rest_get("/changes?last").get("Last", seqs[-1]))
+        now = time.monotonic()
+        previous = since
+        for seq in seqs:
+            if seq > previous + 1 and tail - seq < GAP_NEAR_TAIL:
+                self._gaps.setdefault(previous + 1, now)
+            previous = max(previous, seq)
+
+    def _gap_expired(self, missing: int, after: int) -> bool:
+        """Change ``missing`` is not in the log although ``after`` is. With several Orthancs
+        sharing one PostgreSQL index a lower number can become visible after a higher one (its
+        transaction commits later), so near the end of the log the reader waits a little for it.
+        A number still absent after GAP_WAIT_S belongs to a transaction that rolled back or to a
+        deleted resource (Orthanc removes a resource's changes with it), and is skipped."""
+        first = self._gaps.get(missing)
+        if first is None:
+            return True  # not waited for: no shared index, or far from the end of the log
+        if time.monotonic() - first < GAP_WAIT_S:
+            return False
+        self._gaps.pop(missing, None)
+        log.debug("change %d never appeared before %d; going on", missing, after)
+        return True
+
+    def _handle_change(self, ch: dict[str, Any]) -> None:
+        kind, rid, seq = ch.get("ChangeType"), str(ch.get("ID", "")), int(ch.get("Seq", 0))
+        if kind == "StableStudy":
+            self._pending.pop(rid, None)
+            self._catch_up.pop(rid, None)
+            self._safe_evaluate(rid)
+        elif kind == "NewSeries":
+            try:
+                study_id = str(self.rest_get(f"/series/{rid}").get("ParentStudy", ""))
+            except LookupError:
+                return
+            if study_id and study_id not in self._pending:
+                self._pending[study_id] = (seq, time.time())
+        elif kind == "Deleted" and ch.get("ResourceType") == "Study":
+            self._pending.pop(rid, None)
+            self._catch_up.pop(rid, None)
+
+    def _safe_evaluate(self, study_id: str) -> None:
+        try:
+            self.evaluate(study_id)
+        except StudyGone:
+            log.info("study %s deleted before it could be routed", study_id)
+        except Exception:
+            log.exception("routing study %s failed", study_id)
+
+    def _persist(self, last: int) -> None:
+        now = time.time()
+        for sid, (_, first_seen) in list(self._pending.items()):
+            if now - first_seen > PENDING_TTL_S:
+                del self._pending[sid]
+        # Never move past a series whose study has not been seen stable: after a restart the
+        # catch-up must see that series again.
+        safe = min([last, *(seq - 1 for seq, _ in self._pending.values())])
+        current = self.store.get_kv(SEQ_KEY)
+        if current is None or int(current) != safe:
+            self.store.set_kv(SEQ_KEY, str(safe))
+
+    def _run_catch_up(self) -> None:
+        now = time.time()
+        for sid, due in list(self._catch_up.items()):
+            if due > now:
+                continue
+            quiet_since = self._last_update(sid)
+            if quiet_since is not None and now - quiet_since < self.catch_up_delay_s:
+                # Instances still arrive (a sender resuming after the restart): wait, as
+                # Orthanc's own stability timer would.
+                self._catch_up[sid] = quiet_since + self.catch_up_delay_s
+                continue
+            del self._catch_up[sid]
+            self._pending.pop(sid, None)
+            log.info("catch-up: routing study %s (no stable event after restart)", sid)
+            self._safe_evaluate(sid)
+
+    def _last_update(self, study_id: str) -> float | None:
+        """When Orthanc last changed the study (its LastUpdate, local time), as a timestamp."""
+        try:
+            text = str(self.rest_get(f"/studies/{study_id}").get("LastUpdate", ""))
+            return time.mktime(time.strptime(text, "%Y%m%dT%H%M%S"))
+        except (LookupError, ValueError):
+            return None
+
+    def run(self, stop: threading.Event, poll_s: float = 2.0) -> None:
+        """Loop until ``stop``: woken by STABLE_STUDY, and polling as a safety net."""
+        while not stop.is_set():
+            try:
+                self.process_changes()
+            except Exception:
+                log.exception("reading Orthanc's change log failed; will retry")
+            self.wake.wait(poll_s)
+            self.wake.clear()

@@ -1,0 +1,421 @@
+"""Durable job store: states, attempts, leases with heartbeat, per-job audit events.
+
+Shared by the plugin (enqueue, read, retry) and the worker processes (claim, heartbeat, finish).
+Every transition is one short transaction, so a process killed at any moment leaves a
+consistent store; a running job whose lease expires goes back to the queue.
+
+It lives in a SQLite file (one host) or a PostgreSQL database (Orthancs and workers on several
+hosts), see :mod:`orthanc_plugin.jobs.database`. Rows another transaction will change are locked
+(``FOR UPDATE``) on PostgreSQL, and claims pass over rows being claimed (``SKIP LOCKED``), so
+no two workers ever take the same job; on SQLite the write lock of ``BEGIN IMMEDIATE`` does it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from orthanc_plugin.core.uids import job_id
+from orthanc_plugin.jobs.database import Database, DatabaseTarget, Row, open_with_schema, split_script
+from orthanc_plugin.jobs.outbox import SCHEMA as OUTBOX_SCHEMA
+from orthanc_plugin.jobs.outbox import enqueue_in
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    study_uid TEXT NOT NULL,
+    orthanc_study_id TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    pipeline_version TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued','running','succeeded','failed','cancelled')),
+    priority INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 3,
+    not_before REAL NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_expires REAL,
+    stage TEXT,
+    error TEXT,
+    input TEXT NOT NULL,
+    timings TEXT NOT NULL DEFAULT '{}',
+    outputs TEXT NOT NULL DEFAULT '{}',
+    fhir TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority, created);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid);
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job_id, seq);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    key: str
+    study_uid: str
+    orthanc_study_id: str
+    pipeline: str
+    pipeline_version: str
+    fingerprint: str
+    state: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    not_before: float
+    lease_owner: str | None
+    lease_expires: float | None
+    stage: str | None
+    error: str | None
+    input: dict[str, Any]
+    timings: dict[str, float]
+    outputs: dict[str, Any]
+    fhir: dict[str, Any] | None
+    created: float
+    updated: float
+    started: float | None
+    finished: float | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Job:
+        d = dict(row)
+        d["input"] = json.loads(d["input"])
+        d["timings"] = json.loads(d["timings"])
+        d["outputs"] = json.loads(d["outputs"])
+        d["fhir"] = json.loads(d["fhir"]) if d["fhir"] else None
+        return cls(**d)
+
+
+class JobStore:
+    """The job store; one connection per instance (create one per thread or process).
+
+    ``path`` is where it lives: a SQLite file path or a :class:`~orthanc_plugin.jobs.database.PostgresTarget`
+    (pass it on to open another connection to the same store).
+    """
+
+    def __init__(self, path: DatabaseTarget, busy_timeout_s: float = 30.0) -> None:
+        self.path = path
+        # The outbox's table too: a job's success may queue its report.
+        self._db = open_with_schema(path, [*split_script(_SCHEMA), *OUTBOX_SCHEMA], busy_timeout_s)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self) -> AbstractContextManager[Database]:
+        return self._db.transaction()
+
+    def _event(self, db: Database, jid: str, kind: str, detail: str = "") -> None:
+        db.execute(
+            "INSERT INTO job_events(job_id, ts, kind, detail) VALUES (?,?,?,?)",
+            (jid, time.time(), kind, detail),
+        )
+
+    def add_event(self, jid: str, kind: str, detail: str = "") -> None:
+        """Append an event to a job's history (forwarding attempts, audit notes)."""
+        with self._tx() as db:
+            self._event(db, jid, kind, detail)
+
+    # ------------------------------------------------------------------ intake side
+
+    def enqueue(
+        self,
+        key: str,
+        study_uid: str,
+        orthanc_study_id: str,
+        pipeline: str,
+        pipeline_version: str,
+        fingerprint: str,
+        input: dict[str, Any],
+        priority: int = 0,
+        max_attempts: int = 3,
+    ) -> tuple[Job, bool]:
+        """Insert a job unless its key exists; returns (job, created)."""
+        jid = job_id(key)
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
+            if row is not None:
+                return Job.from_row(row), False
+            # Two Orthancs sharing a PostgreSQL store may enqueue the same study at the same
+            # moment: the loser of the race sees the winner's row instead of an error. No
+            # conflict target: the id (derived from the key) collides too, and PostgreSQL only
+            # forgives conflicts on the target's index.
+            cur = db.execute(
+                "INSERT INTO jobs(id, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,"
+                " state, priority, max_attempts, input, created, updated) VALUES (?,?,?,?,?,?,?,'queued',?,?,?,?,?)"
+                " ON CONFLICT DO NOTHING",
+                (
+                    jid, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,
+                    priority, max_attempts, json.dumps(input), now, now,
+                ),
+            )  # fmt: skip
+            created = cur.rowcount == 1
+            if created:
+                self._event(db, jid, "queued", "new job")
+            row = db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
+        assert row is not None
+        return Job.from_row(row), created
+
+    def retry(self, jid: str, reason: str = "retry requested") -> Job:
+        """Put a finished job back in the queue with fresh attempts; its outputs will be replaced."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?" + db.lock_rows, (jid,)).fetchone()
+            if row is None:
+                raise KeyError(jid)
+            if row["state"] in ("queued", "running"):
+                raise JobStateError(f"job {jid} is {row['state']}; only finished jobs can be retried")
+            db.execute(
+                "UPDATE jobs SET state='queued', attempts=0, not_before=0, error=NULL, stage=NULL,"
+                " lease_owner=NULL, lease_expires=NULL, finished=NULL, updated=? WHERE id=?",
+                (time.time(), jid),
+            )
+            self._event(db, jid, "queued", reason)
+        return self.get(jid)
+
+    def cancel(self, jid: str) -> Job:
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?" + db.lock_rows, (jid,)).fetchone()
+            if row is None:
+                raise KeyError(jid)
+            if row["state"] in TERMINAL:
+                raise JobStateError(f"job {jid} is already {row['state']}")
+            now = time.time()
+            db.execute(
+                "UPDATE jobs SET state='cancelled', lease_owner=NULL, lease_expires=NULL, finished=?, updated=?"
+                " WHERE id=?",
+                (now, now, jid),
+            )
+            self._event(db, jid, "cancelled")
+        return self.get(jid)
+
+    # ------------------------------------------------------------------ worker side
+
+    def claim(self, owner: str, lease_s: float) -> Job | None:
+        """Take the most urgent runnable job and lease it to ``owner``."""
+        now = time.time()
+        with self._tx() as db:
+            self._expire(db, now)
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state='queued' AND not_before<=? ORDER BY priority DESC, created LIMIT 1"
+                + db.skip_locked,
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            jid = row["id"]
+            db.execute(
+                "UPDATE jobs SET state='running', attempts=attempts+1, lease_owner=?, lease_expires=?,"
+                " started=COALESCE(started, ?), updated=?, stage='claimed', timings='{}' WHERE id=?",
+                (owner, now + lease_s, now, now, jid),
+            )
+            self._event(db, jid, "running", f"claimed by {owner}")
+            claimed = db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
+            assert claimed is not None
+            return Job.from_row(claimed)
+
+    def _expire(self, db: Database, now: float) -> None:
+        # Expired leases another claimer is handling right now are left to it.
+        rows = db.execute(
+            "SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE state='running' AND lease_expires<?"
+            + db.skip_locked,
+            (now,),
+        ).fetchall()
+        for r in rows:
+            self._requeue_lost(db, r, now, f"lease of {r['lease_owner']} expired")
+
+    def _requeue_lost(self, db: Database, r: Row, now: float, why: str) -> None:
+        if r["attempts"] >= r["max_attempts"]:
+            db.execute(
+                "UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, finished=?, updated=?"
+                " WHERE id=?",
+                (
+                    f"worker lost during attempt {r['attempts']} of {r['max_attempts']} ({why})",
+                    now,
+                    now,
+                    r["id"],
+                ),
+            )
+            self._event(db, r["id"], "failed", why)
+        else:
+            db.execute(
+                "UPDATE jobs SET state='queued', lease_owner=NULL, lease_expires=NULL, updated=? WHERE id=?",
+                (now, r["id"]),
+            )
+            self._event(db, r["id"], "requeued", why)
+
+    def release_owner(self, owner: str, why: str) -> int:
+        """Requeue every job leased to ``owner`` (a worker known to be dead)."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE state='running' AND lease_owner=?"
+                + db.lock_rows,
+                (owner,),
+            ).fetchall()
+            for r in rows:
+                self._requeue_lost(db, r, now, why)
+        return len(rows)
+
+    def heartbeat(self, jid: str, owner: str, lease_s: float, stage: str | None = None) -> bool:
+        """Extend the lease; False when the job is no longer ours (expired, cancelled)."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET lease_expires=?, updated=?, stage=COALESCE(?, stage)"
+                " WHERE id=? AND state='running' AND lease_owner=?",
+                (now + lease_s, now, stage, jid, owner),
+            )
+            return cur.rowcount == 1
+
+    def record_stage(self, jid: str, owner: str, stage: str, seconds: float) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT timings FROM jobs WHERE id=? AND lease_owner=?" + db.lock_rows, (jid, owner)
+            ).fetchone()
+            if row is None:
+                return
+            timings = json.loads(row["timings"])
+            timings[stage] = round(seconds, 4)
+            db.execute(
+                "UPDATE jobs SET timings=?, stage=?, updated=? WHERE id=?",
+                (json.dumps(timings), stage, time.time(), jid),
+            )
+
+    def update_input(self, jid: str, owner: str, updates: dict[str, Any]) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT input FROM jobs WHERE id=? AND lease_owner=?" + db.lock_rows, (jid, owner)
+            ).fetchone()
+            if row is None:
+                return
+            data = json.loads(row["input"])
+            data.update(updates)
+            db.execute("UPDATE jobs SET input=? WHERE id=?", (json.dumps(data), jid))
+
+    def succeed(
+        self,
+        jid: str,
+        owner: str,
+        outputs: dict[str, Any],
+        fhir: dict[str, Any] | None,
+        deliver_to: str | None = None,
+    ) -> bool:
+        """Record the results; with ``deliver_to``, queue the FHIR bundle for it in the same transaction."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state='succeeded', outputs=?, fhir=?, error=NULL, stage='done', lease_owner=NULL,"
+                " lease_expires=NULL, finished=?, updated=? WHERE id=? AND state='running' AND lease_owner=?",
+                (json.dumps(outputs), json.dumps(fhir) if fhir is not None else None, now, now, jid, owner),
+            )
+            if cur.rowcount == 1:
+                self._event(
+                    db,
+                    jid,
+                    "succeeded",
+                    ", ".join(f"{k}={v}" for k, v in outputs.items() if "uid" in k.lower()),
+                )
+                if fhir is not None and deliver_to:
+                    enqueue_in(db, jid, fhir, deliver_to, now)
+                    self._event(db, jid, "fhir_queued", f"report queued for delivery to {deliver_to}")
+            return cur.rowcount == 1
+
+    def fail(self, jid: str, owner: str, error: str, retryable: bool, backoff_s: float) -> str:
+        """Record a failed attempt; requeue with backoff when allowed. Returns the new state."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT attempts, max_attempts FROM jobs WHERE id=? AND state='running' AND lease_owner=?"
+                + db.lock_rows,
+                (jid, owner),
+            ).fetchone()
+            if row is None:
+                return "lost"
+            if retryable and row["attempts"] < row["max_attempts"]:
+                delay = backoff_s * (2 ** (row["attempts"] - 1))
+                db.execute(
+                    "UPDATE jobs SET state='queued', error=?, not_before=?, lease_owner=NULL, lease_expires=NULL,"
+                    " updated=? WHERE id=?",
+                    (error, now + delay, now, jid),
+                )
+                self._event(
+                    db, jid, "requeued", f"attempt {row['attempts']} failed, retry in {delay:.0f} s: {error}"
+                )
+                return "queued"
+            db.execute(
+                "UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, finished=?, updated=?"
+                " WHERE id=?",
+                (error, now, now, jid),
+            )
+            self._event(db, jid, "failed", error)
+            return "failed"
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, jid: str) -> Job:
+        row = self._db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
+        if row is None:
+            raise KeyError(jid)
+        return Job.from_row(row)
+
+    def get_by_key(self, key: str) -> Job | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
+        return None if row is None else Job.from_row(row)
+
+    def list_jobs(
+        self, state: str | None = None, study_uid: str | None = None, limit: int = 200
+    ) -> list[Job]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if state:
+            if state not in STATES:
+                raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+            sql += " AND state=?"
+            args.append(state)
+        if study_uid:
+            sql += " AND study_uid=?"
+            args.append(study_uid)
+        sql += " ORDER BY created DESC LIMIT ?"
+        return [Job.from_row(r) for r in self._db.execute(sql, (*args, limit)).fetchall()]
+
+    def events(self, jid: str) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT ts, kind, detail FROM job_events WHERE job_id=? ORDER BY seq", (jid,))
+        return rows.fetchall()
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for r in self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall():
+            out[r["state"]] = r["n"]
+        return out
+
+    def get_kv(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_kv(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO kv(key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
+
+
+class JobStateError(RuntimeError):
+    """A transition that the job's current state does not allow."""
