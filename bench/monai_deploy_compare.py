@@ -129,7 +129,9 @@ def ours_once(folder: Path, labels: Any, out: Path, gc_paused: bool = False) -> 
 
     from orthanc_plugin.imaging.volume import build_volume
     from orthanc_plugin.outputs import seg
+    from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
 
+    install_iod_cache()  # as the worker does at start
     if gc_paused:
         gc.disable()
     t0 = time.perf_counter()

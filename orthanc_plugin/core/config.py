@@ -456,7 +456,8 @@ class Settings(_Strict):
         return v.rstrip("/") if v else v
 
 
-def _explain(e: ValidationError, source: str) -> str:
+def explain_validation(e: ValidationError, source: str) -> str:
+    """A validation error in an admin's words: one line per problem, naming ``source`` and the key."""
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -477,7 +478,7 @@ def load_pipelines(path: Path) -> list[PipelineConfig]:
     try:
         return PipelinesFile.model_validate(raw).pipelines
     except ValidationError as e:
-        raise ConfigError(_explain(e, str(path))) from None
+        raise ConfigError(explain_validation(e, str(path))) from None
 
 
 def load_settings(orthanc_config: dict[str, Any], source: str = "Orthanc configuration") -> Settings:
@@ -488,7 +489,7 @@ def load_settings(orthanc_config: dict[str, Any], source: str = "Orthanc configu
     try:
         settings = Settings.model_validate(section)
     except ValidationError as e:
-        raise ConfigError(_explain(e, f"{source}: OrthancAI")) from None
+        raise ConfigError(explain_validation(e, f"{source}: OrthancAI")) from None
     if settings.job_store is None:
         storage = Path(str(orthanc_config.get("StorageDirectory", "OrthancStorage")))
         settings = settings.model_copy(update={"job_store": storage / "orthanc-ai" / "jobs.sqlite"})

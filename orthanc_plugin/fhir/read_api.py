@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from orthanc_plugin.core.errors import BadRequest, NotFound
 from orthanc_plugin.fhir.report import DICOM_UID_SYSTEM
 from orthanc_plugin.jobs.database import Database, DatabaseTarget
 
@@ -39,12 +40,12 @@ class FhirReports:
         """
         unknown = sorted(set(query) - _SEARCH_PARAMS)
         if unknown:
-            raise ValueError(
+            raise BadRequest(
                 f"unsupported search parameter(s) {', '.join(unknown)}; supported: study, _count"
             )
         count_text = query.get("_count", "100")
         if not count_text.isdigit():
-            raise ValueError("_count must be a number")
+            raise BadRequest("_count must be a number")
         count = min(int(count_text), 1000)
         sql, args = "SELECT fhir FROM jobs WHERE fhir IS NOT NULL", []
         study = query.get("study")
@@ -75,11 +76,11 @@ class FhirReports:
     def read(self, resource_type: str, rid: str) -> dict[str, Any]:
         """One resource by type and uuid; ``KeyError`` when we made no such resource."""
         if resource_type not in TYPES:
-            raise KeyError(f"{resource_type}/{rid}")
+            raise NotFound(f"{resource_type}/{rid}")
         try:
             rid = str(uuid.UUID(rid))
         except ValueError:
-            raise KeyError(f"{resource_type}/{rid}") from None
+            raise NotFound(f"{resource_type}/{rid}") from None
         # The uuid is unique to one resource (a Device's is shared by the jobs of one model
         # version, with identical content): the newest bundle that names it has it.
         rows = self._db.execute(
@@ -90,16 +91,16 @@ class FhirReports:
             for resource in _resources(json.loads(row["fhir"])):
                 if resource["resourceType"] == resource_type and resource.get("id") == rid:
                     return resource
-        raise KeyError(f"{resource_type}/{rid}")
+        raise NotFound(f"{resource_type}/{rid}")
 
 
 def _study_uid(value: str) -> str:
     system, sep, uid = value.rpartition("|")
     if sep and system not in ("", DICOM_UID_SYSTEM):
-        raise ValueError(f"study: identifier system {system!r} is not {DICOM_UID_SYSTEM}")
+        raise BadRequest(f"study: identifier system {system!r} is not {DICOM_UID_SYSTEM}")
     uid = uid.removeprefix("urn:oid:")
     if not uid or not all(part.isdigit() for part in uid.split(".")):
-        raise ValueError(f"study: {value!r} is not a DICOM UID")
+        raise BadRequest(f"study: {value!r} is not a DICOM UID")
     return uid
 
 

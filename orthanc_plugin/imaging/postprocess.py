@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from orthanc_plugin.imaging.preprocess import _axis_weights, resize
+from orthanc_plugin.imaging.preprocess import axis_weights, resize
 
 #: A model-grid voxel whose winning class leads every other by more than this (relative to
 #: the largest probability) keeps its class wherever it is interpolated with such voxels;
@@ -62,8 +62,8 @@ class _PlaneResampler:
     """
 
     def __init__(self, my: int, mx: int, ny: int, nx: int) -> None:
-        self.lo_y, self.hi_y, self.w_y = _axis_weights(my, ny)
-        self.lo_x, self.hi_x, self.w_x = _axis_weights(mx, nx)
+        self.lo_y, self.hi_y, self.w_y = axis_weights(my, ny)
+        self.lo_x, self.hi_x, self.w_x = axis_weights(mx, nx)
         # resize() skips an axis whose size does not change, and does the shrinking one first.
         self.pass_y, self.pass_x = my != ny, mx != nx
         self.x_first = nx / mx < ny / my

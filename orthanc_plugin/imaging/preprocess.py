@@ -34,7 +34,7 @@ def minmax(volume: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
     return (v - np.float32(lo)) / np.float32(hi - lo)
 
 
-def _axis_weights(n_in: int, n_out: int) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.float32]]:
+def axis_weights(n_in: int, n_out: int) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.float32]]:
     """Source indices and weights for linear resampling of one axis, voxel centres aligned."""
     pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     pos = np.clip(pos, 0.0, n_in - 1)
@@ -82,7 +82,7 @@ def resize(
         n_in, n_out = v.shape[axis], shape[axis]
         if n_in == n_out:
             continue
-        lo, hi, w = _axis_weights(n_in, n_out)
+        lo, hi, w = axis_weights(n_in, n_out)
         wshape = [1, 1, 1]
         wshape[axis] = n_out
         wb = w.reshape(wshape)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from orthanc_plugin.core.config import PipelineConfig
+from orthanc_plugin.core.errors import NotFound
+from orthanc_plugin.core.handoff import JobInput, RoleInput
 from orthanc_plugin.core.uids import fingerprint, job_key
 from orthanc_plugin.intake.routing import (
     OWN_MANUFACTURER,
@@ -43,7 +45,7 @@ STUDY_CALLING_AET = "CallingAETitle"
 STUDY_ORIGIN = "Origin"
 
 
-class StudyGone(LookupError):
+class StudyGone(NotFound):
     """The study no longer exists in Orthanc."""
 
 
@@ -153,21 +155,20 @@ class Intake:
             tied = [s for r in decision.roles for s in r.ambiguous]
             fp = fingerprint(i for s in [*chosen.values(), *tied] for i in s.instance_ids)
             key = job_key(study.study_instance_uid, p.name, p.version, fp)
-            job_input: dict[str, Any] = {
-                "roles": {
-                    r.role: {
-                        "series_id": r.chosen.orthanc_id,
-                        "series_uid": r.chosen.series_instance_uid,
-                        "series_description": r.chosen.tags.get("SeriesDescription", ""),
-                        "instances": list(r.chosen.instance_ids),
-                        "reason": r.reason,
-                    }
+            job_input = JobInput(
+                roles={
+                    r.role: RoleInput(
+                        series_id=r.chosen.orthanc_id,
+                        series_uid=r.chosen.series_instance_uid,
+                        series_description=r.chosen.tags.get("SeriesDescription", ""),
+                        instances=tuple(r.chosen.instance_ids),
+                        reason=r.reason,
+                    )
                     for r in decision.roles
                     if r.chosen is not None
                 },
-            }
-            if decision.problem is not None:
-                job_input["problem"] = decision.problem
+                problem=decision.problem,
+            )
             job, created = self.store.enqueue(
                 key, study.study_instance_uid, orthanc_study_id, p.name, p.version, fp, job_input,
                 priority=p.priority, max_attempts=self.max_attempts,

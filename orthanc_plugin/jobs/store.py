@@ -18,10 +18,20 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from orthanc_plugin.core.errors import BadRequest, NotFound
+from orthanc_plugin.core.handoff import JobInput, JobOutputs
 from orthanc_plugin.core.uids import job_id
 from orthanc_plugin.jobs.database import Database, DatabaseTarget, Row, open_with_schema, split_script
 from orthanc_plugin.jobs.outbox import SCHEMA as OUTBOX_SCHEMA
 from orthanc_plugin.jobs.outbox import enqueue_in
+
+
+class JobNotFound(NotFound):
+    """No job with that id."""
+
+    def __str__(self) -> str:
+        return f"job {self.args[0]}"
+
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -85,9 +95,9 @@ class Job:
     lease_expires: float | None
     stage: str | None
     error: str | None
-    input: dict[str, Any]
+    input: JobInput
     timings: dict[str, float]
-    outputs: dict[str, Any]
+    outputs: JobOutputs | None  # None until the job succeeds
     fhir: dict[str, Any] | None
     created: float
     updated: float
@@ -97,9 +107,10 @@ class Job:
     @classmethod
     def from_row(cls, row: Row) -> Job:
         d = dict(row)
-        d["input"] = json.loads(d["input"])
+        d["input"] = JobInput.from_json(json.loads(d["input"]))
         d["timings"] = json.loads(d["timings"])
-        d["outputs"] = json.loads(d["outputs"])
+        outputs = json.loads(d["outputs"])
+        d["outputs"] = JobOutputs.from_json(outputs) if outputs else None
         d["fhir"] = json.loads(d["fhir"]) if d["fhir"] else None
         return cls(**d)
 
@@ -143,7 +154,7 @@ class JobStore:
         pipeline: str,
         pipeline_version: str,
         fingerprint: str,
-        input: dict[str, Any],
+        input: JobInput,
         priority: int = 0,
         max_attempts: int = 3,
     ) -> tuple[Job, bool]:
@@ -164,7 +175,7 @@ class JobStore:
                 " ON CONFLICT DO NOTHING",
                 (
                     jid, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,
-                    priority, max_attempts, json.dumps(input), now, now,
+                    priority, max_attempts, json.dumps(input.to_json()), now, now,
                 ),
             )  # fmt: skip
             created = cur.rowcount == 1
@@ -179,7 +190,7 @@ class JobStore:
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?" + db.lock_rows, (jid,)).fetchone()
             if row is None:
-                raise KeyError(jid)
+                raise JobNotFound(jid)
             if row["state"] in ("queued", "running"):
                 raise JobStateError(f"job {jid} is {row['state']}; only finished jobs can be retried")
             db.execute(
@@ -194,7 +205,7 @@ class JobStore:
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?" + db.lock_rows, (jid,)).fetchone()
             if row is None:
-                raise KeyError(jid)
+                raise JobNotFound(jid)
             if row["state"] in TERMINAL:
                 raise JobStateError(f"job {jid} is already {row['state']}")
             now = time.time()
@@ -299,22 +310,11 @@ class JobStore:
                 (json.dumps(timings), stage, time.time(), jid),
             )
 
-    def update_input(self, jid: str, owner: str, updates: dict[str, Any]) -> None:
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT input FROM jobs WHERE id=? AND lease_owner=?" + db.lock_rows, (jid, owner)
-            ).fetchone()
-            if row is None:
-                return
-            data = json.loads(row["input"])
-            data.update(updates)
-            db.execute("UPDATE jobs SET input=? WHERE id=?", (json.dumps(data), jid))
-
     def succeed(
         self,
         jid: str,
         owner: str,
-        outputs: dict[str, Any],
+        outputs: JobOutputs,
         fhir: dict[str, Any] | None,
         deliver_to: str | None = None,
     ) -> bool:
@@ -324,14 +324,21 @@ class JobStore:
             cur = db.execute(
                 "UPDATE jobs SET state='succeeded', outputs=?, fhir=?, error=NULL, stage='done', lease_owner=NULL,"
                 " lease_expires=NULL, finished=?, updated=? WHERE id=? AND state='running' AND lease_owner=?",
-                (json.dumps(outputs), json.dumps(fhir) if fhir is not None else None, now, now, jid, owner),
+                (
+                    json.dumps(outputs.to_json()),
+                    json.dumps(fhir) if fhir is not None else None,
+                    now,
+                    now,
+                    jid,
+                    owner,
+                ),
             )
             if cur.rowcount == 1:
                 self._event(
                     db,
                     jid,
                     "succeeded",
-                    ", ".join(f"{k}={v}" for k, v in outputs.items() if "uid" in k.lower()),
+                    ", ".join(f"{k}={v.sop_instance_uid}" for k, v in outputs.stored.items()),
                 )
                 if fhir is not None and deliver_to:
                     enqueue_in(db, jid, fhir, deliver_to, now)
@@ -373,7 +380,7 @@ class JobStore:
     def get(self, jid: str) -> Job:
         row = self._db.execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
         if row is None:
-            raise KeyError(jid)
+            raise JobNotFound(jid)
         return Job.from_row(row)
 
     def get_by_key(self, key: str) -> Job | None:
@@ -386,7 +393,7 @@ class JobStore:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
         if state:
             if state not in STATES:
-                raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+                raise BadRequest(f"unknown state {state!r}; one of {', '.join(STATES)}")
             sql += " AND state=?"
             args.append(state)
         if study_uid:

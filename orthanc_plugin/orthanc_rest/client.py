@@ -152,7 +152,11 @@ class OrthancClient:
             )
         return r
 
-    def _request(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
+    def request(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
+        """One REST call (``what`` names it in errors); a dropped kept-alive connection is retried once.
+
+        Raises :class:`OrthancError` with Orthanc's own status and message on an error answer.
+        """
         for attempt in (1, 2):
             try:
                 r = self._http.request(method, path, **kw)
@@ -169,7 +173,7 @@ class OrthancClient:
         return self._check(r, what)
 
     def get_json(self, path: str) -> Any:
-        return self._request("GET", path, f"GET {path}").json()
+        return self.request("GET", path, f"GET {path}").json()
 
     def system(self) -> dict[str, Any]:
         result: dict[str, Any] = self.get_json("/system")
@@ -179,7 +183,7 @@ class OrthancClient:
         path, what = f"/instances/{instance_id}/file", f"read instance {instance_id}"
         try:
             if self._files is None:
-                r = self._request("GET", path, what)
+                r = self.request("GET", path, what)
             else:
                 try:
                     status, body = self._files.get(path)
@@ -207,7 +211,7 @@ class OrthancClient:
         and the volume applies them again.
         """
         try:
-            r = self._request(
+            r = self.request(
                 "GET", f"/instances/{instance_id}/numpy?rescale=0", f"decode instance {instance_id}"
             )
         except OrthancError as e:
@@ -251,7 +255,7 @@ class OrthancClient:
         """Store one instance; Orthanc must run with OverwriteInstances so a retry replaces."""
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        r = self._request(
+        r = self.request(
             "POST", "/instances", f"store {ds.get('Modality', '')} instance", content=buf.getvalue(),
             headers={"Content-Type": "application/dicom"},
         )  # fmt: skip
@@ -267,10 +271,10 @@ class OrthancClient:
         return result
 
     def delete_instance(self, instance_id: str) -> None:
-        self._request("DELETE", f"/instances/{instance_id}", f"delete instance {instance_id}")
+        self.request("DELETE", f"/instances/{instance_id}", f"delete instance {instance_id}")
 
     def lookup(self, uid: str) -> list[dict[str, Any]]:
-        r = self._request("POST", "/tools/lookup", "look up a UID", content=uid.encode("ascii"))
+        r = self.request("POST", "/tools/lookup", "look up a UID", content=uid.encode("ascii"))
         result: list[dict[str, Any]] = r.json()
         return result
 
@@ -284,7 +288,7 @@ class OrthancClient:
 
     def _exists(self, path: str, what: str) -> bool:
         try:
-            self._request("GET", path, what)
+            self.request("GET", path, what)
         except OrthancError as e:
             if e.status == 404:
                 return False

@@ -28,7 +28,6 @@ from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 log = logging.getLogger("orthanc_ai.forwarding")
 
 EVENT_KIND = "forward"
-OUTPUT_NAMES = ("seg", "sr")
 
 
 class ForwardError(RuntimeError):
@@ -37,16 +36,6 @@ class ForwardError(RuntimeError):
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-def output_instance_ids(stored: Mapping[str, Any]) -> list[str]:
-    """Orthanc ids of the stored SEG and SR (from the store stage or a job's ``outputs``)."""
-    ids = []
-    for name in OUTPUT_NAMES:
-        entry = stored.get(name)
-        if isinstance(entry, Mapping) and entry.get("ID"):
-            ids.append(str(entry["ID"]))
-    return ids
 
 
 def send_once(
@@ -67,7 +56,7 @@ def send_once(
         what = f"send the results to DICOMweb server '{dest.dicomweb}' (STOW-RS)"
     try:
         # One POST to Orthanc's own REST API; Orthanc talks to the destination.
-        r = orthanc._request("POST", path, what, json=body, timeout=timeout_s + 10)
+        r = orthanc.request("POST", path, what, json=body, timeout=timeout_s + 10)
     except OrthancError as e:
         if e.status == 404:
             kind = "DicomModalities" if dest.modality is not None else "DicomWeb.Servers"
@@ -93,7 +82,7 @@ def forward(
     store: JobStore,
     job_id: str,
     destinations: Sequence[ForwardDestination],
-    stored: Mapping[str, Any],
+    instance_ids: Sequence[str],
     settings: Settings,
     *,
     study_uid: str | None = None,
@@ -101,13 +90,13 @@ def forward(
     via: str = "worker",
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any] | None:
-    """Send the stored SEG/SR to every destination, with retries; never raises for a destination.
+    """Send the stored outputs (Orthanc ids ``instance_ids``) to every destination, with retries; never raises for a destination.
 
     Returns the forwarding summary kept in the job's ``outputs`` (None without destinations).
     """
     if not destinations:
         return None
-    ids = output_instance_ids(stored)
+    ids = list(instance_ids)
     tries = attempts if attempts is not None else settings.forward_attempts
     extra = {"job_id": job_id, "study_uid": study_uid}
     results = []
@@ -228,7 +217,7 @@ def reforward(
         store,
         job.id,
         destinations,
-        job.outputs,
+        job.outputs.instance_ids() if job.outputs is not None else [],
         settings,
         study_uid=job.study_uid,
         attempts=1,

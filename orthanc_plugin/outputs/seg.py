@@ -53,41 +53,6 @@ _COUNT_CHUNK = 1 << 22
 _CS_UNSAFE = re.compile(r"[^A-Z0-9_]+")
 
 
-def _memoise_iod_lookup() -> None:
-    """Cache highdicom's "is this attribute in that IOD" answers (a pure function of its arguments).
-
-    highdicom asks it once per source image when it makes a SEG or an SR image region, and
-    each answer walks the standard's module tables: 1.5 ms, so 0.1 s for a 64-slice SEG and
-    0.5 s for the SEG and SR of 320 slices. The answers do not change; the output is the same.
-    """
-    import functools
-    import importlib
-
-    utils = importlib.import_module("highdicom._standard_utils")
-    original = getattr(utils, "is_attribute_in_iod", None)
-    if original is None or getattr(original, "orthanc_ai_memoised", False):
-        return
-
-    @functools.lru_cache(maxsize=1024)
-    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
-        return bool(original(attribute, sop_class_uid, list(exclude) if exclude is not None else None))
-
-    def is_attribute_in_iod(
-        attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
-    ) -> bool:
-        exclude = tuple(exclude_path_elements) if exclude_path_elements is not None else None
-        return cached(attribute, str(sop_class_uid), exclude)
-
-    is_attribute_in_iod.orthanc_ai_memoised = True  # type: ignore[attr-defined]
-    for name in ("highdicom._standard_utils", "highdicom.base", "highdicom.sr.content"):
-        module = importlib.import_module(name)
-        if getattr(module, "is_attribute_in_iod", None) is original:
-            module.is_attribute_in_iod = is_attribute_in_iod  # type: ignore[attr-defined]
-
-
-_memoise_iod_lookup()
-
-
 class EmptySegmentationError(ValueError):
     """No segment has a single voxel: there is nothing to encode (the caller decides what then)."""
 

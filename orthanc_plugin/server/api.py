@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orthanc_plugin.core.config import PipelineConfig
+from orthanc_plugin.core.config import ConfigError, PipelineConfig
+from orthanc_plugin.core.errors import BadRequest, NotFound
 from orthanc_plugin.fhir.read_api import FhirReports
 from orthanc_plugin.intake.changes import Intake, StudyGone
 from orthanc_plugin.jobs.outbox import Outbox
@@ -40,12 +43,10 @@ def job_json(
         "finished": job.finished,
         "duration_s": round(job.finished - job.started, 3) if job.finished and job.started else None,
         "series": {
-            role: {k: v for k, v in r.items() if k != "instances"}
-            | {"instances": len(r.get("instances", []))}
-            for role, r in job.input.get("roles", {}).items()
+            role: r.to_json() | {"instances": len(r.instances)} for role, r in job.input.roles.items()
         },
         "timings": job.timings,
-        "outputs": job.outputs,
+        "outputs": job.outputs.to_json() if job.outputs is not None else {},
         "delivery": delivery,
     }
     if detail:
@@ -56,13 +57,35 @@ def job_json(
     return out
 
 
+MAX_LIMIT = 10_000
+log = logging.getLogger("orthanc_ai.api")
+
+
+def query_limit(query: Mapping[str, str], default: int = 200) -> int:
+    """``?limit=N``: a whole number from 1 to MAX_LIMIT."""
+    text = query.get("limit", str(default))
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {text[:20]!r}")
+    return int(text)
+
+
+def internal_error(what: str) -> Response:
+    """A 500 whose body holds only an error id; the log holds the id with the traceback."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("internal error %s in %s", error_id, what)
+    return 500, {
+        "error": "internal error; the Orthanc log has the details under this id",
+        "error_id": error_id,
+    }
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body or b"{}")
     except ValueError:
-        raise ValueError('body must be JSON, e.g. {"pipeline": "ct-lung"}') from None
+        raise BadRequest('body must be JSON, e.g. {"pipeline": "ct-lung"}') from None
     if not isinstance(data, dict):
-        raise ValueError("body must be a JSON object")
+        raise BadRequest("body must be a JSON object")
     return data
 
 
@@ -147,12 +170,14 @@ class Api:
             if allowed:
                 return 405, {"error": f"method {method} not allowed on /ai{path}", "allowed": allowed}
             return 404, {"error": f"no such route: /ai{path}"}
-        except KeyError as e:
-            return 404, {"error": f"not found: {e.args[0]}"}
+        except NotFound as e:
+            return 404, {"error": f"not found: {e}"}
         except JobStateError as e:
             return 409, {"error": str(e)}
-        except ValueError as e:
+        except (BadRequest, ConfigError) as e:
             return 400, {"error": str(e)}
+        except Exception:  # noqa: BLE001 - a bug: logged with its id, the caller sees only the id
+            return internal_error(f"{method} /ai{path}")
 
     def _routes(self) -> list[tuple[str, str, Callable[..., Response]]]:
         return [
@@ -174,7 +199,7 @@ class Api:
         ]
 
     def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
-        limit = int(query.get("limit", "200"))
+        limit = query_limit(query)
         jobs = self.store.list_jobs(query.get("state") or None, query.get("study") or None, limit)
         return 200, [self._job(j) for j in jobs]
 
@@ -200,7 +225,7 @@ class Api:
         data = _json_object(body) if body.strip() else {}
         everything = data.get("all", False)
         if not isinstance(everything, bool):
-            raise ValueError('"all" must be true or false')
+            raise BadRequest('"all" must be true or false')
         self.store.get(jid)  # 404 for an unknown job
         return 200, self.forward(jid, everything)
 
@@ -211,7 +236,7 @@ class Api:
         return 200, self.reports.read(resource_type, rid)
 
     def list_deliveries(self, query: Mapping[str, str], body: bytes) -> Response:
-        limit = int(query.get("limit", "200"))
+        limit = query_limit(query)
         return 200, self.outbox.list(query.get("state") or None, limit=limit)
 
     def run_study(self, query: Mapping[str, str], body: bytes, study_id: str) -> Response:
@@ -220,16 +245,16 @@ class Api:
             try:
                 data = json.loads(body)
             except ValueError:
-                raise ValueError('body must be JSON, e.g. {"pipeline": "ct-lung"}') from None
+                raise BadRequest('body must be JSON, e.g. {"pipeline": "ct-lung"}') from None
             if not isinstance(data, dict):
-                raise ValueError("body must be a JSON object")
+                raise BadRequest("body must be a JSON object")
             only = data.get("pipeline")
             if only is not None and only not in {p.name for p in self.pipelines()}:
-                raise KeyError(f"pipeline {only}")
+                raise NotFound(f"pipeline {only}")
         try:
             results = self.intake.evaluate(study_id, only=only, rerun=True)
         except StudyGone:
-            raise KeyError(f"study {study_id}") from None
+            raise NotFound(f"study {study_id}") from None
         return 200, [
             {
                 "pipeline": r.decision.pipeline,
@@ -245,20 +270,20 @@ class Api:
         try:
             decisions = self.intake.dry_run(study_id)
         except StudyGone:
-            raise KeyError(f"study {study_id}") from None
+            raise NotFound(f"study {study_id}") from None
         return 200, [d.to_json() for d in decisions]
 
     def dry_run_body(self, query: Mapping[str, str], body: bytes) -> Response:
         data = _json_object(body)
         study = data.get("study")
         if not isinstance(study, str) or not study:
-            raise ValueError('body must name the Orthanc study id: {"study": "<orthanc-study-id>"}')
+            raise BadRequest('body must name the Orthanc study id: {"study": "<orthanc-study-id>"}')
         return self.dry_run(query, b"", study)
 
     def reload_routes(self, query: Mapping[str, str], body: bytes) -> Response:
         if self.reload is None:
             return 501, {"error": "reloading is not available"}
-        pipelines = self.reload()  # raises ConfigError (a ValueError): the old rules stay in force
+        pipelines = self.reload()  # raises ConfigError (answered 400): the old rules stay in force
         return 200, {"reloaded": True, "pipelines": [pipeline_json(p) for p in pipelines]}
 
     def list_pipelines(self, query: Mapping[str, str], body: bytes) -> Response:

@@ -23,17 +23,6 @@ def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
-def _output(entry: Any) -> dict[str, Any] | None:
-    if not isinstance(entry, Mapping):
-        return None
-    return {
-        "SOPInstanceUID": entry.get("SOPInstanceUID"),
-        "SeriesInstanceUID": entry.get("SeriesInstanceUID"),
-        "ID": entry.get("ID"),
-        "ParentSeries": entry.get("ParentSeries"),
-    }
-
-
 def build_audit(
     job: Job,
     events: Sequence[Mapping[str, Any]],
@@ -41,8 +30,7 @@ def build_audit(
     pipeline: PipelineConfig | None = None,
 ) -> dict[str, Any]:
     """The audit record; ``pipeline`` is the current configuration of the job's pipeline, if any."""
-    outputs = job.outputs or {}
-    model = outputs.get("model") if isinstance(outputs.get("model"), Mapping) else None
+    outputs = job.outputs
     fwd = forwarding.status_from_events(events)
     return {
         "audit_version": AUDIT_VERSION,
@@ -58,13 +46,13 @@ def build_audit(
         "study": {"StudyInstanceUID": job.study_uid, "ID": job.orthanc_study_id},
         "series": {
             role: {
-                "SeriesInstanceUID": r.get("series_uid"),
-                "ID": r.get("series_id"),
-                "SeriesDescription": r.get("series_description"),
-                "instances": len(r.get("instances", [])),
-                "why": r.get("reason"),
+                "SeriesInstanceUID": r.series_uid,
+                "ID": r.series_id,
+                "SeriesDescription": r.series_description,
+                "instances": len(r.instances),
+                "why": r.reason,
             }
-            for role, r in (job.input.get("roles") or {}).items()
+            for role, r in job.input.roles.items()
         },
         "pipeline": {
             "name": job.pipeline,
@@ -72,8 +60,10 @@ def build_audit(
             "algorithm": pipeline.algorithm_name if pipeline is not None else None,
             "fingerprint": job.fingerprint,
         },
-        "model": None if model is None else {"name": model.get("name"), "version": model.get("version")},
-        "outputs": {"seg": _output(outputs.get("seg")), "sr": _output(outputs.get("sr"))},
+        "model": None if outputs is None else outputs.model.to_json(),
+        # seg and sr are always named (None until stored); further output kinds as they are stored
+        "outputs": {"seg": None, "sr": None}
+        | ({} if outputs is None else {kind: s.to_json() for kind, s in outputs.stored.items()}),
         "fhir": None
         if delivery is None
         else {

@@ -36,7 +36,7 @@ from orthanc_plugin.jobs.outbox import Outbox
 from orthanc_plugin.jobs.store import JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient
 from orthanc_plugin.orthanc_rest.forwarding import reforward
-from orthanc_plugin.server.api import Api
+from orthanc_plugin.server.api import Api, internal_error
 from orthanc_plugin.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from orthanc_plugin.server.metrics import render_metrics
 from orthanc_plugin.worker.supervisor import Supervisor
@@ -290,9 +290,8 @@ class Plugin:
         with self._api_lock:  # one sqlite connection serves the API
             try:
                 status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body, user)
-            except Exception as e:
-                log.error("API %s %s failed: %s", method, path, traceback.format_exc())
-                status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
+            except Exception:  # noqa: BLE001 - Api.handle answers its own errors; this is the last net
+                status, payload = internal_error(f"{method} /ai{path}")
         data = json.dumps(payload, indent=2, default=str)  # ASCII: len() is the byte length
         if status == 200:
             output.AnswerBuffer(data, "application/json")

@@ -21,7 +21,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orthanc_plugin.core.config import ConfigError, Settings, _explain, load_pipelines, settings_to_json
+from orthanc_plugin.core.config import (
+    ConfigError,
+    Settings,
+    explain_validation,
+    load_pipelines,
+    settings_to_json,
+)
 
 log = logging.getLogger("orthanc_ai.remote_worker")
 
@@ -115,7 +121,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     try:
         settings = Settings.model_validate(section)
     except ValidationError as e:
-        raise ConfigError(_explain(e, "worker command line")) from None
+        raise ConfigError(explain_validation(e, "worker command line")) from None
     load_pipelines(settings.pipelines_file)  # fail now, with the file's own message
     return settings
 

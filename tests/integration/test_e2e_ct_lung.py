@@ -124,7 +124,7 @@ def test_sr_references_seg_and_has_volumes(processed: dict, api: httpx.Client) -
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 2
-    seg_uid = processed["job"]["outputs"]["seg"]["SOPInstanceUID"]
+    seg_uid = processed["job"]["outputs"]["stored"]["seg"]["SOPInstanceUID"]
     text = str(ds)
     assert seg_uid in text
     values = sorted(float(g.get_measurements()[0].value) for g in groups)
@@ -146,7 +146,7 @@ def test_reupload_and_retry_do_not_duplicate(
     processed: dict, api: httpx.Client, orthanc: OrthancServer
 ) -> None:
     sid, uid = processed["study_id"], processed["study_uid"]
-    seg_before = processed["job"]["outputs"]["seg"]["SOPInstanceUID"]
+    seg_before = processed["job"]["outputs"]["stored"]["seg"]["SOPInstanceUID"]
     upload_folder(api, CT_B40)
     upload_folder(api, CT_B70)
     time.sleep(4)  # longer than StableAge: a second stable event would have been handled by now
@@ -155,7 +155,7 @@ def test_reupload_and_retry_do_not_duplicate(
     r = api.post(f"/ai/jobs/{jobs[0]['id']}/retry")
     assert r.status_code == 200 and r.json()["state"] == "queued"
     job = wait_job_done(api, uid, orthanc=orthanc)
-    assert job["state"] == "succeeded" and job["outputs"]["seg"]["SOPInstanceUID"] == seg_before
+    assert job["state"] == "succeeded" and job["outputs"]["stored"]["seg"]["SOPInstanceUID"] == seg_before
     assert len(series_by_modality(api, sid, "SEG")) == 1 and len(series_by_modality(api, sid, "SR")) == 1
     assert [
         len(s["Instances"]) for s in series_by_modality(api, sid, "SEG") + series_by_modality(api, sid, "SR")

@@ -133,7 +133,10 @@ def _forward_events(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_results_reach_dicom_and_dicomweb_destinations(stack: dict[str, Any]) -> None:
     job = _process(stack, "up")
-    seg_uid, sr_uid = job["outputs"]["seg"]["SOPInstanceUID"], job["outputs"]["sr"]["SOPInstanceUID"]
+    seg_uid, sr_uid = (
+        job["outputs"]["stored"]["seg"]["SOPInstanceUID"],
+        job["outputs"]["stored"]["sr"]["SOPInstanceUID"],
+    )
     fwd = job["outputs"]["forward"]
     assert fwd["state"] == "delivered", fwd
     assert {d["destination"]: d["attempts"] for d in fwd["destinations"]} == {
@@ -182,7 +185,10 @@ def test_destination_down_then_retried_through_the_api(stack: dict[str, Any]) ->
         r = c.post(f"/ai/jobs/{job['id']}/forward")
         assert r.status_code == 200, r.text
         assert r.json()["forwarding"]["state"] == "delivered", r.json()
-        seg_uid, sr_uid = job["outputs"]["seg"]["SOPInstanceUID"], job["outputs"]["sr"]["SOPInstanceUID"]
+        seg_uid, sr_uid = (
+            job["outputs"]["stored"]["seg"]["SOPInstanceUID"],
+            job["outputs"]["stored"]["sr"]["SOPInstanceUID"],
+        )
         for dest in (pacs, archive):
             assert seg_uid in dest.sop_uids("SEG") and sr_uid in dest.sop_uids("SR"), dest.aet
         again = c.get(f"/ai/jobs/{job['id']}").json()

@@ -112,7 +112,7 @@ def test_audit_record(processed: dict[str, Any]) -> None:
     assert audit["model"] == job["outputs"]["model"] and audit["model"]["name"] == "ct_lung"
     assert audit["model"]["version"]
     for name in ("seg", "sr"):
-        assert audit["outputs"][name]["SOPInstanceUID"] == job["outputs"][name]["SOPInstanceUID"]
+        assert audit["outputs"][name]["SOPInstanceUID"] == job["outputs"]["stored"][name]["SOPInstanceUID"]
         assert audit["outputs"][name]["ID"]
     assert audit["fhir"] is None  # no FhirBaseUrl in this stack: nothing to deliver
     assert audit["forwarding"] is None  # no destinations configured

@@ -78,7 +78,7 @@ def _check_provenance(api: httpx.Client, study_id: str, job: dict[str, Any], ver
     parameters = f"model=ct_lung,model_version={version}"
 
     seg = _instance(api, study_id, "SEG")
-    assert seg.SOPInstanceUID == job["outputs"]["seg"]["SOPInstanceUID"]
+    assert seg.SOPInstanceUID == job["outputs"]["stored"]["seg"]["SOPInstanceUID"]
     (ours,) = [e for e in seg.ContributingEquipmentSequence if e.Manufacturer == "orthanc-ai"]
     assert ours.ContributionDescription == description
     for segment in seg.SegmentSequence:
@@ -86,7 +86,7 @@ def _check_provenance(api: httpx.Client, study_id: str, job: dict[str, Any], ver
         assert algorithm.AlgorithmParameters == parameters
 
     sr = _instance(api, study_id, "SR")
-    assert sr.SOPInstanceUID == job["outputs"]["sr"]["SOPInstanceUID"]
+    assert sr.SOPInstanceUID == job["outputs"]["stored"]["sr"]["SOPInstanceUID"]
     (ours,) = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "orthanc-ai"]
     assert ours.ContributionDescription == description
     texts = [str(v) for v in _text_values(sr)]
@@ -136,7 +136,10 @@ def test_new_model_version_is_picked_up_without_restarting_orthanc(
         assert job2["id"] == job["id"] and orthanc.pid == orthanc_pid
         _check_provenance(api, sid, job2, "2")
         # Same outputs replaced in place: one SEG and one SR, the same UIDs as before.
-        assert job2["outputs"]["seg"]["SOPInstanceUID"] == job["outputs"]["seg"]["SOPInstanceUID"]
+        assert (
+            job2["outputs"]["stored"]["seg"]["SOPInstanceUID"]
+            == job["outputs"]["stored"]["seg"]["SOPInstanceUID"]
+        )
         assert len(series_by_modality(api, sid, "SEG")) == 1 and len(series_by_modality(api, sid, "SR")) == 1
 
         # A model added with a generated config.pbtxt (no instance_group) loads and runs too.

@@ -152,3 +152,32 @@ def test_admin_users_setting(tmp_path):
     assert s.admin_users == ["admin"] and s.orthanc_username is None  # empty user: no authentication
     with pytest.raises(ConfigError, match="AdminUsers"):
         load_settings({"OrthancAI": base | {"AdminUsers": "admin"}})
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "10001", "99999999999999999999", "abc", "1e3", ""])
+def test_a_limit_out_of_range_is_a_bad_request(api, limit):
+    for route in ("/jobs", "/deliveries"):
+        status, body = api.handle("GET", route, {"limit": limit}, b"")
+        assert status == 400 and "limit must be a whole number from 1 to 10000" in body["error"], (
+            route,
+            body,
+        )
+    assert api.handle("GET", "/jobs", {"limit": "10000"}, b"")[0] == 200
+
+
+def test_a_bug_is_a_500_with_an_error_id_and_no_internals(api, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise KeyError("secret-internal-detail")  # a stray KeyError is a bug, not a 404
+
+    monkeypatch.setattr(api.store, "list_jobs", broken)
+    status, body = api.handle("GET", "/jobs", {}, b"")
+    assert status == 500 and set(body) == {"error", "error_id"}
+    assert "secret-internal-detail" not in str(body) and "KeyError" not in str(body)
+    assert body["error_id"] in caplog.text and "secret-internal-detail" in caplog.text
+
+
+def test_unknown_job_and_unknown_state_name_what_is_missing(api):
+    status, body = api.handle("GET", "/jobs/00000000000000000000", {}, b"")
+    assert status == 404 and body["error"] == "not found: job 00000000000000000000"
+    status, body = api.handle("GET", "/jobs", {"state": "sleeping"}, b"")
+    assert status == 400 and "unknown state 'sleeping'" in body["error"]

@@ -14,11 +14,13 @@ from fhir.resources.R4B.bundle import Bundle
 
 from devstack.ehr_server import create_app
 from orthanc_plugin.core.config import Settings
+from orthanc_plugin.core.errors import BadRequest, NotFound
 from orthanc_plugin.fhir.delivery import DeliveryLoop, FhirDeliveryClient, start_delivery_thread
 from orthanc_plugin.fhir.read_api import FhirReports
 from orthanc_plugin.jobs.outbox import Outbox
 from orthanc_plugin.jobs.store import JobStore
 
+from .jobs_helpers import NO_INPUT, outputs
 from .test_ehr_server import STUDY_UID, report_bundle
 
 with warnings.catch_warnings():
@@ -236,11 +238,11 @@ def test_delivery_thread_stops(tmp_path: Path, outbox: Outbox) -> None:
 
 def test_reports_read_side(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite")
-    job, _ = store.enqueue("key-a", STUDY_UID, "oid", "ct-lung", "1", "fp", {"roles": {}})
+    job, _ = store.enqueue("key-a", STUDY_UID, "oid", "ct-lung", "1", "fp", NO_INPUT)
     claimed = store.claim("w", 30)
     assert claimed is not None
     bundle = report_bundle("job-a")
-    assert store.succeed(job.id, "w", {}, bundle)
+    assert store.succeed(job.id, "w", outputs(), bundle)
     reports = FhirReports(store.path)
     for study in (STUDY_UID, f"urn:oid:{STUDY_UID}", f"urn:dicom:uid|urn:oid:{STUDY_UID}"):
         found = reports.search({"study": study})
@@ -257,12 +259,12 @@ def test_reports_read_side(tmp_path: Path) -> None:
     device = reports.read(*obs["device"]["reference"].split("/"))
     assert device["resourceType"] == "Device"
     for bad in ({"study": "not a uid"}, {"study": "urn:other|1.2"}, {"patient": "x"}, {"_count": "x"}):
-        with pytest.raises(ValueError):
+        with pytest.raises(BadRequest):
             reports.search(bad)
     for missing in (("DiagnosticReport", "0" * 8 + "-0000-0000-0000-" + "0" * 12), ("Patient", report["id"])):
-        with pytest.raises(KeyError):
+        with pytest.raises(NotFound):
             reports.read(*missing)
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         reports.read("DiagnosticReport", "not-a-uuid")
     reports.close()
     store.close()

@@ -87,7 +87,7 @@ def test_stable_study_enqueues_once(setup):
     orthanc.log("StableStudy", "s1")
     intake.process_changes()
     jobs = store.list_jobs()
-    assert len(jobs) == 1 and jobs[0].input["roles"]["ct"]["series_id"] == "s1-B40f"
+    assert len(jobs) == 1 and jobs[0].input.roles["ct"].series_id == "s1-B40f"
     # Our outputs arrive, the study is stable again: same inputs, so no second job.
     orthanc.log("NewSeries", "s1-B40f", "Series")
     orthanc.log("StableStudy", "s1")

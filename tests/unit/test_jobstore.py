@@ -6,6 +6,8 @@ import pytest
 
 from orthanc_plugin.jobs.store import JobStateError, JobStore
 
+from .jobs_helpers import NO_INPUT, outputs
+
 
 @pytest.fixture
 def db_target(tmp_path):
@@ -21,9 +23,7 @@ def store(db_target):
 
 
 def enqueue(store: JobStore, key: str = "k1", max_attempts: int = 3):
-    return store.enqueue(
-        key, "1.2.3", "oid", "ct-lung", "1.0.0", "fp", {"roles": {}}, max_attempts=max_attempts
-    )
+    return store.enqueue(key, "1.2.3", "oid", "ct-lung", "1.0.0", "fp", NO_INPUT, max_attempts=max_attempts)
 
 
 def test_enqueue_is_idempotent(store):
@@ -39,7 +39,7 @@ def test_claim_lease_and_succeed(store):
     assert job is not None and job.state == "running" and job.attempts == 1
     assert store.claim("w2", lease_s=30) is None  # nobody else gets it
     store.record_stage(job.id, "w1", "fetch", 0.25)
-    assert store.succeed(job.id, "w1", {"seg": {"SOPInstanceUID": "1.2"}}, {"resourceType": "Bundle"})
+    assert store.succeed(job.id, "w1", outputs(seg="1.2"), {"resourceType": "Bundle"})
     done = store.get(job.id)
     assert (
         done.state == "succeeded"
@@ -56,7 +56,7 @@ def test_expired_lease_goes_back_to_queue(store):
     again = store.claim("alive", lease_s=30)
     assert again is not None and again.id == job.id and again.attempts == 2 and again.lease_owner == "alive"
     assert not store.heartbeat(job.id, "dead", 30)  # the old owner lost it
-    assert not store.succeed(job.id, "dead", {}, None)
+    assert not store.succeed(job.id, "dead", outputs(), None)
     assert "requeued" in [e["kind"] for e in store.events(job.id)]
 
 
@@ -159,7 +159,7 @@ def test_concurrent_claims_and_enqueues_from_many_connections(db_target):
         created.append(enqueue(stores[i], "same-study")[1])
         while (j := stores[i].claim(f"w{i}", 30)) is not None:
             claimed[i].append(j.id)
-            assert stores[i].succeed(j.id, f"w{i}", {}, None)
+            assert stores[i].succeed(j.id, f"w{i}", outputs(), None)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stores))]
     for t in threads:
@@ -180,7 +180,7 @@ def test_succeed_queues_the_report_for_delivery_in_the_same_transaction(store):
     enqueue(store)
     job = store.claim("w1", lease_s=30)
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
-    assert store.succeed(job.id, "w1", {}, bundle, deliver_to="http://ehr.example/fhir")
+    assert store.succeed(job.id, "w1", outputs(), bundle, deliver_to="http://ehr.example/fhir")
     outbox = Outbox(store.path)  # the same store, a connection of its own
     status = outbox.status_for_job(job.id)
     assert status["state"] == "pending" and status["destination"] == "http://ehr.example/fhir"
@@ -188,6 +188,8 @@ def test_succeed_queues_the_report_for_delivery_in_the_same_transaction(store):
     # A lost lease records nothing, and queues nothing.
     enqueue(store, "k2")
     other = store.claim("w1", lease_s=30)
-    assert not store.succeed(other.id, "someone-else", {}, bundle, deliver_to="http://ehr.example/fhir")
+    assert not store.succeed(
+        other.id, "someone-else", outputs(), bundle, deliver_to="http://ehr.example/fhir"
+    )
     assert outbox.status_for_job(other.id) is None
     outbox.close()

@@ -13,6 +13,8 @@ from orthanc_plugin.jobs.outbox import Outbox
 from orthanc_plugin.jobs.store import JobStore
 from orthanc_plugin.server.metrics import CONTENT_TYPE, REASONS, escape_label, failure_reason, render_metrics
 
+from .jobs_helpers import NO_INPUT, outputs
+
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
 WEIRD = 'od"d\\pipe\nline'  # a pipeline name that needs every escape
@@ -74,13 +76,13 @@ def store(tmp_path: Path):
 def run_job(store: JobStore, key: str, pipeline: str = "ct-lung", timings: dict[str, float] | None = None,
             error: str | None = None) -> str:  # fmt: skip
     job, _ = store.enqueue(key, "1.2.840.99999." + key, "oid-" + key, pipeline, "1.0.0", "fp",
-                           {"roles": {}}, max_attempts=1)  # fmt: skip
+                           NO_INPUT, max_attempts=1)  # fmt: skip
     claimed = store.claim("w1", lease_s=30)
     assert claimed is not None and claimed.id == job.id
     for stage, seconds in (timings or {}).items():
         store.record_stage(job.id, "w1", stage, seconds)
     if error is None:
-        assert store.succeed(job.id, "w1", {"model": {"name": "ct_lung", "version": "1"}}, None)
+        assert store.succeed(job.id, "w1", outputs("ct_lung", "1"), None)
     else:
         assert store.fail(job.id, "w1", error, retryable=False, backoff_s=0) == "failed"
     return job.id
@@ -122,14 +124,14 @@ def test_render_metrics_exposition(store: JobStore, tmp_path: Path) -> None:
     run_job(store, "g", error="internal error: KeyError: 'x'")
     run_job(store, "h", pipeline=WEIRD, error="gremlins in 1.2.840.99999.8")
     lost, _ = store.enqueue(
-        "i", "1.2.840.99999.i", "oid-i", "ct-lung", "1.0.0", "fp", {"roles": {}}, max_attempts=1
+        "i", "1.2.840.99999.i", "oid-i", "ct-lung", "1.0.0", "fp", NO_INPUT, max_attempts=1
     )
     assert store.claim("dead", lease_s=0.01) is not None
     time.sleep(0.05)
-    store.enqueue("j", "1.2.840.99999.j", "oid-j", "ct-lung", "1.0.0", "fp", {"roles": {}})
+    store.enqueue("j", "1.2.840.99999.j", "oid-j", "ct-lung", "1.0.0", "fp", NO_INPUT)
     assert store.claim("w2", lease_s=30) is not None  # expires the dead lease, then runs j
     assert store.get(lost.id).state == "failed"
-    store.enqueue("k", "1.2.840.99999.k", "oid-k", "ct-lung", "1.0.0", "fp", {"roles": {}})
+    store.enqueue("k", "1.2.840.99999.k", "oid-k", "ct-lung", "1.0.0", "fp", NO_INPUT)
 
     health = {"workers": {"alive": 1, "expected": 2}, "triton": {"ready": True}, "fhir_backlog": 4}
     outbox = Outbox(tmp_path / "jobs.sqlite")

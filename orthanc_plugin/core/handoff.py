@@ -1,0 +1,143 @@
+"""Typed hand-offs between processes: what intake writes for the worker, what the worker leaves
+for audit, forwarding and the API.
+
+Both travel as JSON in the job store (``jobs.input`` and ``jobs.outputs``), written by one
+process and read by another, possibly of another release during a rolling update. Each record
+is frozen, validated when read (an unknown field or a wrong type is an error naming the field,
+not a silent ``None``) and carries ``version``: a reader refuses a version it does not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class HandoffError(ValueError):
+    """A stored record that this release cannot read; the message names the record and field."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored in the job store (field aliases, e.g. ``SOPInstanceUID``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Any:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "(record)"
+            raise HandoffError(f"{cls.__name__}: field '{where}': {first['msg']}") from None
+
+
+# --------------------------------------------------------------------------- intake -> worker
+
+
+class RoleInput(_Record):
+    """The series routing chose for one role of a pipeline, and why."""
+
+    series_id: str  # Orthanc's id
+    series_uid: str
+    series_description: str = ""
+    instances: tuple[str, ...]  # Orthanc instance ids, the input the job key's fingerprint covers
+    reason: str = ""
+
+
+class JobInput(_Record):
+    """What a job is to read: the series of each role, or why it cannot run (``problem``)."""
+
+    version: Literal[1] = 1
+    roles: dict[str, RoleInput] = Field(default_factory=dict)
+    #: routing found the pipeline applies but a role is missing or ambiguous: the worker fails the
+    #: job with this text, so the admin sees it in the job list
+    problem: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> JobInput:
+        result: JobInput = super().from_json(data)
+        return result
+
+
+# --------------------------------------------------------------------------- worker -> audit, forwarding, API
+
+
+class StoredInstance(_Record):
+    """One of our outputs as Orthanc stored it."""
+
+    sop_instance_uid: str = Field(alias="SOPInstanceUID")
+    series_instance_uid: str = Field(alias="SeriesInstanceUID")
+    orthanc_id: str | None = Field(default=None, alias="ID")
+    parent_series: str | None = Field(default=None, alias="ParentSeries")
+
+
+class MeasurementOutput(_Record):
+    segment: str
+    label: int
+    volume_ml: float
+
+
+class ModelRef(_Record):
+    name: str
+    version: str
+
+
+class VolumeInfo(_Record):
+    shape: tuple[int, ...]
+    spacing_mm: tuple[float, ...]
+
+
+class InputsInfo(_Record):
+    """How the roles became the model's tensor: channel order, grid, and notes (e.g. a zero channel)."""
+
+    channels: tuple[str, ...]
+    grid: tuple[int, ...]
+    notes: tuple[str, ...] = ()
+
+
+class ClassificationOutput(_Record):
+    name: str
+    finding: str
+    positive: bool
+    probability: float
+    threshold: float
+    classes: dict[str, float]
+    model: ModelRef
+
+
+class JobOutputs(_Record):
+    """A succeeded job's results: where its objects are stored and what it measured."""
+
+    version: Literal[1] = 1
+    #: every stored output object by kind (``seg``, ``sr``, ...), in the order they were stored
+    stored: dict[str, StoredInstance] = Field(default_factory=dict)
+    measurements: tuple[MeasurementOutput, ...] = ()
+    model: ModelRef
+    volume: VolumeInfo
+    inputs: InputsInfo
+    #: the forwarding summary (``orthanc_rest.forwarding``), None without destinations
+    forward: dict[str, Any] | None = None
+    classifications: tuple[ClassificationOutput, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_layout(cls, data: Any) -> Any:
+        # Jobs that succeeded before ``stored`` existed kept "seg" and "sr" at the top level.
+        if isinstance(data, dict) and "stored" not in data and ("seg" in data or "sr" in data):
+            data = dict(data)
+            data["stored"] = {k: data.pop(k) for k in ("seg", "sr") if data.get(k) is not None}
+            data.pop("seg", None), data.pop("sr", None)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> JobOutputs:
+        result: JobOutputs = super().from_json(data)
+        return result
+
+    def instance_ids(self) -> list[str]:
+        """Orthanc ids of every stored output object."""
+        return [s.orthanc_id for s in self.stored.values() if s.orthanc_id]

@@ -1,0 +1,416 @@
+"""One run of a pipeline, one function per stage, in the order a study travels:
+
+check input -> fetch -> volume -> preprocess -> inference -> labels -> measure -> classify ->
+encode (SEG, SR) -> FHIR bundle -> store -> forward.
+
+Each stage takes typed values and returns typed values; :func:`run_pipeline` chains them and
+:meth:`Run.stage` times each one into the job's record and stops the run when the job was
+cancelled or its lease lost. The job's life around a run (claim, heartbeat, succeed, fail,
+retry) is :mod:`orthanc_plugin.worker.loop`. A new output kind is a writer in
+:mod:`orthanc_plugin.outputs` called from :func:`encode` (and stored by :func:`store_outputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from orthanc_plugin.core.config import InputRole, PipelineConfig, Settings
+from orthanc_plugin.core.handoff import (
+    ClassificationOutput,
+    InputsInfo,
+    JobOutputs,
+    MeasurementOutput,
+    ModelRef,
+    RoleInput,
+    StoredInstance,
+    VolumeInfo,
+)
+from orthanc_plugin.core.results import (
+    AlgorithmInfo,
+    ClassificationResult,
+    SegmentSpec,
+    StudyRef,
+    VolumeMeasurement,
+)
+from orthanc_plugin.core.uids import output_uids
+from orthanc_plugin.fhir.report import build_diagnostic_report
+from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
+from orthanc_plugin.imaging.postprocess import volumes_ml
+from orthanc_plugin.imaging.volume import PixelReader, Volume, VolumeError, build_volume
+from orthanc_plugin.inference.sliding_window import sliding_window_inference
+from orthanc_plugin.inference.triton import InferenceError, ModelInfo, TritonClient
+from orthanc_plugin.jobs.store import Job, JobStore
+from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
+from orthanc_plugin.orthanc_rest.forwarding import forward as forward_outputs
+from orthanc_plugin.outputs.seg import build_seg
+from orthanc_plugin.outputs.sr import build_sr
+
+T = TypeVar("T")
+Labels = NDArray[np.uint8]
+
+
+class JobAborted(RuntimeError):
+    """The job was cancelled or its lease lost while it ran: stop without writing anything."""
+
+
+class BadInput(ValueError):
+    """The study cannot be processed as it is; retrying will not help."""
+
+
+@dataclass
+class Run:
+    """One attempt of one job: what every stage may use."""
+
+    job: Job
+    pipeline: PipelineConfig
+    settings: Settings
+    owner: str
+    store: JobStore
+    orthanc: OrthancClient
+    triton: TritonClient
+    lost: threading.Event
+
+    def stage(self, name: str, fn: Callable[[], T]) -> T:
+        """Run one stage and record its time; refuse to start one once the job is no longer ours."""
+        if self.lost.is_set():
+            raise JobAborted("the job was cancelled or its lease was taken over")
+        t0 = time.perf_counter()
+        result = fn()
+        self.store.record_stage(self.job.id, self.owner, name, time.perf_counter() - t0)
+        return result
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A role of the pipeline and the series routing chose for it."""
+
+    role: InputRole
+    series: RoleInput
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the model found and we measured, before any DICOM is written."""
+
+    present: list[SegmentSpec]
+    measurements: list[VolumeMeasurement]
+    classifications: list[ClassificationResult]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The output objects in the order they are stored (a later one may reference an earlier)."""
+
+    datasets: dict[str, Dataset]
+    fhir: dict[str, Any] | None
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
+    """All stages of one attempt; returns the job's outputs and the FHIR bundle to deliver."""
+    t_start = time.perf_counter()
+    p = run.pipeline
+    roles = check_input(run)
+    datasets = run.stage("fetch", lambda: fetch(run.orthanc, roles))
+    volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels))
+    prepared = run.stage("preprocess", lambda: prepare_tensor(p, volumes))
+    model = run.triton.model_info(p.model.name, p.model.version)
+    probs = run.stage("inference", lambda: infer(run.triton, p, model, prepared.tensor))
+    labels = run.stage("postprocess", lambda: prepared.labels(probs[0], p.largest_component))
+    volume = prepared.reference
+    present, measurements = measure(p, volume, labels)
+    classifications = []
+    if p.classify is not None:
+        classifications.append(
+            run.stage("classify", lambda: classify(run.triton, p, prepared.tensor, probs, present))
+        )
+    findings = Findings(present, measurements, classifications)
+    algorithm = AlgorithmInfo(
+        name=p.algorithm_name, version=p.version, model_name=model.name, model_version=model.version
+    )
+    encoded = encode(run, volume, labels, findings, algorithm)
+    stored = run.stage("store", lambda: store_outputs(run, roles, encoded))
+    forwarded = run.stage(
+        "forward",
+        lambda: forward_outputs(
+            run.orthanc,
+            run.store,
+            run.job.id,
+            p.outputs.forward,
+            [s.orthanc_id for s in stored.values() if s.orthanc_id],
+            run.settings,
+            study_uid=run.job.study_uid,
+        ),  # fmt: skip
+    )
+    run.store.record_stage(run.job.id, run.owner, "total", time.perf_counter() - t_start)
+    outputs = JobOutputs(
+        stored=stored,
+        measurements=tuple(
+            MeasurementOutput(segment=s.name, label=s.label, volume_ml=m.volume_ml)
+            for s, m in zip(present, measurements, strict=True)
+        ),
+        model=ModelRef(name=model.name, version=model.version),
+        volume=VolumeInfo(shape=tuple(volume.shape), spacing_mm=tuple(round(x, 4) for x in volume.spacing)),
+        inputs=InputsInfo(
+            channels=tuple(r.role for r in p.inputs),
+            grid=tuple(prepared.tensor.shape[2:]),
+            notes=tuple(prepared.notes),
+        ),
+        forward=forwarded,
+        classifications=tuple(classification_output(c) for c in classifications),
+    )
+    return outputs, encoded.fhir
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def check_input(run: Run) -> list[Chosen]:
+    """The roles this run reads, each with the series routing chose; refuses a job that cannot run."""
+    job, p = run.job, run.pipeline
+    if job.input.problem:
+        # Routing found the pipeline applies but a role is missing or ambiguous.
+        raise BadInput(job.input.problem)
+    missing = [r.role for r in p.inputs if r.required and r.role not in job.input.roles]
+    if missing:
+        raise BadInput(f"required role(s) {', '.join(missing)} have no series in the job")
+    return [Chosen(r, job.input.roles[r.role]) for r in p.inputs if r.role in job.input.roles]
+
+
+def fetch(orthanc: OrthancClient, roles: list[Chosen]) -> dict[str, list[Dataset]]:
+    """Every instance of each role's series, parsed, pixels included."""
+    return {c.role.role: orthanc.read_instances(list(c.series.instances)) for c in roles}
+
+
+def assemble(
+    roles: list[Chosen], datasets: dict[str, list[Dataset]], pixels: PixelReader
+) -> dict[str, Volume]:
+    """One correctly oriented volume per role (geometry is checked, see imaging.volume)."""
+    volumes = {}
+    for c in roles:
+        name = c.role.role
+        try:
+            volumes[name] = build_volume(datasets[name], pixels, temporal_position=c.role.temporal_position)
+        except VolumeError as e:
+            raise VolumeError(f"role '{name}': {e}") from None
+    return volumes
+
+
+def prepare_tensor(p: PipelineConfig, volumes: dict[str, Volume]) -> Prepared:
+    """The model's input tensor: roles as channels on the model's grid."""
+    try:
+        return prepare(p, volumes)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
+def infer(triton: TritonClient, p: PipelineConfig, model: ModelInfo, tensor: Float32Array) -> Float32Array:
+    """The model's output for ``tensor`` [1, C, *grid]: one request, or sliding windows."""
+
+    def predict(batch: Float32Array) -> Float32Array:
+        out = triton.infer(
+            model.name, {p.model.input: batch}, [p.model.output], model.version, p.inference.timeout_s
+        )
+        return np.asarray(out[p.model.output], dtype=np.float32)
+
+    if p.inference.mode == "whole":
+        return predict(tensor)
+    inf = p.inference
+    assert inf.roi is not None
+    result = sliding_window_inference(
+        tensor[0], inf.roi, predict, sw_batch_size=inf.batch, overlap=inf.overlap, mode=inf.blend
+    )
+    return result[np.newaxis]
+
+
+def measure(
+    p: PipelineConfig, volume: Volume, labels: Labels
+) -> tuple[list[SegmentSpec], list[VolumeMeasurement]]:
+    """The segments found, each plausible for what it claims to be, and their volumes."""
+    specs = segment_specs(p)
+    vols = volumes_ml(labels, [s.label for s in specs], volume.voxel_volume_ml)
+    present = [s for s in specs if vols[s.label] > 0]
+    if not present:
+        raise BadInput(
+            f"the model found none of the segments ({', '.join(s.name for s in specs)}) in this series"
+        )
+    check_plausible(p, labels, volume, present)
+    return present, [VolumeMeasurement(s.label, round(vols[s.label], 2)) for s in present]
+
+
+def classify(
+    triton: TritonClient,
+    p: PipelineConfig,
+    tensor: Float32Array,
+    probs: Float32Array,
+    present: list[SegmentSpec],
+) -> ClassificationResult:
+    """Run the chained classifier on the first model's input and output."""
+    c = p.classify
+    assert c is not None
+    model = triton.model_info(c.model.name, c.model.version)
+    feeds = {name: (tensor if source == "image" else probs) for name, source in c.inputs.items()}
+    out = triton.infer(model.name, feeds, [c.model.output], model.version)[c.model.output]
+    scores = np.asarray(out, dtype=np.float64).reshape(-1)
+    if scores.size != len(c.classes) or not np.all(np.isfinite(scores)):
+        raise InferenceError(
+            f"classifier {model.name} answered {scores.size} values, the pipeline names "
+            f"{len(c.classes)} classes ({', '.join(c.classes)})",
+            retryable=False,
+        )
+    if np.any(scores < 0) or np.any(scores > 1):
+        raise InferenceError(
+            f"classifier {model.name} answered values outside [0, 1] ({scores.round(4).tolist()}): "
+            "it must output probabilities (add a softmax/sigmoid to the model)",
+            retryable=False,
+        )
+    sites = {s.anatomic_region for s in present if s.anatomic_region is not None}
+    return ClassificationResult(
+        name=c.name,
+        tracking_id=re.sub(r"[^a-z0-9]+", "-", c.name.lower()).strip("-") or "classification",
+        finding=c.finding.to_code(),
+        probability=float(scores[c.classes.index(c.positive)]),
+        threshold=c.operating_point,
+        classes=tuple(c.classes),
+        probabilities=tuple(float(x) for x in scores),
+        model_name=model.name,
+        model_version=model.version,
+        finding_site=sites.pop() if len(sites) == 1 else None,
+        absent=c.absent.to_code() if c.absent is not None else None,
+        validated_for=c.validated_for,
+    )
+
+
+def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorithm: AlgorithmInfo) -> Encoded:
+    """The DICOM objects (SEG, then the SR that references it) and the FHIR bundle."""
+    p, uids = run.pipeline, output_uids(run.job.key)
+    sources = list(volume.datasets)
+    number = p.outputs.series_number
+    seg_ds = run.stage(
+        "seg_encode",
+        lambda: build_seg(
+            sources, labels, findings.present, algorithm,
+            series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_instance,
+            series_number=number, series_description=f"AI {p.algorithm_name} segmentation",
+            seg_type=p.outputs.seg_type,
+        ),
+    )  # fmt: skip
+    sr_ds = run.stage(
+        "sr_encode",
+        lambda: build_sr(
+            sources, seg_ds, findings.present, findings.measurements, algorithm,
+            series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_instance,
+            series_number=number + 1, series_description=f"AI {p.algorithm_name} report", labels=labels,
+            classifications=findings.classifications,
+        ),
+    )  # fmt: skip
+    fhir = None
+    if p.outputs.fhir:
+        fhir = run.stage(
+            "fhir_build",
+            lambda: build_diagnostic_report(
+                StudyRef.from_dataset(sources[0]), findings.present, findings.measurements, algorithm, ids=uids,
+                issued=datetime.now(UTC), fhir_version=run.settings.fhir_version,
+                classifications=findings.classifications,
+            ),
+        )  # fmt: skip
+    return Encoded({"seg": seg_ds, "sr": sr_ds}, fhir)
+
+
+def store_outputs(run: Run, roles: list[Chosen], encoded: Encoded) -> dict[str, StoredInstance]:
+    """Store every output object into the study, all or nothing."""
+    orthanc = run.orthanc
+    if not orthanc.study_exists(run.job.orthanc_study_id):
+        raise BadInput("the study was deleted while the job ran; nothing was stored")
+    stored: dict[str, StoredInstance] = {}
+    try:
+        for name, ds in encoded.datasets.items():
+            if run.lost.is_set():
+                raise JobAborted("lease lost before storing")
+            r = orthanc.store(ds)
+            stored[name] = StoredInstance(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                orthanc_id=r.get("ID"),
+                parent_series=r.get("ParentSeries"),
+            )
+        # Deleted between the check above and now? Our outputs would have re-created the study
+        # around themselves: the source series tell.
+        if not all(orthanc.series_exists(c.series.series_id) for c in roles):
+            raise BadInput("the study was deleted while the job ran; nothing was stored")
+    except (OrthancError, JobAborted, BadInput):
+        # All or nothing: an SR must never be left without its SEG, nor a SEG alone.
+        for done in stored.values():
+            with contextlib.suppress(OrthancError):
+                if done.orthanc_id:
+                    orthanc.delete_instance(done.orthanc_id)
+        raise
+    return stored
+
+
+# --------------------------------------------------------------------------- helpers of the stages
+
+
+def segment_specs(p: PipelineConfig) -> list[SegmentSpec]:
+    """The pipeline's configured segments as the output writers take them."""
+    return [
+        SegmentSpec(
+            label=s.label,
+            name=s.name,
+            category=s.category.to_code(),
+            type=s.type.to_code(),
+            anatomic_region=s.anatomic_region.to_code() if s.anatomic_region else None,
+            color_rgb=s.color,
+            tracking_id=s.tracking_id or s.name,
+        )
+        for s in p.segments
+    ]
+
+
+def check_plausible(p: PipelineConfig, labels: Labels, volume: Volume, present: list[SegmentSpec]) -> None:
+    """A model run on the wrong kind of image still outputs something: refuse segments whose
+    mean source value is outside the configured range (e.g. 'lungs' that are not aerated)."""
+    unit = " HU" if str(volume.datasets[0].get("Modality", "")) == "CT" else ""
+    configured = {s.label: s for s in p.segments}
+    for spec in present:
+        seg = configured[spec.label]
+        if seg.plausible_mean is None:
+            continue
+        low, high = seg.plausible_mean
+        # Every other voxel along each axis is plenty for a mean (and 8x cheaper on a big series).
+        sub = labels[::2, ::2, ::2] == spec.label
+        if sub.any():
+            mean = float(volume.voxels[::2, ::2, ::2][sub].mean())
+        else:
+            mean = float(volume.voxels[labels == spec.label].mean())
+        if not low <= mean <= high:
+            what = seg.plausible_as or f"a {seg.name.lower()}"
+            raise BadInput(
+                f"the segment '{seg.name}' is not {what}: mean {mean:.0f}{unit} inside, expected {low:g} to "
+                f"{high:g}{unit}; is this the kind of study the pipeline is for? Nothing was stored"
+            )
+
+
+def classification_output(c: ClassificationResult) -> ClassificationOutput:
+    return ClassificationOutput(
+        name=c.name,
+        finding=c.finding.meaning,
+        positive=c.positive,
+        probability=round(c.probability, 4),
+        threshold=round(c.threshold, 4),
+        classes=dict(zip(c.classes, (round(x, 4) for x in c.probabilities), strict=True)),
+        model=ModelRef(name=c.model_name, version=c.model_version),
+    )
