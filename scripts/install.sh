@@ -15,10 +15,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 # The plugin runs inside Orthanc's embedded Debian Python 3.11: the venv must use that interpreter.
-if [ ! -x .venv/bin/python ] || ! cmp -s requirements-dev.txt .venv/.installed-dev 2>/dev/null || ! cmp -s requirements.txt .venv/.installed 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! cmp -s requirements-dev.txt .venv/.installed-dev 2>/dev/null || ! cmp -s requirements.txt .venv/.installed 2>/dev/null || ! cmp -s requirements-stack.txt .venv/.installed-stack 2>/dev/null; then
   [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
-  cp requirements.txt .venv/.installed; cp requirements-dev.txt .venv/.installed-dev
+  cp requirements.txt .venv/.installed; cp requirements-stack.txt .venv/.installed-stack; cp requirements-dev.txt .venv/.installed-dev
 fi
 echo "install: ok"
