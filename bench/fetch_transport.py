@@ -25,11 +25,9 @@ from pathlib import Path
 
 import httpx
 import pydicom
+from pipeline_stages import machine  # a sibling script: bench/ is sys.path[0]
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.pipeline_stages import machine  # noqa: E402
+from devstack.common import ROOT
 from devstack.stack import OrthancServer, free_port  # noqa: E402
 from orthanc_plugin.orthanc_rest.client import OrthancClient  # noqa: E402
 
@@ -54,7 +52,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         folder = args.study
         if args.slices:
-            from bench.derive import resample_z, sorted_slices
+            from devstack.derive import resample_z, sorted_slices
 
             folder = resample_z(
                 sorted_slices(folder), args.slices, tmp / "derived", f"bench-fetch-{args.slices}"

@@ -19,16 +19,13 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from devstack.common import ROOT
 from devstack.stack import free_port  # noqa: E402
 from devstack.triton_server import TritonServer  # noqa: E402
 from orthanc_plugin.inference.triton import TritonClient  # noqa: E402

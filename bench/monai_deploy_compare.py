@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from devstack.common import ROOT
+
 MONAI_VENV = ROOT / ".venv-monai-deploy"
 
 SEGMENTS = (  # label, name, SNOMED type code, meaning: the ct_lung pipeline's two segments
@@ -218,14 +219,12 @@ def main() -> int:
     python = MONAI_VENV / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"{python} is missing: run bash bench/setup_monai_deploy.sh first")
-    sys.path.insert(0, str(ROOT))
     import warnings
 
     # highdicom warns about the source's PatientName format and quotes it: keep it off the console.
     warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
     import numpy as np
-
-    from bench.pipeline_stages import machine
+    from pipeline_stages import machine  # a sibling script: bench/ is sys.path[0]
 
     folder = args.study.resolve()
     labels, order = model_labels(folder)

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+from devstack.common import ROOT
 from devstack.stack import OrthancServer, free_port  # noqa: E402
 from devstack.triton_server import TritonServer  # noqa: E402
 
@@ -88,7 +86,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
         if args.slices:
-            from bench.derive import resample_z, sorted_slices
+            from devstack.derive import resample_z, sorted_slices
 
             if len(folders) != 1:
                 raise SystemExit("--slices takes one --study folder")

@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pipeline_stages import machine  # a sibling script: bench/ is sys.path[0]
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.derive import copy_study, sorted_slices  # noqa: E402
-from bench.pipeline_stages import machine  # noqa: E402
+from devstack.common import ROOT
+from devstack.derive import copy_study, sorted_slices
 from devstack.stack import OrthancServer, free_port  # noqa: E402
 from devstack.triton_server import TritonServer  # noqa: E402
 

@@ -27,12 +27,8 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.http as httpclient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-
-from triton_fixtures import conv_segmentation_onnx, free_ports  # noqa: E402
-
+from devstack.common import ROOT
+from devstack.small_models import conv_segmentation_onnx, free_ports  # noqa: E402
 from devstack.triton_server import TritonServer  # noqa: E402
 from orthanc_plugin.inference.triton import TritonClient  # noqa: E402
 

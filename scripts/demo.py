@@ -13,7 +13,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from devstack.common import ROOT
+
 DATA = ROOT.parent / "shared" / "data" / "ct"
 SERIES = ("A0002-B70f", "A0002-B40f")
 

@@ -216,17 +216,6 @@ def same_grid(a: Volume, b: Volume, tol_mm: float = 0.01) -> bool:
     return bool(np.max(np.linalg.norm(diff[:3], axis=0)) <= tol_mm)
 
 
-def min_max_scaled(image: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
-    """``image`` linearly scaled to [0, 1] (all zeros for a constant image), as brainchop's networks expect."""
-    lo, hi = float(np.min(image)), float(np.max(image))
-    out = np.asarray(image, dtype=np.float32) - np.float32(lo)
-    if hi > lo:
-        out *= np.float32(1.0 / (hi - lo))
-    else:
-        out[...] = 0.0
-    return out
-
-
 def _support_box(
     src_shape: tuple[int, ...], src_affine: Affine, out_shape: tuple[int, ...], out_affine: Affine
 ) -> tuple[tuple[int, int], ...] | None:

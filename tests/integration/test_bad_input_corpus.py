@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.derive import copy_study, sorted_slices
+from devstack.derive import copy_study, sorted_slices
 from devstack.stack import OrthancServer
 from orthanc_plugin.core.uids import derived_uid
 from orthanc_plugin.intake.routing import OWN_MANUFACTURER

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.derive import copy_study, sorted_slices
+from devstack.derive import copy_study, sorted_slices
 from devstack.stack import ROOT, OrthancServer, free_port
 from devstack.triton_server import TritonServer
 from orthanc_plugin.core.uids import derived_uid

@@ -31,6 +31,7 @@ import pydicom
 import pytest
 import yaml
 
+from devstack.small_models import write_onnx_model
 from devstack.stack import ROOT, free_port
 from devstack.triton_server import TritonServer
 from orthanc_plugin.core.config import load_pipelines
@@ -40,7 +41,6 @@ from orthanc_plugin.models.onnx_proto import attr_int, model, node, tensor, valu
 
 from ..conftest import CT_A0001, CT_B40, CT_B70, MR, read_series, require_data
 from .conftest import TERMINAL, make_orthanc, series_by_modality, study_uid, upload_folder, wait_for
-from .triton_fixtures import write_onnx_model
 
 pytestmark = pytest.mark.integration
 

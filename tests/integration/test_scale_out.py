@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from bench.derive import copy_study, sorted_slices
+from devstack.derive import copy_study, sorted_slices
 from devstack.postgres_server import PostgresServer
 from devstack.stack import ROOT, OrthancServer, free_port
 from devstack.triton_server import TritonServer

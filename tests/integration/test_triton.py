@@ -20,14 +20,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from devstack.small_models import conv_segmentation_onnx, free_ports, write_onnx_model
 from devstack.triton_server import TritonServer, TritonServerError, find_tritonserver
 from orthanc_plugin.inference import triton as inference
 from orthanc_plugin.inference.triton import InferenceError, TritonClient
-
-try:  # pytest's default "prepend" import mode puts this folder on sys.path
-    from triton_fixtures import conv_segmentation_onnx, free_ports, write_onnx_model
-except ImportError:  # tests/ and tests/integration/ turned into packages
-    from tests.integration.triton_fixtures import conv_segmentation_onnx, free_ports, write_onnx_model
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.small_models import conv_segmentation_onnx
 from orthanc_plugin.__main__ import main
 from orthanc_plugin.core.config import ConfigError, load_pipelines
 from orthanc_plugin.models.cli import (
@@ -22,8 +23,6 @@ from orthanc_plugin.models.cli import (
 from orthanc_plugin.models.onnx_proto import model as _model
 from orthanc_plugin.models.onnx_proto import node as _node
 from orthanc_plugin.models.onnx_proto import value_info as _value_info
-
-from ..integration.triton_fixtures import conv_segmentation_onnx
 
 
 def _onnx(tmp_path: Path, name: str, data: bytes) -> Path:

@@ -1,4 +1,4 @@
-"""Derived test studies for benchmarks: copies of a real series with new UIDs, or resampled along z.
+"""Derived test studies for benchmarks and tests: copies of a real series with new UIDs, or resampled along z.
 
 Written under a folder the caller gives (a temporary one); never into the repository. The
 derived studies say so in their SeriesDescription.
@@ -6,16 +6,12 @@ derived studies say so in their SeriesDescription.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from orthanc_plugin.core.uids import derived_uid  # noqa: E402
+from orthanc_plugin.core.uids import derived_uid
 
 
 def sorted_slices(folder: Path) -> list[pydicom.Dataset]:

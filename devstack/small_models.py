@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Helpers for the Triton integration tests and ``bench/triton_transport.py``.
+"""Small ONNX models for the Triton integration tests and ``bench/triton_transport.py``.
 
 Small ONNX models are written with the minimal protobuf encoder of orthanc_plugin.models.onnx_proto
 so neither the tests nor the benchmark need the ``onnx`` package.
