@@ -9,7 +9,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from devstack.common import ROOT
+
 DATA = Path(os.environ.get("ORTHANC_AI_DATA", ROOT.parent / "shared" / "data"))
 CT_B40 = DATA / "ct" / "A0002-B40f"
 CT_B70 = DATA / "ct" / "A0002-B70f"

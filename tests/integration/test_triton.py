@@ -20,6 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from devstack.common import ROOT as PROJECT_ROOT
 from devstack.small_models import conv_segmentation_onnx, free_ports, write_onnx_model
 from devstack.triton_server import TritonServer, TritonServerError, find_tritonserver
 from orthanc_plugin.inference import triton as inference
@@ -27,7 +28,7 @@ from orthanc_plugin.inference.triton import InferenceError, TritonClient
 
 pytestmark = pytest.mark.integration
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
 SPATIAL = (4, 8, 8)
 IN_DIMS = (1, *SPATIAL)
 OUT_DIMS = (3, *SPATIAL)

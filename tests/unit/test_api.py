@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from devstack.common import ROOT
 from orthanc_plugin.core.config import ConfigError, load_pipelines
 from orthanc_plugin.jobs.store import JobStore
 from orthanc_plugin.server.api import Api
 
 from .test_intake import FakeOrthanc, make_intake
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

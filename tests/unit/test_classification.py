@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from numpy.typing import NDArray
 
+from devstack.common import ROOT
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.config import Classifier, ConfigError, load_pipelines
 from orthanc_plugin.core.results import ClassificationResult, OutputUIDs, StudyRef
@@ -23,7 +24,7 @@ from .test_seg import ALGORITHM, CREATED, SEGMENTS, run_dciodvfy
 from .test_sr import VOLUMES
 
 Array = NDArray[Any]
-ROOT = Path(__file__).resolve().parents[2]
+
 ABNORMAL = Code("263654008", "SCT", "Abnormal")
 LUNG = Code("39607008", "SCT", "Lung")
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from devstack.common import ROOT
+
 # Placeholders for the variables the file requires (secrets in production, never in the repository).
 ENV = {"POSTGRES_PASSWORD": "compose-check", "ORTHANC_ADMIN_PASSWORD": "compose-check", "FHIR_TOKEN": ""}
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devstack.common import ROOT
 from orthanc_plugin.core.config import load_pipelines
 from orthanc_plugin.intake.changes import SEQ_KEY, Intake
 from orthanc_plugin.jobs.store import JobStore
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeOrthanc:

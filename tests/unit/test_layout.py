@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from devstack.common import ROOT
+
 PACKAGE = ROOT / "orthanc_plugin"
 
 ALLOWED: dict[str, set[str]] = {

@@ -7,17 +7,15 @@ post-processing, so a change that swaps left and right fails here without any se
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from devstack.common import ROOT
 from orthanc_plugin.core.config import load_pipelines
 from orthanc_plugin.imaging import model_input
 from orthanc_plugin.imaging.volume import Volume, VolumeError, axial_flips, build_volume
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from devstack.common import ROOT
 from orthanc_plugin.core.config import ConfigError, load_settings
 from orthanc_plugin.jobs.database import DatabaseError, PostgresTarget, parse_target, to_pyformat
 from orthanc_plugin.worker.remote import add_arguments, settings_from_args
 
-ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = str(ROOT / "config" / "pipelines.yaml")
 
 

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from devstack.common import ROOT
 from orthanc_plugin.core.config import ConfigError, InputRole, load_pipelines
 from orthanc_plugin.intake.routing import SeriesInfo, StudyInfo, route
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

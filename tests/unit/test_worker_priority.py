@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from devstack.common import ROOT
 
 
 def _nice_after(*steps: int) -> int:
