@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 from starlette.applications import Starlette
@@ -57,7 +58,10 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
      "transfer-encoding", "upgrade"}
 )  # fmt: skip
-PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"]
+# The viewer only reads: anything that writes or deletes goes to Orthanc directly, with its own
+# authentication, never through a page's origin.
+PROXIED_METHODS = ["GET", "HEAD"]
+PROXIED_PREFIXES = ("/dicom-web/", "/wado/")
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -81,6 +85,24 @@ class _SpaFiles(StaticFiles):
         return response
 
 
+def upstream_path(raw_path: bytes) -> str | None:
+    """The path to forward to Orthanc, or None when it could reach anything but DICOMweb/WADO.
+
+    Refused: encoded slashes or backslashes (``%2f``, ``%5c``, ``\\``), dot segments, plain or
+    encoded (``/dicom-web/../tools``, ``%2e%2e``), and anything outside ``/dicom-web/`` and ``/wado``.
+    """
+    raw = raw_path.decode("latin-1")
+    lowered = raw.lower()
+    if "%2f" in lowered or "%5c" in lowered or "\\" in raw or "%00" in lowered:
+        return None
+    segments = unquote(raw).split("/")
+    if any(seg in (".", "..") for seg in segments):
+        return None
+    if raw != "/wado" and not raw.startswith(PROXIED_PREFIXES):
+        return None
+    return raw
+
+
 def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette:
     """The ASGI application: OHIF's files, our config, and the DICOMweb/WADO forwarder."""
     check_files(dist_dir, config_file)
@@ -96,7 +118,10 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
     async def forward(request: Request) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-        target = base + request.scope["raw_path"].decode("latin-1")
+        path = upstream_path(request.scope["raw_path"])
+        if path is None:
+            return PlainTextResponse("only DICOMweb and WADO paths are forwarded\n", status_code=400)
+        target = base + path
         if request.scope["query_string"]:
             target += "?" + request.scope["query_string"].decode("latin-1")
         # A bare Request, not client.build_request(): no client defaults (Accept-Encoding, ...) are
@@ -105,7 +130,7 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
         answer = None
         # A kept-alive connection that Orthanc closed at the same moment is not a failure of
         # Orthanc: try once more on a fresh connection (every request here can be re-sent:
-        # reads, and STOW of the same instances, which Orthanc stores idempotently).
+        # they are all reads).
         for attempt in (1, 2):
             upstream_request = httpx.Request(request.method, target, headers=headers, content=body)
             try:

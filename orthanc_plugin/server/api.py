@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from orthanc_plugin.core.config import ConfigError, PipelineConfig
 from orthanc_plugin.core.errors import BadRequest, NotFound
@@ -109,6 +110,31 @@ def pipeline_json(p: PipelineConfig) -> dict[str, Any]:
 READ_ONLY_POSTS: frozenset[str] = frozenset({r"/routes/dry-run"})
 
 
+def cross_site(headers: Mapping[str, str]) -> str | None:
+    """Why a request comes from another site (None when it does not, or is not from a browser).
+
+    A web page on another site can make a logged-in browser send a POST here (the browser adds
+    the saved credentials). Browsers say where a request comes from: ``Sec-Fetch-Site``, then
+    ``Origin``, then ``Referer``; each is compared with the ``Host`` the request was sent to.
+    Clients that are not browsers (scripts, curl) send none of them and are not affected.
+    """
+    host = headers.get("host", "").strip().lower()
+    fetch_site = headers.get("sec-fetch-site", "").strip().lower()
+    if fetch_site in ("cross-site", "same-site"):
+        return f"the browser marks the request as {fetch_site}"
+    for name in ("origin", "referer"):
+        value = headers.get(name, "").strip()
+        if not value:
+            continue
+        if value == "null":
+            return f"{name.capitalize()} is null (a sandboxed or file page)"
+        source = urlsplit(value).netloc.lower()
+        if not host or source != host:
+            return f"{name.capitalize()} {source or value!r} is not this server ({host or 'no Host header'})"
+        return None
+    return None
+
+
 def changes_state(pattern: str, method: str) -> bool:
     """Whether a route (pattern relative to /ai, method) changes state: retry, cancel, run, reload..."""
     return method != "GET" and not (method == "POST" and pattern in READ_ONLY_POSTS)
@@ -148,16 +174,28 @@ class Api:
         return user is not None and user in self.admin_users
 
     def handle(
-        self, method: str, path: str, query: Mapping[str, str], body: bytes, user: str | None = None
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes,
+        user: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Response:
         """Dispatch one request; ``path`` is relative to ``/ai`` (e.g. ``/jobs/abc``).
 
-        ``user`` is the authenticated Orthanc user (None when authentication is off).
+        ``user`` is the authenticated Orthanc user (None when authentication is off); ``headers``
+        the request's headers, names in lower case.
         """
         try:
             for pattern, verb, fn in self._routes():
                 m = re.fullmatch(pattern, path)
                 if m and verb == method:
+                    refused = cross_site(headers or {}) if changes_state(pattern, verb) else None
+                    if refused is not None:
+                        return 403, {
+                            "error": f"forbidden: {refused}; state-changing routes accept only same-origin requests"
+                        }
                     if changes_state(pattern, verb) and not self.may_change_state(user):
                         return 403, {
                             "error": f"forbidden: user {user!r} may not {method} /ai{path}; "

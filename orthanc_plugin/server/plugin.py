@@ -289,7 +289,8 @@ class Plugin:
             return
         with self._api_lock:  # one sqlite connection serves the API
             try:
-                status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body, user)
+                headers = {str(k).lower(): str(v) for k, v in (request.get("headers") or {}).items()}
+                status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body, user, headers)
             except Exception:  # noqa: BLE001 - Api.handle answers its own errors; this is the last net
                 status, payload = internal_error(f"{method} /ai{path}")
         data = json.dumps(payload, indent=2, default=str)  # ASCII: len() is the byte length

@@ -178,3 +178,34 @@ def test_unknown_job_and_unknown_state_name_what_is_missing(api):
     assert status == 404 and body["error"] == "not found: job 00000000000000000000"
     status, body = api.handle("GET", "/jobs", {"state": "sleeping"}, b"")
     assert status == 400 and "unknown state 'sleeping'" in body["error"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"host": "pacs.example:8042", "origin": "https://evil.example"},
+        {"host": "pacs.example:8042", "origin": "null"},
+        {"host": "pacs.example:8042", "referer": "https://evil.example/page.html"},
+        {"host": "pacs.example:8042", "sec-fetch-site": "cross-site", "origin": "http://pacs.example:8042"},
+        {"host": "pacs.example:8042", "origin": "http://pacs.example:8042.evil.example"},
+    ],
+)
+def test_a_cross_site_request_cannot_change_state(api, headers):
+    status, body = api.handle("POST", "/studies/s1/run", {}, b"", None, headers)
+    assert status == 403 and "same-origin" in body["error"], body
+    assert api.handle("GET", "/jobs", {}, b"", None, headers)[0] == 200  # reading stays possible
+    assert api.handle("GET", "/jobs", {}, b"")[1] == []  # nothing was queued
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # not a browser: scripts and curl send no Origin
+        {"host": "pacs.example:8042", "origin": "http://pacs.example:8042"},
+        {"host": "PACS.example:8042", "referer": "http://pacs.example:8042/ai/ui/"},
+        {"host": "pacs.example:8042", "sec-fetch-site": "same-origin", "origin": "http://pacs.example:8042"},
+    ],
+)
+def test_same_origin_and_non_browser_requests_change_state(api, headers):
+    status, body = api.handle("POST", "/studies/s1/run", {}, b'{"pipeline": "ct-lung"}', None, headers)
+    assert status == 200 and body[0]["queued"], body
