@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 "worker: give --settings FILE, or --orthanc-url, --triton-url, --database-url and --pipelines"
             )
-        return worker_main(args.settings, args.owner, args.parent_pid)
+        if args.parent_pid is None:  # a worker host reading the Orthancs' configuration file
+            return run_remote_workers(args, from_file=True)
+        return worker_main(args.settings, args.owner, args.parent_pid)  # started by Orthanc's plugin
     if args.command == "check-config":
         from pathlib import Path
 

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -448,12 +449,27 @@ class Settings(_Strict):
 
     @field_validator("fhir_base_url")
     @classmethod
-    def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
+    def _optional_http_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
             return None  # an empty value (e.g. an unset ${VAR} in orthanc.json) means no delivery
-        if v is not None and not re.match(r"^https?://[^/]+", v):
-            raise ValueError(f"must be an http(s) URL, got {v!r}")
-        return v.rstrip("/") if v else v
+        return _http_url(v)
+
+    @field_validator("orthanc_url")
+    @classmethod
+    def _orthanc_url(cls, v: str) -> str:
+        return _http_url(v)
+
+
+def _http_url(v: str) -> str:
+    """An http(s) URL with a host, without its trailing slash."""
+    try:
+        parts = urlsplit(v.strip())
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"must be an http(s) URL, got {v!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL with a host, got {v!r}")
+    return v.strip().rstrip("/")
 
 
 def explain_validation(e: ValidationError, source: str) -> str:

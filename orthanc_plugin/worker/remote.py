@@ -1,7 +1,8 @@
-"""Workers on a host of their own: ``python -m orthanc_plugin worker --orthanc-url ... --database-url ...``.
+"""Workers on a host of their own: ``python -m orthanc_plugin worker --settings orthanc.json``
+(the Orthancs' own configuration file) or ``... worker --orthanc-url ... --database-url ...``.
 
 Orthanc starts its own workers from its configuration file; a worker host has no Orthanc and
-is configured on the command line instead. The settings are validated by the same model as
+reads the same file, or is configured on the command line. The settings are validated by the same model as
 the ``OrthancAI`` section, so a wrong value gives the same message (naming the key). Passwords
 and tokens never appear on the command line (visible to every user of the host in ``ps``):
 only the names of the environment variables that hold them.
@@ -10,12 +11,15 @@ only the names of the environment variables that hold them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from orthanc_plugin.core.config import (
     Settings,
     explain_validation,
     load_pipelines,
+    load_settings,
     settings_to_json,
 )
 
@@ -126,10 +131,39 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return settings
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the workers of this host until SIGTERM/SIGINT."""
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def settings_from_file(path: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from an Orthanc configuration file with its ``OrthancAI`` section: the very file
+    the Orthancs use, so a worker host gets every setting their workers get (TLS to Triton and
+    the EHR, niceness, forwarding, ...). ``${NAME}`` in strings is replaced by the environment
+    variable, as Orthanc does (an unset one by the empty string)."""
+    env = os.environ if environ is None else environ
     try:
-        settings = settings_from_args(args)
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e}") from None
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, str):
+            return _ENV_REFERENCE.sub(lambda m: env.get(m.group(1), ""), value)
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        if isinstance(value, dict):
+            return {k: expand(v) for k, v in value.items()}
+        return value
+
+    settings = load_settings(expand(config), path)
+    load_pipelines(settings.pipelines_file)  # fail now, with the file's own message
+    return settings
+
+
+def run(args: argparse.Namespace, from_file: bool = False) -> int:
+    """Run the workers of this host until SIGTERM/SIGINT: configured by the flags, or with
+    ``from_file`` by the Orthanc configuration file given as ``--settings``."""
+    try:
+        settings = settings_from_file(args.settings) if from_file else settings_from_args(args)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

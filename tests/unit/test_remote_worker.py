@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from devstack.common import ROOT
 from orthanc_plugin.core.config import ConfigError, load_settings
 from orthanc_plugin.jobs.database import DatabaseError, PostgresTarget, parse_target, to_pyformat
-from orthanc_plugin.worker.remote import add_arguments, settings_from_args
+from orthanc_plugin.worker.remote import add_arguments, settings_from_args, settings_from_file
 
 PIPELINES = str(ROOT / "config" / "pipelines.yaml")
 
@@ -91,3 +92,45 @@ def test_placeholders_are_translated_outside_quoted_text() -> None:
     assert to_pyformat("SELECT * FROM t WHERE a=? AND b LIKE '%?%' AND c=?") == (
         "SELECT * FROM t WHERE a=%s AND b LIKE '%%?%%' AND c=%s"
     )
+
+
+def test_a_worker_host_reads_the_orthancs_configuration_file(tmp_path: Path) -> None:
+    """Every setting an Orthanc gives its own workers reaches a worker host through the same file."""
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("not read here")
+    config = {
+        "StorageDirectory": "${STORAGE}",
+        "OrthancAI": {
+            "PipelinesFile": PIPELINES,
+            "OrthancUrl": "http://${ORTHANC_HOST}:8042",
+            "TritonUrl": "triton.example:8001",
+            "TritonTls": True,
+            "TritonTlsCaFile": str(tmp_path / "ca.pem"),
+            "TritonTlsCertFile": str(tmp_path / "client.pem"),
+            "TritonTlsKeyFile": str(tmp_path / "client.key"),
+            "FhirBaseUrl": "https://ehr.example/fhir",
+            "FhirVerifyTls": str(tmp_path / "ca.pem"),
+            "FhirClientCertFile": str(tmp_path / "client.pem"),
+            "FhirClientKeyFile": str(tmp_path / "client.key"),
+            "WorkerNice": 15,
+            "Workers": 3,
+            "ForwardAttempts": 5,
+        },
+    }
+    path = tmp_path / "orthanc.json"
+    path.write_text(json.dumps(config))
+    s = settings_from_file(str(path), {"ORTHANC_HOST": "pacs.example", "STORAGE": str(tmp_path / "db")})
+    assert s.orthanc_url == "http://pacs.example:8042"
+    assert (
+        s.triton_tls
+        and s.triton_tls_ca == tmp_path / "ca.pem"
+        and s.triton_tls_key == tmp_path / "client.key"
+    )
+    assert s.fhir_base_url == "https://ehr.example/fhir" and str(s.fhir_verify_tls) == str(
+        tmp_path / "ca.pem"
+    )
+    assert s.worker_nice == 15 and s.workers == 3 and s.forward_attempts == 5
+    assert s.job_store == tmp_path / "db" / "orthanc-ai" / "jobs.sqlite"  # as Orthanc's own workers
+    # an unset variable becomes empty, as in Orthanc: here that leaves no host in the URL
+    with pytest.raises(ConfigError, match="OrthancUrl"):
+        settings_from_file(str(path), {})
