@@ -34,6 +34,7 @@ from orthanc_plugin.core.results import (
     SegmentSpec,
     StudyRef,
     VolumeMeasurement,
+    patient_id_system,
 )
 from orthanc_plugin.core.tls import triton_tls_options
 from orthanc_plugin.core.uids import output_uids
@@ -427,8 +428,12 @@ class Worker:
         uids: OutputUIDs,
         classifications: list[ClassificationResult],
     ) -> dict[str, Any]:
+        system = patient_id_system(
+            first, self.settings.patient_id_system, self.settings.patient_id_issuer_systems
+        )
         return fhir_report.build_diagnostic_report(
-            StudyRef.from_dataset(first), present, measurements, algorithm, ids=uids, issued=datetime.now(UTC),
+            StudyRef.from_dataset(first, system),
+            present, measurements, algorithm, ids=uids, issued=datetime.now(UTC),
             fhir_version=self.settings.fhir_version, classifications=classifications,
         )  # fmt: skip
 
