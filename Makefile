@@ -14,6 +14,7 @@ help:
 install:
 	@bash scripts/install.sh
 	@bash scripts/install_viewer.sh
+	@bash scripts/install_fhir_peer.sh
 
 # The ONNX is committed; it is rebuilt only when absent (or with `make model FORCE=1`).
 $(MODEL):

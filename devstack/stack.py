@@ -97,6 +97,7 @@ class OrthancServer:
             ("ORTHANC_AI_FHIR_URL", ""),
             ("ORTHANC_AI_FHIR_TOKEN", ""),
             ("ORTHANC_AI_DELIVERY_MAX_BACKOFF", "300"),
+            ("ORTHANC_AI_PATIENT_ID_SYSTEM", ""),
             # Forwarding destinations (JSON text): Orthanc's DicomModalities and DicomWeb.Servers.
             ("ORTHANC_AI_DICOM_MODALITIES", "{}"),
             ("ORTHANC_AI_DICOMWEB_SERVERS", "{}"),

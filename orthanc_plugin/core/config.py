@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.db_target import DatabaseTarget, PostgresTarget, check_postgres_url
+from orthanc_plugin.core.results import check_identifier_system
 
 
 class ConfigError(ValueError):
@@ -386,6 +387,17 @@ class Settings(_Strict):
     )
     fhir_client_key: Path | None = Field(default=None, alias="FhirClientKeyFile", description="its PEM key")
     fhir_timeout_seconds: float = Field(default=30.0, gt=0, alias="FhirTimeoutSeconds")
+    # The FHIR identifier system of the DICOM Patient IDs (subject of the reports).
+    patient_id_system: str | None = Field(
+        default=None,
+        alias="PatientIdSystem",
+        description="identifier system (absolute URI) of Patient IDs that name no issuer",
+    )
+    patient_id_issuer_systems: dict[str, str] = Field(
+        default_factory=dict,
+        alias="PatientIdIssuerSystems",
+        description="IssuerOfPatientID value -> identifier system (absolute URI)",
+    )
     delivery_max_backoff_seconds: float = Field(default=300.0, gt=0, alias="DeliveryMaxBackoffSeconds")
     # Forwarding of SEG/SR to other DICOM / DICOMweb destinations (pipelines' outputs.forward).
     forward_attempts: int = Field(default=3, ge=1, le=10, alias="ForwardAttempts")
@@ -446,6 +458,25 @@ class Settings(_Strict):
         if self.job_store is None:
             raise ConfigError("JobStore is not resolved: load the settings with load_settings()")
         return self.job_store
+
+    @field_validator("patient_id_system")
+    @classmethod
+    def _system_uri(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None  # an empty value (an unset ${VAR} in orthanc.json) means none
+        return check_identifier_system(v.strip())
+
+    @field_validator("patient_id_issuer_systems")
+    @classmethod
+    def _issuer_systems(cls, v: dict[str, str]) -> dict[str, str]:
+        for issuer, system in v.items():
+            if not issuer.strip():
+                raise ValueError("an issuer (key) is empty")
+            try:
+                check_identifier_system(system)
+            except ValueError as e:
+                raise ValueError(f"issuer {issuer!r}: {e}") from None
+        return v
 
     @field_validator("fhir_base_url")
     @classmethod

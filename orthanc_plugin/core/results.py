@@ -11,6 +11,7 @@ import datetime as dt
 import math
 import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,64 @@ def check_uid(value: str, name: str) -> str:
     if not isinstance(value, str) or len(value) > 64 or not _UID_RE.match(value):
         raise ValueError(f"{name} must be a DICOM UID (digits and dots, at most 64 chars), got {value!r}")
     return value
+
+
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$")
+
+
+def check_identifier_system(value: str) -> str:
+    """Return ``value`` if it can be a FHIR ``Identifier.system``: an absolute URI (``urn:oid:``
+    followed by an OID, ``urn:uuid:`` by a UUID), else raise ``ValueError`` saying why."""
+    if not isinstance(value, str) or not _URI_RE.match(value):
+        raise ValueError(f"an identifier system must be an absolute URI (e.g. urn:oid:1.2.3), got {value!r}")
+    lower = value.lower()
+    if lower.startswith("urn:oid:") and not _UID_RE.match(value[8:]):
+        raise ValueError(f"{value!r}: urn:oid: must be followed by an OID (digits and dots)")
+    if lower.startswith("urn:uuid:") and not re.match(
+        r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$", lower[9:]
+    ):
+        raise ValueError(f"{value!r}: urn:uuid: must be followed by a UUID")
+    return value
+
+
+def patient_id_system(
+    ds: Dataset, default: str | None = None, issuers: Mapping[str, str] | None = None
+) -> str | None:
+    """The FHIR identifier system of the dataset's Patient ID, from who issued it.
+
+    In order: the first IssuerOfPatientIDQualifiersSequence item's UniversalEntityID (type ISO
+    as ``urn:oid:``, UUID as ``urn:uuid:``, URI as it is); IssuerOfPatientID looked up in
+    ``issuers``; IssuerOfPatientID when it is itself an OID or a ``urn:``/``http(s):`` URI. Without any
+    issuer, ``default``. An issuer that none of these resolves gives None rather than
+    ``default``: labelling another issuer's IDs with the local system could name the wrong patient.
+    """
+    for item in ds.get("IssuerOfPatientIDQualifiersSequence") or []:
+        entity = str(item.get("UniversalEntityID") or "").strip()
+        kind = str(item.get("UniversalEntityIDType") or "").strip().upper()
+        candidate = {"ISO": f"urn:oid:{entity}", "UUID": f"urn:uuid:{entity.lower()}", "URI": entity}.get(
+            kind
+        )
+        if entity and candidate is not None:
+            try:
+                return check_identifier_system(candidate)
+            except ValueError:
+                pass
+        break
+    issuer = str(ds.get("IssuerOfPatientID") or "").strip()
+    if not issuer:
+        return default
+    if issuers and issuer in issuers:
+        return issuers[issuer]
+    if _UID_RE.match(issuer):
+        candidate = f"urn:oid:{issuer}"
+    elif issuer.lower().startswith(("urn:", "http://", "https://")):
+        candidate = issuer
+    else:
+        return None
+    try:
+        return check_identifier_system(candidate)
+    except ValueError:
+        return None
 
 
 def _check_text(value: object, name: str, max_len: int = _MAX_LO) -> None:
@@ -228,10 +287,11 @@ class StudyRef:
             raise ValueError("StudyRef.accession_number must be a non-empty string or None")
         if self.study_date is not None and not isinstance(self.study_date, dt.date):
             raise TypeError("StudyRef.study_date must be a date, a datetime or None")
-        if self.patient_id_system is not None and (
-            not isinstance(self.patient_id_system, str) or ":" not in self.patient_id_system
-        ):
-            raise ValueError("StudyRef.patient_id_system must be an absolute URI or None")
+        if self.patient_id_system is not None:
+            try:
+                check_identifier_system(self.patient_id_system)
+            except ValueError as e:
+                raise ValueError(f"StudyRef.patient_id_system: {e}") from None
 
     @classmethod
     def from_dataset(cls, ds: Dataset, patient_id_system: str | None = None) -> StudyRef:

@@ -1,9 +1,10 @@
 """Read side of our FHIR reports, for ``/ai/fhir/...``: the resources as this plugin made them.
 
 The reports live in the job store (``jobs.fhir``, the transaction Bundle of each job). A
-resource is served with its own uuid as ``id`` (the uuid of its ``urn:uuid:`` fullUrl and
-identifier), and in-bundle references become ``Type/<uuid>``, readable here as well. The EHR
-gives the same resources ids of its own; the identifier is what both share.
+resource is served with its own uuid as ``id`` (the uuid of its ``urn:ietf:rfc:3986 |
+urn:uuid:`` identifier), and in-bundle references (to entries' ``fullUrl``) become
+``Type/<uuid>``, readable here as well. The EHR gives the same resources ids of its own; the
+identifier is what both share.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orthanc_plugin.core.errors import BadRequest, NotFound
-from orthanc_plugin.fhir.report import DICOM_UID_SYSTEM
+from orthanc_plugin.fhir.report import DICOM_UID_SYSTEM, URI_SYSTEM
 from orthanc_plugin.jobs.database import Database, DatabaseTarget
 
 #: Resource types a report bundle holds.
@@ -105,22 +106,32 @@ def _study_uid(value: str) -> str:
 
 
 def _resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    """The bundle's resources with ``id`` set and ``urn:uuid:`` references made ``Type/id``."""
-    ids: dict[str, str] = {}
+    """The bundle's resources with ``id`` set to their identifier's uuid and references to
+    ``urn:uuid:`` fullUrls made ``Type/id``."""
+    ids: dict[str, str] = {}  # fullUrl -> Type/id
     for entry in bundle.get("entry", []):
-        full_url = entry.get("fullUrl", "")
-        if full_url.startswith("urn:uuid:"):
-            ids[full_url] = f"{entry['resource']['resourceType']}/{full_url.removeprefix('urn:uuid:')}"
+        rid = _own_id(entry["resource"])
+        if rid is not None and entry.get("fullUrl"):
+            ids[entry["fullUrl"]] = f"{entry['resource']['resourceType']}/{rid}"
     out = []
     for entry in bundle.get("entry", []):
         resource = _rewrite(entry["resource"], ids)
-        full_url = entry.get("fullUrl", "")
-        if full_url in ids:
-            resource = {"resourceType": resource["resourceType"], "id": ids[full_url].split("/", 1)[1]} | {
+        rid = _own_id(resource)
+        if rid is not None:
+            resource = {"resourceType": resource["resourceType"], "id": rid} | {
                 k: v for k, v in resource.items() if k != "resourceType"
             }
         out.append(resource)
     return out
+
+
+def _own_id(resource: dict[str, Any]) -> str | None:
+    """The uuid of the resource's ``urn:ietf:rfc:3986 | urn:uuid:`` identifier, if any."""
+    for ident in resource.get("identifier", []):
+        value = ident.get("value", "")
+        if ident.get("system") == URI_SYSTEM and value.startswith("urn:uuid:"):
+            return str(value.removeprefix("urn:uuid:"))
+    return None
 
 
 def _rewrite(value: Any, ids: Mapping[str, str]) -> Any:

@@ -10,7 +10,10 @@ became a list) and in ``DiagnosticReport.imagingStudy``, which R5 calls ``study`
 Idempotency: every resource has an identifier ``urn:ietf:rfc:3986 | urn:uuid:<uuid>``
 whose uuid is derived from the job key (the Device's from the algorithm identity), and
 is POSTed with ``ifNoneExist`` on that identifier, so a re-delivered bundle creates
-nothing new. The same uuids are the entries' ``fullUrl``; in-bundle references use them.
+nothing new. Each entry's ``fullUrl``, which in-bundle references use, is another uuid
+derived from the identifier's (:func:`entry_uuid`), never the identifier's value: a server
+may rewrite every string equal to a ``fullUrl`` into the new ``Type/id`` (Medplum does,
+identifier values included), and the conditional create would then never match again.
 
 The patient and the study are referenced logically, by identifier: the EHR resolves
 them, this module never needs their server ids.
@@ -73,6 +76,12 @@ _ANATOMICAL_STRUCTURE = ("91723000", "SCT")  # CID 7150 category whose types are
 def resource_uuid(*parts: str) -> str:
     """Deterministic uuid (as a string) for the resource named by ``parts``."""
     return str(uuid.uuid5(NAMESPACE, "/".join(parts)))
+
+
+def entry_uuid(resource_id: str) -> str:
+    """The uuid of the ``fullUrl`` of the entry whose resource has the identifier uuid
+    ``resource_id``: derived from it, and distinct from it."""
+    return resource_uuid("fullUrl", resource_id)
 
 
 def device_uuid(algorithm: AlgorithmInfo) -> str:
@@ -172,27 +181,24 @@ def build_diagnostic_report(
                 "system": MILLILITER_FHIR.system_uri,
                 "code": MILLILITER_FHIR.value,
             },
-            "device": {"reference": f"urn:uuid:{device_id}"},
+            "device": _reference(device_id),
             "derivedFrom": [imaging_study],
         }
         site = _body_site(spec)
         if site is not None:
             observation["bodySite"] = {"coding": [site.to_fhir()], "text": site.meaning}
-        entries.append(_entry("Observation", obs_id, observation))
-        observation_refs.append({"reference": f"urn:uuid:{obs_id}", "display": f"{spec.name} volume"})
         rows.append((f"{spec.name} volume", f"{round(m.volume_ml, 1)} mL"))
+        observation = _with_text(observation, _observation_narrative(*rows[-1], algorithm))
+        entries.append(_entry("Observation", obs_id, observation))
+        observation_refs.append(_reference(obs_id) | {"display": f"{spec.name} volume"})
     for c in classifications:
         obs_id = resource_uuid(seed, "Observation", c.tracking_id)
-        entries.append(
-            _entry(
-                "Observation",
-                obs_id,
-                _classification(c, obs_id, subject, effective, issued_text, device_id, imaging_study),
-            )
-        )
-        observation_refs.append({"reference": f"urn:uuid:{obs_id}", "display": c.name})
         verdict = "present" if c.positive else "absent"
         rows.append((c.name, f"{verdict} (probability {c.probability:.2f}, threshold {c.threshold:.2f})"))
+        observation = _classification(c, obs_id, subject, effective, issued_text, device_id, imaging_study)
+        observation = _with_text(observation, _observation_narrative(*rows[-1], algorithm))
+        entries.append(_entry("Observation", obs_id, observation))
+        observation_refs.append(_reference(obs_id) | {"display": c.name})
 
     report_uuid = report_id if report_id is not None else resource_uuid(seed, "DiagnosticReport")
     identifiers: list[dict[str, Any]] = [_identifier(report_uuid)]
@@ -301,10 +307,15 @@ def _identifier(resource_id: str) -> dict[str, str]:
     return {"system": URI_SYSTEM, "value": f"urn:uuid:{resource_id}"}
 
 
+def _reference(resource_id: str) -> dict[str, str]:
+    """In-bundle reference to the entry whose resource has the identifier uuid ``resource_id``."""
+    return {"reference": f"urn:uuid:{entry_uuid(resource_id)}"}
+
+
 def _entry(resource_type: str, resource_id: str, resource: dict[str, Any]) -> dict[str, Any]:
     """A conditional-create entry: the server skips it if the identifier exists already."""
     return {
-        "fullUrl": f"urn:uuid:{resource_id}",
+        "fullUrl": f"urn:uuid:{entry_uuid(resource_id)}",
         "resource": resource,
         "request": {
             "method": "POST",
@@ -320,9 +331,11 @@ def _device(algorithm: AlgorithmInfo, device_id: str, fhir_version: str) -> dict
         {"type": {"text": "algorithm version"}, "value": algorithm.version},
         {"type": {"text": "model version"}, "value": algorithm.model_version},
     ]
+    text = {"status": "generated", "div": _div(f"<p>AI algorithm {html.escape(_who(algorithm))}.</p>")}
     if fhir_version == "R4":
         return {
             "resourceType": "Device",
+            "text": text,
             "identifier": [_identifier(device_id)],
             "status": "active",
             "manufacturer": algorithm.manufacturer,
@@ -338,6 +351,7 @@ def _device(algorithm: AlgorithmInfo, device_id: str, fhir_version: str) -> dict
     # called "manufacturer-name"; R5 has no "model-name" type, the model is modelNumber.
     return {
         "resourceType": "Device",
+        "text": text,
         "identifier": [_identifier(device_id)],
         "displayName": algorithm.name,
         "status": "active",
@@ -350,9 +364,10 @@ def _device(algorithm: AlgorithmInfo, device_id: str, fhir_version: str) -> dict
 
 
 def _patient_reference(study: StudyRef) -> dict[str, Any]:
-    identifier: dict[str, str] = {"value": study.patient_id}
+    identifier: dict[str, str] = {}
     if study.patient_id_system is not None:
         identifier["system"] = study.patient_id_system
+    identifier["value"] = study.patient_id
     return {"type": "Patient", "identifier": identifier}
 
 
@@ -381,16 +396,38 @@ def _instant(when: dt.datetime) -> str:
     return when.isoformat(timespec="milliseconds")
 
 
+def _who(algorithm: AlgorithmInfo) -> str:
+    return f"{algorithm.name} {algorithm.version} (model {algorithm.model_name} {algorithm.model_version})"
+
+
+def _div(body: str) -> str:
+    return f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'
+
+
 def _narrative(algorithm: AlgorithmInfo, rows: Sequence[tuple[str, str]]) -> str:
     items = "".join(f"<li>{html.escape(name)}: {html.escape(value)}</li>" for name, value in rows)
-    who = html.escape(
-        f"{algorithm.name} {algorithm.version} (model {algorithm.model_name} {algorithm.model_version})"
+    return _div(
+        f"<p>Preliminary, unverified results of the AI algorithm {html.escape(_who(algorithm))}.</p>"
+        f"<ul>{items}</ul>"
     )
-    return (
-        '<div xmlns="http://www.w3.org/1999/xhtml">'
-        f"<p>Preliminary, unverified results of the AI algorithm {who}.</p>"
-        f"<ul>{items}</ul></div>"
-    )
+
+
+def _with_text(resource: dict[str, Any], text: dict[str, str]) -> dict[str, Any]:
+    """``resource`` with its narrative ``text`` right after ``resourceType``, where FHIR puts it."""
+    return {"resourceType": resource["resourceType"], "text": text} | {
+        k: v for k, v in resource.items() if k != "resourceType"
+    }
+
+
+def _observation_narrative(name: str, value: str, algorithm: AlgorithmInfo) -> dict[str, str]:
+    """FHIR best practice (dom-6): a resource carries a human-readable narrative."""
+    return {
+        "status": "generated",
+        "div": _div(
+            f"<p>{html.escape(name)}: {html.escape(value)}</p>"
+            f"<p>Preliminary, unverified result of the AI algorithm {html.escape(_who(algorithm))}.</p>"
+        ),
+    }
 
 
 #: HL7 v3 ObservationInterpretation: POS/NEG for a finding judged present/absent.
@@ -435,7 +472,7 @@ def _classification(
             "text": f"model {c.model_name} version {c.model_version}; positive when the probability of "
             f"the positive class is at least the operating point {c.threshold:.4g}"
         },
-        "device": {"reference": f"urn:uuid:{device_id}"},
+        "device": _reference(device_id),
         "derivedFrom": [imaging_study],
         "component": [
             {

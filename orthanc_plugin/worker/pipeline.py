@@ -42,6 +42,7 @@ from orthanc_plugin.core.results import (
     SegmentSpec,
     StudyRef,
     VolumeMeasurement,
+    patient_id_system,
 )
 from orthanc_plugin.core.uids import output_uids
 from orthanc_plugin.fhir.report import build_diagnostic_report
@@ -319,10 +320,14 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
     )  # fmt: skip
     fhir = None
     if p.outputs.fhir:
+        settings = run.settings
+        patient_system = patient_id_system(
+            sources[0], settings.patient_id_system, settings.patient_id_issuer_systems
+        )
         fhir = run.stage(
             "fhir_build",
             lambda: build_diagnostic_report(
-                StudyRef.from_dataset(sources[0]), findings.present, findings.measurements, algorithm, ids=uids,
+                StudyRef.from_dataset(sources[0], patient_system), findings.present, findings.measurements, algorithm, ids=uids,
                 issued=datetime.now(UTC), fhir_version=run.settings.fhir_version,
                 classifications=findings.classifications,
             ),

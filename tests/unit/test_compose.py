@@ -1,6 +1,6 @@
 """docker-compose.yml validates (``docker-compose config``, no Docker engine needed) and holds the
-services of a production deployment: Orthanc (orthancteam image: Python, DICOMweb and PostgreSQL
-plugins, our plugin mounted), NVIDIA Triton with a GPU and triton_models/ mounted, OHIF, HAPI FHIR,
+services of a production deployment: Orthanc (built on the orthancteam image: Python, DICOMweb and
+PostgreSQL plugins, our package inside), NVIDIA Triton with a GPU and triton_models/ mounted, OHIF, HAPI FHIR,
 PostgreSQL. Runs in CI with the rest of the unit tests (about 2 s).
 """
 
@@ -82,15 +82,17 @@ def test_secrets_are_required_not_defaulted() -> None:
 
 def test_orthanc_with_plugins_and_ours(compose: dict[str, Any]) -> None:
     orthanc = compose["services"]["orthanc"]
-    assert str(orthanc["image"]).startswith("orthancteam/orthanc:")
+    # Built on the official image (docker/orthanc/Dockerfile; tests/unit/test_dockerfile.py).
+    assert Path(orthanc["build"]["context"]).resolve() == ROOT
+    assert orthanc["build"]["dockerfile"] == "docker/orthanc/Dockerfile"
     env = orthanc["environment"]
     for plugin in ("PYTHON", "DICOM_WEB", "POSTGRESQL"):
         assert str(env.get(f"{plugin}_PLUGIN_ENABLED")).lower() == "true", plugin
     assert env["ORTHANC__POSTGRESQL__HOST"] == "postgres"
     assert str(env["ORTHANC__DICOM_WEB__ENABLE"]).lower() == "true"
-    # Our plugin: the repository mounted, the entry script named, our section valid JSON.
+    # Our plugin: in the image, the configuration mounted, the entry script named, our section valid JSON.
     mounts = _mounts(orthanc)
-    assert Path(mounts["/opt/orthanc-ai"]).resolve() == ROOT
+    assert Path(mounts["/opt/orthanc-ai/config"]).resolve() == ROOT / "config"
     assert env["ORTHANC__PYTHON_SCRIPT"] == "/opt/orthanc-ai/orthanc_plugin/orthanc_entry.py"
     assert (ROOT / "orthanc_plugin" / "orthanc_entry.py").is_file()
     section = json.loads(env["ORTHANC__ORTHANC_A_I"])

@@ -48,7 +48,8 @@ def report_bundle(key: str = "job-a", study_uid: str = STUDY_UID, patient: str =
 
 def our_identifier(bundle: dict[str, Any], kind: str) -> str:
     (entry,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
-    return str(entry["fullUrl"])
+    (value,) = [i["value"] for i in entry["resource"]["identifier"] if i["system"] == URI_SYSTEM]
+    return str(value)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ idempotency."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -16,12 +17,14 @@ from fhir.resources.diagnosticreport import DiagnosticReport as R5DiagnosticRepo
 from fhir.resources.observation import Observation as R5Observation
 from fhir.resources.R4B.bundle import Bundle
 
-from orthanc_plugin.core.results import OutputUIDs, StudyRef, VolumeMeasurement
+from orthanc_plugin.core.config import Settings
+from orthanc_plugin.core.results import OutputUIDs, StudyRef, VolumeMeasurement, patient_id_system
 from orthanc_plugin.fhir.report import (
     DICOM_UID_SYSTEM,
     URI_SYSTEM,
     build_diagnostic_report,
     device_uuid,
+    entry_uuid,
     report_summary,
     validate_bundle,
 )
@@ -40,6 +43,8 @@ STUDY = StudyRef(
     patient_id="EXAMPLE-PATIENT-0001",
     accession_number="EXAMPLE-ACC-0001",
     study_date=dt.date(2024, 1, 15),
+    # 2.999: the OID arc set aside for examples (ITU-T X.660).
+    patient_id_system="urn:oid:2.999.1",
 )
 IDS = OutputUIDs("2.25.11", "2.25.12", "2.25.21", "2.25.22", key="example-job-key")
 ISSUED = dt.datetime(2024, 1, 15, 10, 30, tzinfo=dt.UTC)
@@ -78,8 +83,11 @@ def test_entries_are_conditional_creates(kind: str, request: pytest.FixtureReque
     for entry in bundle["entry"]:
         resource = entry["resource"]
         (ours,) = [i for i in resource["identifier"] if i["system"] == URI_SYSTEM]
-        assert entry["fullUrl"] == ours["value"]
-        assert entry["fullUrl"].startswith("urn:uuid:")
+        # Distinct values: a server that rewrites every string equal to a fullUrl into the new
+        # Type/id (Medplum) would otherwise rewrite the identifier, and ifNoneExist never match.
+        assert entry["fullUrl"] == f"urn:uuid:{entry_uuid(ours['value'].removeprefix('urn:uuid:'))}"
+        assert entry["fullUrl"].startswith("urn:uuid:") and entry["fullUrl"] != ours["value"]
+        assert entry["fullUrl"] not in json.dumps(resource)  # nothing in the resource equals it
         assert entry["request"] == {
             "method": "POST",
             "url": resource["resourceType"],
@@ -94,13 +102,13 @@ def test_references_resolve_inside_the_bundle(bundle: dict[str, Any]) -> None:
     (report,) = resources(bundle, "DiagnosticReport")
     observations = resources(bundle, "Observation")
     assert [full_urls[r["reference"]] for r in report["result"]] == ["Observation", "Observation"]
-    device_url = f"urn:uuid:{device_uuid(ALGORITHM)}"
+    device_url = f"urn:uuid:{entry_uuid(device_uuid(ALGORITHM))}"
     assert full_urls[device_url] == "Device"
     study_ref = {
         "type": "ImagingStudy",
         "identifier": {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{STUDY.study_instance_uid}"},
     }
-    patient_ref = {"type": "Patient", "identifier": {"value": STUDY.patient_id}}
+    patient_ref = {"type": "Patient", "identifier": {"system": "urn:oid:2.999.1", "value": STUDY.patient_id}}
     assert report["imagingStudy"] == [study_ref]
     assert report["subject"] == patient_ref
     for obs in observations:
@@ -172,7 +180,10 @@ def test_report_id_instead_of_output_uids() -> None:
         STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, report_id=report_id, issued=ISSUED
     )
     validate_bundle(bundle)
-    assert bundle["entry"][-1]["fullUrl"] == f"urn:uuid:{report_id}"
+    assert bundle["entry"][-1]["resource"]["identifier"] == [
+        {"system": URI_SYSTEM, "value": f"urn:uuid:{report_id}"}
+    ]
+    assert bundle["entry"][-1]["fullUrl"] == f"urn:uuid:{entry_uuid(report_id)}"
     with pytest.raises(ValueError, match="ids or report_id"):
         build_diagnostic_report(STUDY, SEGMENTS, MEASUREMENTS, ALGORITHM, issued=ISSUED)
     with pytest.raises(ValueError, match="UUID"):
@@ -185,7 +196,7 @@ def test_summary(bundle: dict[str, Any]) -> None:
     )
     summary = report_summary(with_conclusion)
     assert summary == {
-        "id": bundle["entry"][-1]["fullUrl"],
+        "id": bundle["entry"][-1]["resource"]["identifier"][0]["value"],
         "status": "preliminary",
         "conclusion": "AI volumetry, not yet read.",
         "observations": [
@@ -284,7 +295,7 @@ def test_r5_references(r5_bundle: dict[str, Any]) -> None:
     assert report["study"] == [study_ref]
     assert "imagingStudy" not in report
     assert [full_urls[r["reference"]] for r in report["result"]] == ["Observation", "Observation"]
-    device_url = f"urn:uuid:{device_uuid(ALGORITHM)}"
+    device_url = f"urn:uuid:{entry_uuid(device_uuid(ALGORITHM))}"
     assert full_urls[device_url] == "Device"
     for obs in resources(r5_bundle, "Observation"):
         assert obs["device"] == {"reference": device_url}
@@ -327,3 +338,94 @@ def test_unknown_fhir_version_is_refused() -> None:
         example_bundle("R4B")
     with pytest.raises(ValueError, match="fhir_version must be one of R4, R5"):
         validate_bundle(example_bundle(), "r5")
+
+
+@pytest.mark.parametrize("kind", ["bundle", "r5_bundle"])
+def test_every_resource_has_a_generated_narrative(kind: str, request: pytest.FixtureRequest) -> None:
+    # FHIR dom-6 (best practice): a resource should have a narrative; ours say what the values are.
+    bundle = request.getfixturevalue(kind)
+    for entry in bundle["entry"]:
+        text = entry["resource"]["text"]
+        assert text["status"] == "generated"
+        assert text["div"].startswith('<div xmlns="http://www.w3.org/1999/xhtml">') and text["div"].endswith(
+            "</div>"
+        )
+        assert "EXAMPLE-PATIENT" not in text["div"]
+    lung, nodule = resources(bundle, "Observation")
+    assert "<p>Lung volume: 4322.0 mL</p>" in lung["text"]["div"]
+    assert "<p>Nodule volume: 1.2 mL</p>" in nodule["text"]["div"]
+    (report,) = resources(bundle, "DiagnosticReport")
+    assert "<li>Lung volume: 4322.0 mL</li><li>Nodule volume: 1.2 mL</li>" in report["text"]["div"]
+    (device,) = resources(bundle, "Device")
+    assert "lung-seg" in device["text"]["div"]
+
+
+def test_narrative_escapes_markup() -> None:
+    algorithm = dataclasses.replace(ALGORITHM, name="seg <b>&</b>")
+    bundle = build_diagnostic_report(STUDY, SEGMENTS, MEASUREMENTS, algorithm, IDS, ISSUED)
+    for entry in bundle["entry"]:
+        assert "seg &lt;b&gt;&amp;&lt;/b&gt;" in entry["resource"]["text"]["div"]
+
+
+def _ds(**tags: Any) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.PatientID = "EXAMPLE-PATIENT-0001"
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _qualifier(entity: str, kind: str) -> list[pydicom.Dataset]:
+    item = pydicom.Dataset()
+    item.UniversalEntityID, item.UniversalEntityIDType = entity, kind
+    return [item]
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        ({}, "urn:oid:2.999.1"),  # no issuer: the configured default
+        ({"IssuerOfPatientID": "HOSP-A"}, "urn:oid:2.999.7"),  # the configured issuer map
+        ({"IssuerOfPatientID": "2.999.42"}, "urn:oid:2.999.42"),  # an OID names itself
+        ({"IssuerOfPatientID": "https://ids.example.org/mrn"}, "https://ids.example.org/mrn"),
+        ({"IssuerOfPatientID": "OTHER HOSPITAL"}, None),  # unknown issuer: not the local system
+        ({"IssuerOfPatientIDQualifiersSequence": _qualifier("2.999.5", "ISO")}, "urn:oid:2.999.5"),
+        (
+            {
+                "IssuerOfPatientID": "HOSP-A",
+                "IssuerOfPatientIDQualifiersSequence": _qualifier("2.999.5", "ISO"),
+            },
+            "urn:oid:2.999.5",
+        ),
+        (
+            {"IssuerOfPatientIDQualifiersSequence": _qualifier("https://ids.example.org/p", "URI")},
+            "https://ids.example.org/p",
+        ),
+        ({"IssuerOfPatientIDQualifiersSequence": _qualifier("ids.example.org", "DNS")}, "urn:oid:2.999.1"),
+    ],
+)
+def test_patient_id_system_from_the_issuer(tags: dict[str, Any], expected: str | None) -> None:
+    ds = _ds(**tags)
+    assert patient_id_system(ds, "urn:oid:2.999.1", {"HOSP-A": "urn:oid:2.999.7"}) == expected
+    study = StudyRef.from_dataset(_ds(StudyInstanceUID="2.25.5", **tags), expected)
+    bundle = build_diagnostic_report(study, SEGMENTS, MEASUREMENTS, ALGORITHM, IDS, ISSUED)
+    (report,) = resources(bundle, "DiagnosticReport")
+    assert report["subject"]["identifier"].get("system") == expected
+
+
+def test_patient_id_system_settings_are_validated(tmp_path: Path) -> None:
+    base = {"PipelinesFile": "p.yaml", "JobStore": str(tmp_path / "j.sqlite")}
+    s = Settings.model_validate(
+        base | {"PatientIdSystem": "urn:oid:2.999.1", "PatientIdIssuerSystems": {"HOSP-A": "urn:oid:2.999.7"}}
+    )
+    assert s.patient_id_system == "urn:oid:2.999.1" and s.patient_id_issuer_systems == {
+        "HOSP-A": "urn:oid:2.999.7"
+    }
+    assert Settings.model_validate(base | {"PatientIdSystem": ""}).patient_id_system is None
+    for bad in ({"PatientIdSystem": "HOSP-A"}, {"PatientIdSystem": "urn:oid:1.2.x"}):
+        with pytest.raises(ValueError, match="absolute URI|OID"):
+            Settings.model_validate(base | bad)
+    with pytest.raises(ValueError, match="issuer 'HOSP-A'"):
+        Settings.model_validate(base | {"PatientIdIssuerSystems": {"HOSP-A": "not a uri"}})
+    with pytest.raises(ValueError, match="StudyRef.patient_id_system"):
+        StudyRef("2.25.5", "P", patient_id_system="mrn")
