@@ -79,6 +79,11 @@ class Intake:
         self._first_pass = True
         self._cursor: int | None = None  # read position; the persisted one may lag behind it
 
+    @property
+    def position(self) -> int | None:
+        """The last change of Orthanc's log this intake has handled (None before its first pass)."""
+        return self._cursor
+
     # ------------------------------------------------------------------ study description
 
     def describe_study(self, orthanc_study_id: str) -> StudyInfo:

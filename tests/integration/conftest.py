@@ -95,6 +95,29 @@ def wait_for(
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last value {last!r}\n{log}")
 
 
+def last_change(client: httpx.Client) -> int:
+    return int(client.get("/changes", params={"last": ""}).json()["Last"])
+
+
+def wait_intake_handled_stable(client: httpx.Client, study_id: str, after: int, **kw: Any) -> int:
+    """Wait until Orthanc logged the study stable after change ``after`` and the plugin's intake
+    has read past that change: whatever the routing did with it is then done. Returns its number."""
+
+    def handled() -> int | None:
+        page = client.get("/changes", params={"since": after, "limit": 10000}).json()
+        stable = [
+            c["Seq"] for c in page["Changes"] if c["ChangeType"] == "StableStudy" and c["ID"] == study_id
+        ]
+        position = client.get("/ai/health").json()["intake"]["last_change"]
+        return stable[-1] if stable and position is not None and position >= stable[-1] else None
+
+    return int(
+        wait_for(
+            f"study {study_id} stable and read by the intake", handled, timeout=kw.pop("timeout", 60), **kw
+        )
+    )
+
+
 def wait_job_done(client: httpx.Client, uid: str, timeout: float = 240, **kw: Any) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         jobs = client.get("/ai/jobs", params={"study": uid}).json()

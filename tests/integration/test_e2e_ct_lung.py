@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import os
 import signal
-import time
+from typing import Any
 
 import highdicom as hd
 import httpx
@@ -14,10 +16,20 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from devstack.common import ROOT
 from devstack.stack import OrthancServer
+from orthanc_plugin.imaging.volume import build_volume
 
 from ..conftest import CT_A0001, CT_B40, CT_B70, require_data
-from .conftest import series_by_modality, study_uid, upload_folder, wait_for, wait_job_done
+from .conftest import (
+    last_change,
+    series_by_modality,
+    study_uid,
+    upload_folder,
+    wait_for,
+    wait_intake_handled_stable,
+    wait_job_done,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -92,10 +104,50 @@ def test_seg_in_study_aligned_with_source(processed: dict, api: httpx.Client) ->
     assert len(ours) == 1 and ours[0].SoftwareVersions
 
 
-def test_volumes_plausible_and_left_is_left(processed: dict, api: httpx.Client) -> None:
+def _reference_labels_module() -> Any:
+    path = ROOT / "triton_models" / "ct_lung" / "reference_labels.py"
+    spec = importlib.util.spec_from_file_location("ct_lung_reference_labels", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_segmentation_agrees_with_the_reference_labels(processed: dict, api: httpx.Client) -> None:
+    """The SEG decoded back onto the B40f slices against the model's documented reference
+    (triton_models/ct_lung/reference_labels.py, metrics.json): Dice and volumes per lung."""
+    metrics = json.loads((ROOT / "triton_models" / "ct_lung" / "metrics.json").read_text())["series"][
+        "A0002-B40f"
+    ]
     m = {x["segment"]: x["volume_ml"] for x in processed["job"]["outputs"]["measurements"]}
-    for name in ("Right lung", "Left lung"):
-        assert 500 <= m[name] <= 4000, f"{name}: {m[name]} mL"
+    for name, key in (("Right lung", "right_lung"), ("Left lung", "left_lung")):
+        # the job runs the same model as the documented evaluation: within 1% of its volume
+        assert m[name] == pytest.approx(metrics["predicted_ml"][key], rel=0.01), (name, m[name])
+    source = build_volume([pydicom.dcmread(f) for f in sorted(CT_B40.glob("*.dcm"))])
+    reference = _reference_labels_module().reference_labels(source.voxels, source.spacing)
+    seg_ds = _instance(api, series_by_modality(api, processed["study_id"], "SEG")[0])
+    segment_label = {
+        int(item.SegmentNumber): {"Right lung": 1, "Left lung": 2}[item.SegmentLabel]
+        for item in seg_ds.SegmentSequence
+    }
+    slice_of = {str(ds.SOPInstanceUID): z for z, ds in enumerate(source.datasets)}
+    frames = seg_ds.pixel_array.reshape(
+        len(seg_ds.PerFrameFunctionalGroupsSequence), seg_ds.Rows, seg_ds.Columns
+    )
+    ours = np.zeros(source.shape, dtype=np.uint8)
+    for frame, item in zip(frames, seg_ds.PerFrameFunctionalGroupsSequence, strict=True):
+        z = slice_of[str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
+        label = segment_label[int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
+        ours[z][frame > 0] = label
+    for label, key in ((1, "right_lung"), (2, "left_lung")):
+        a, b = ours == label, reference == label
+        dice = 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+        # documented 0.97-0.98 for this series; a regression of the model or of the SEG's
+        # geometry (a flipped or shifted frame) falls far below
+        assert dice >= metrics["dice"][key] - 0.01, (key, round(float(dice), 4))
+
+
+def test_left_is_left(processed: dict, api: httpx.Client) -> None:
     seg_ds = _instance(api, series_by_modality(api, processed["study_id"], "SEG")[0])
     seg = hd.seg.Segmentation.from_dataset(seg_ds)
     # Patient left is +x in DICOM's LPS frame: the left lung must lie at larger x than the right one.
@@ -147,9 +199,10 @@ def test_reupload_and_retry_do_not_duplicate(
 ) -> None:
     sid, uid = processed["study_id"], processed["study_uid"]
     seg_before = processed["job"]["outputs"]["stored"]["seg"]["SOPInstanceUID"]
+    before = last_change(api)
     upload_folder(api, CT_B40)
     upload_folder(api, CT_B70)
-    time.sleep(4)  # longer than StableAge: a second stable event would have been handled by now
+    wait_intake_handled_stable(api, sid, before, orthanc=orthanc)  # routing has seen the re-upload
     jobs = api.get("/ai/jobs", params={"study": uid}).json()
     assert len(jobs) == 1, jobs
     r = api.post(f"/ai/jobs/{jobs[0]['id']}/retry")
@@ -181,7 +234,12 @@ def test_killed_worker_job_finishes_once(processed: dict, api: httpx.Client, ort
     assert job["state"] == "succeeded", job["error"]
     assert job["attempts"] == 2
     assert any(e["kind"] == "requeued" for e in job["events"]), job["events"]
-    assert len(series_by_modality(api, sid, "SEG")) == 1 and len(series_by_modality(api, sid, "SR")) == 1
+    # the retry replaced the outputs under the same identity: same UIDs, one instance each
+    for kind, modality in (("seg", "SEG"), ("sr", "SR")):
+        before = processed["job"]["outputs"]["stored"][kind]["SOPInstanceUID"]
+        assert job["outputs"]["stored"][kind]["SOPInstanceUID"] == before
+        (series,) = series_by_modality(api, sid, modality)
+        assert _instance(api, series).SOPInstanceUID == before
     health = wait_for(
         "the worker to be restarted", lambda: api.get("/ai/health").json()["workers"]["alive"] == 1
     )

