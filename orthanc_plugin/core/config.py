@@ -223,6 +223,9 @@ class SegmentConfig(_Strict):
         "fails instead of reporting an implausible segment",
     )
     plausible_as: str = Field(default="", description="what the segment should be, for that message")
+    rt_roi_type: Literal[
+        "ORGAN", "OAR", "GTV", "CTV", "PTV", "EXTERNAL", "AVOIDANCE", "CAVITY", "TREATED_VOLUME", "MARKER"
+    ] = Field(default="ORGAN", description="RT ROI Interpreted Type of the segment in the RTSTRUCT")
 
     @model_validator(mode="after")
     def _plausible(self) -> SegmentConfig:

@@ -68,6 +68,8 @@ class SegmentSpec:
     anatomic_region: Code | None
     color_rgb: tuple[int, int, int]
     tracking_id: str
+    #: RT ROI Interpreted Type in an RTSTRUCT (ORGAN, GTV, PTV, OAR, ...)
+    rt_roi_type: str = "ORGAN"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", _label(self.label, "SegmentSpec.label"))

@@ -505,9 +505,22 @@ class _CrackGraph:
 
     def largest_outer_loops(self) -> dict[int, int]:
         """``{slice: an edge of the slice's outer loop with the largest area}``."""
+        roots, area = self.loops()
+        roots = roots[area[roots] > 0]
+        if roots.size == 0:
+            return {}
+        by = roots[np.lexsort((-area[roots], self.slice_of[roots]))]
+        best = by[np.r_[True, np.diff(self.slice_of[by]) != 0]]
+        return {int(self.slice_of[e]): int(e) for e in best}
+
+    def loops(self) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """Every loop, as (an edge of it, by slice; twice its signed area, indexed by edge).
+
+        Outer boundaries have a positive area, hole boundaries a negative one.
+        """
         n = self.next.size
         if n == 0:
-            return {}
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
         # Label loops by their smallest edge id, by pointer jumping: after k rounds an edge
         # has seen the 2**k edges that follow it, and no loop is longer than its slice.
         edges_per_slice = np.bincount(self.slice_of)
@@ -523,10 +536,8 @@ class _CrackGraph:
         x0, y0 = self._xy(self.end)
         x1, y1 = x0[self.next], y0[self.next]
         area = np.bincount(loop, weights=(x0 * y1 - x1 * y0).astype(np.float64), minlength=n)
-        roots = np.flatnonzero((loop == np.arange(n)) & (area > 0))
-        by = roots[np.lexsort((-area[roots], self.slice_of[roots]))]
-        best = by[np.r_[True, np.diff(self.slice_of[by]) != 0]]
-        return {int(self.slice_of[e]): int(e) for e in best}
+        roots = np.flatnonzero(loop == np.arange(n))
+        return roots, area
 
     def corners(self, edge: int) -> NDArray[np.float64]:
         """Corner points (x, y) of the loop through ``edge``, in walking order."""

@@ -375,6 +375,7 @@ def segment_specs(p: PipelineConfig) -> list[SegmentSpec]:
             anatomic_region=s.anatomic_region.to_code() if s.anatomic_region else None,
             color_rgb=s.color,
             tracking_id=s.tracking_id or s.name,
+            rt_roi_type=s.rt_roi_type,
         )
         for s in p.segments
     ]
