@@ -129,7 +129,9 @@ class RadiomicsSettings:
 
     def __post_init__(self) -> None:
         if (self.bin_width is None) == (self.bin_count is None):
-            raise ValueError("radiomics: give exactly one of bin_width (fixed bin size) or bin_count (fixed bin number)")
+            raise ValueError(
+                "radiomics: give exactly one of bin_width (fixed bin size) or bin_count (fixed bin number)"
+            )
         if self.bin_width is not None and not self.bin_width > 0:
             raise ValueError(f"radiomics: bin_width must be > 0, got {self.bin_width}")
         if self.bin_count is not None and not self.bin_count >= 2:
@@ -198,7 +200,7 @@ def morphology(
 
     sp = np.asarray(spacing_zyx, dtype=np.float64)
     padded = np.pad(morph_mask.astype(np.float32), 1)
-    verts, faces, _, _ = marching_cubes(padded, level=0.5, spacing=tuple(sp))
+    verts, faces, _, _ = marching_cubes(padded, level=0.5, spacing=tuple(sp))  # type: ignore[no-untyped-call]
     a, b, c = (verts[faces[:, k]] for k in range(3))
     volume = abs(float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum()) / 6.0)
     area = float(np.linalg.norm(np.cross(b - a, c - a), axis=1).sum() / 2.0)
@@ -227,7 +229,9 @@ def morphology(
             hull_points = verts
     d2 = ((hull_points[:, None, :] - hull_points[None, :, :]) ** 2).sum(axis=2)
     f["morph.diam"] = float(math.sqrt(d2.max()))
-    eig = np.sort(np.linalg.eigvalsh(np.cov(centres.T, bias=False)))[::-1] if len(centres) > 1 else np.zeros(3)
+    eig = (
+        np.sort(np.linalg.eigvalsh(np.cov(centres.T, bias=False)))[::-1] if len(centres) > 1 else np.zeros(3)
+    )
     major, minor, least = (max(float(e), 0.0) for e in eig)
     f["morph.pca.major"] = 4 * math.sqrt(major)
     f["morph.pca.minor"] = 4 * math.sqrt(minor)
@@ -271,7 +275,7 @@ def intensity(values: FloatArray) -> dict[str, float]:
 
 
 #: The 13 unique directions of the 26-neighbourhood (dz, dy, dx), distance 1 (Chebyshev).
-DIRECTIONS: tuple[tuple[int, int, int], ...] = tuple(
+DIRECTIONS: tuple[tuple[int, ...], ...] = tuple(
     d for d in itertools.product((-1, 0, 1), repeat=3) if d > (0, 0, 0)
 )
 
@@ -288,7 +292,9 @@ def glcm_matrices(levels: NDArray[np.int64], mask: BoolArray, n_levels: int) -> 
         shifted = g[tuple(slice(1 + k, g.shape[i] - 1 + k) for i, k in enumerate(d))]
         both = (a > 0) & (shifted > 0)
         idx = (a[both] - 1) * n_levels + (shifted[both] - 1)
-        counts = np.bincount(idx, minlength=n_levels * n_levels).reshape(n_levels, n_levels).astype(np.float64)
+        counts = (
+            np.bincount(idx, minlength=n_levels * n_levels).reshape(n_levels, n_levels).astype(np.float64)
+        )
         out.append(counts + counts.T)
     return out
 
@@ -301,8 +307,10 @@ def glcm_features(counts: FloatArray) -> dict[str, float]:
     ng = p.shape[0]
     i, j = np.meshgrid(np.arange(1, ng + 1), np.arange(1, ng + 1), indexing="ij")
     k_abs = np.abs(i - j)
-    p_minus = np.bincount(k_abs.ravel(), weights=p.ravel(), minlength=ng)
-    p_plus = np.bincount((i + j).ravel(), weights=p.ravel(), minlength=2 * ng + 1)
+    p_minus: FloatArray = np.bincount(k_abs.ravel(), weights=p.ravel(), minlength=ng).astype(np.float64)
+    p_plus: FloatArray = np.bincount((i + j).ravel(), weights=p.ravel(), minlength=2 * ng + 1).astype(
+        np.float64
+    )
     k_minus = np.arange(ng)
     k_plus = np.arange(2 * ng + 1)
     pi = p.sum(axis=1)
@@ -388,7 +396,9 @@ def compute_features(
         low, high = settings.resegment
         int_mask &= (img >= low) & (img <= high)
         if not int_mask.any():
-            raise RadiomicsError(f"no voxel of the region lies in the re-segmentation range {list(settings.resegment)}")
+            raise RadiomicsError(
+                f"no voxel of the region lies in the re-segmentation range {list(settings.resegment)}"
+            )
     values = img[int_mask]
     levels_flat, n_levels = discretise(values, settings)
     levels = np.zeros(img.shape, dtype=np.int64)

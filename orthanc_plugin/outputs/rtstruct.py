@@ -124,7 +124,9 @@ def build_rtstruct(
             raise ValueError(f"source_images[0] has no {attr}: contours need the image plane")
     for s in segments:
         if s.rt_roi_type not in RT_ROI_TYPES:
-            raise ValueError(f"segment {s.name!r}: RT ROI Interpreted Type {s.rt_roi_type!r} is not one of {RT_ROI_TYPES}")
+            raise ValueError(
+                f"segment {s.name!r}: RT ROI Interpreted Type {s.rt_roi_type!r} is not one of {RT_ROI_TYPES}"
+            )
     frame_uid = str(first.FrameOfReferenceUID)
     created = content_creation or dt.datetime.now(dt.UTC).astimezone()
 
@@ -178,7 +180,9 @@ def build_rtstruct(
                         ],
                         ContourGeometricType="CLOSED_PLANAR",
                         NumberOfContourPoints=len(points),
-                        ContourData=[f"{v:.{decimals}f}".rstrip("0").rstrip(".") or "0" for v in points.ravel()],
+                        ContourData=[
+                            f"{v:.{decimals}f}".rstrip("0").rstrip(".") or "0" for v in points.ravel()
+                        ],
                     )
                 )
         roi_items.append(
@@ -217,7 +221,10 @@ def build_rtstruct(
         raise ValueError("nothing to contour: no segment has a voxel in labels")
 
     images = [
-        _ds(ReferencedSOPClassUID=source_images[z].SOPClassUID, ReferencedSOPInstanceUID=source_images[z].SOPInstanceUID)
+        _ds(
+            ReferencedSOPClassUID=source_images[z].SOPClassUID,
+            ReferencedSOPInstanceUID=source_images[z].SOPInstanceUID,
+        )
         for z in sorted(contoured)
     ]
     series = _ds(SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=images)

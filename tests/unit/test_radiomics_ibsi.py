@@ -54,7 +54,9 @@ def comparison() -> list[tuple[str, str, float, float, float, bool]]:
     """(feature, aggregation, ours, reference, tolerance, conforms) for every reference row."""
     image, mask = phantom()
     ours = {
-        agg: compute_features(image, mask, (2.0, 2.0, 2.0), RadiomicsSettings(bin_width=1.0, glcm_aggregation=agg))
+        agg: compute_features(
+            image, mask, (2.0, 2.0, 2.0), RadiomicsSettings(bin_width=1.0, glcm_aggregation=agg)
+        )
         for agg in AGGREGATIONS
     }
     rows = []
@@ -62,7 +64,16 @@ def comparison() -> list[tuple[str, str, float, float, float, bool]]:
         agg = row["aggregation"] or "3D_merged"
         value = ours[agg][row["feature"]]
         ref, tol = float(row["value"]), tolerance(row)
-        rows.append((row["feature"], row["aggregation"], value, ref, tol, math.isfinite(value) and abs(value - ref) <= tol + 1e-12))
+        rows.append(
+            (
+                row["feature"],
+                row["aggregation"],
+                value,
+                ref,
+                tol,
+                math.isfinite(value) and abs(value - ref) <= tol + 1e-12,
+            )
+        )
     return rows
 
 

@@ -28,8 +28,12 @@ from .test_seg import run_dciodvfy, sort_along_normal
 Array = NDArray[Any]
 ANATOMY = Code("123037004", "SCT", "Anatomical Structure")
 LUNGS = (
-    SegmentSpec(1, "Right lung", ANATOMY, Code("3341006", "SCT", "Right lung"), None, (230, 120, 50), "right-lung"),
-    SegmentSpec(2, "Left lung", ANATOMY, Code("44029006", "SCT", "Left lung"), None, (60, 160, 230), "left-lung"),
+    SegmentSpec(
+        1, "Right lung", ANATOMY, Code("3341006", "SCT", "Right lung"), None, (230, 120, 50), "right-lung"
+    ),
+    SegmentSpec(
+        2, "Left lung", ANATOMY, Code("44029006", "SCT", "Left lung"), None, (60, 160, 230), "left-lung"
+    ),
 )
 SHAPES = (
     SegmentSpec(1, "Ring", ANATOMY, Code("27925004", "SCT", "Nodule"), None, (255, 0, 0), "ring", "GTV"),
@@ -177,5 +181,3 @@ def test_same_input_same_object(ct: list[pydicom.Dataset]) -> None:
 def test_nothing_to_contour_is_an_error(ct: list[pydicom.Dataset]) -> None:
     with pytest.raises(ValueError, match="nothing to contour"):
         make(ct, np.zeros((len(ct), int(ct[0].Rows), int(ct[0].Columns)), np.uint8), SHAPES)
-
-
