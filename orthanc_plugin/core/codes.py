@@ -122,3 +122,21 @@ PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
 #: UCUM "1": a dimensionless ratio (DICOM writes the meaning "no units").
 NO_UNITS = Code("1", "UCUM", "no units")
+
+
+#: Private coding scheme of radiomics feature names: the code value is the IBSI feature
+#: identifier (the subscript of the feature's symbol in the IBSI reference manual, e.g.
+#: ``morph.vol`` for F_morph.vol), the meaning its IBSI name. No standard terminology codes
+#: these features; DICOM reserves designators beginning with "99" for private schemes.
+IBSI_SCHEME = "99IBSI"
+IBSI_SYSTEM = "urn:orthanc-ai:ibsi-feature"
+IBSI_SCHEME_NAME = "IBSI feature identifiers (Zwanenburg et al., arXiv:1612.07003)"
+
+
+def ibsi_feature(feature_id: str, name: str) -> Code:
+    """The coded concept of one radiomics feature in the private scheme :data:`IBSI_SCHEME`."""
+    return Code(feature_id, IBSI_SCHEME, name, system=IBSI_SYSTEM)
+
+
+#: The code of an observation that groups the radiomics features of one segment.
+RADIOMICS_PANEL = Code("radiomics", IBSI_SCHEME, "Radiomics features (IBSI)", system=IBSI_SYSTEM)

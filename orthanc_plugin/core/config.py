@@ -225,6 +225,9 @@ class SegmentConfig(_Strict):
         "fails instead of reporting an implausible segment",
     )
     plausible_as: str = Field(default="", description="what the segment should be, for that message")
+    rt_roi_type: Literal[
+        "ORGAN", "OAR", "GTV", "CTV", "PTV", "EXTERNAL", "AVOIDANCE", "CAVITY", "TREATED_VOLUME", "MARKER"
+    ] = Field(default="ORGAN", description="RT ROI Interpreted Type of the segment in the RTSTRUCT")
 
     @model_validator(mode="after")
     def _plausible(self) -> SegmentConfig:
@@ -261,6 +264,31 @@ class ForwardDestination(_Strict):
         return f"{self.kind}:{self.name}"
 
 
+class Radiomics(_Strict):
+    """IBSI radiomics features per segment (orthanc_plugin.imaging.radiomics): how the image is
+    processed first. Exactly one of ``bin_width`` (fixed bin size, e.g. 25 HU) or ``bin_count``."""
+
+    bin_width: float | None = Field(default=None, gt=0)
+    bin_count: int | None = Field(default=None, ge=2, le=1024)
+    resample_mm: tuple[float, float, float] | None = Field(
+        default=None, description="(x, y, z) voxel size to resample to first; null keeps the series' grid"
+    )
+    resegment: tuple[float, float] | None = Field(
+        default=None, description="[low, high]: intensities kept for the intensity and texture features"
+    )
+    glcm_aggregation: Literal["3D_merged", "3D_averaged"] = "3D_merged"
+
+    @model_validator(mode="after")
+    def _one_discretisation(self) -> Radiomics:
+        if (self.bin_width is None) == (self.bin_count is None):
+            raise ValueError("radiomics needs exactly one of 'bin_width' or 'bin_count'")
+        if self.resegment is not None and not self.resegment[0] < self.resegment[1]:
+            raise ValueError(f"resegment {list(self.resegment)}: the second value must be greater")
+        if self.resample_mm is not None and min(self.resample_mm) <= 0:
+            raise ValueError("resample_mm must be three positive sizes")
+        return self
+
+
 class Outputs(_Strict):
     seg: bool = True
     seg_type: Literal["BINARY", "LABELMAP"] = Field(
@@ -272,6 +300,10 @@ class Outputs(_Strict):
     series_number: int = Field(default=9900, ge=1, le=99999, description="SEG gets this, SR this + 1")
     forward: list[ForwardDestination] = Field(
         default_factory=list, description="where Orthanc sends the SEG and SR once they are stored"
+    )
+    rtstruct: bool = Field(default=False, description="an RT Structure Set too (series_number + 2)")
+    radiomics: Radiomics | None = Field(
+        default=None, description="IBSI features per segment: in the SR, the FHIR report and the export"
     )
 
 

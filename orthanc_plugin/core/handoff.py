@@ -109,6 +109,24 @@ class ClassificationOutput(_Record):
     model: ModelRef
 
 
+class SegmentFeaturesOutput(_Record):
+    segment: str
+    label: int
+    #: {IBSI feature id: value}; None where the feature has no finite value
+    values: dict[str, float | None]
+
+
+class FeaturesOutput(_Record):
+    """Radiomics features of a job (research export): versioned apart from the job's outputs."""
+
+    version: Literal[1] = 1
+    standard: str = "IBSI-1"
+    settings: dict[str, Any]
+    #: {feature id: {"name": ..., "unit": ...}}
+    definitions: dict[str, dict[str, str]]
+    segments: tuple[SegmentFeaturesOutput, ...]
+
+
 class JobOutputs(_Record):
     """A succeeded job's results: where its objects are stored and what it measured."""
 
@@ -122,6 +140,7 @@ class JobOutputs(_Record):
     #: the forwarding summary (``orthanc_rest.forwarding``), None without destinations
     forward: dict[str, Any] | None = None
     classifications: tuple[ClassificationOutput, ...] = ()
+    features: FeaturesOutput | None = None
 
     @model_validator(mode="before")
     @classmethod

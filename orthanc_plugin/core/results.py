@@ -127,6 +127,8 @@ class SegmentSpec:
     anatomic_region: Code | None
     color_rgb: tuple[int, int, int]
     tracking_id: str
+    #: RT ROI Interpreted Type in an RTSTRUCT (ORGAN, GTV, PTV, OAR, ...)
+    rt_roi_type: str = "ORGAN"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", _label(self.label, "SegmentSpec.label"))
@@ -188,6 +190,42 @@ class VolumeMeasurement:
         if isinstance(vol, bool) or not isinstance(vol, numbers.Real) or not math.isfinite(vol) or vol < 0:
             raise ValueError(f"VolumeMeasurement.volume_ml must be a finite number >= 0, got {vol!r}")
         object.__setattr__(self, "volume_ml", float(vol))
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureValue:
+    """One radiomics feature: its IBSI identifier (``morph.vol``), name, UCUM unit ("1": none)."""
+
+    id: str
+    name: str
+    unit: str
+    value: float
+
+    def __post_init__(self) -> None:
+        _check_text(self.id, "FeatureValue.id")
+        _check_text(self.name, "FeatureValue.name")
+        _check_text(self.unit, "FeatureValue.unit")
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"FeatureValue.value must be a number, got {v!r}")
+        object.__setattr__(self, "value", float(v))
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentFeatures:
+    """The radiomics features of the segment whose label is ``segment_label``."""
+
+    segment_label: int
+    features: tuple[FeatureValue, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segment_label", _label(self.segment_label, "SegmentFeatures.segment_label"))
+        if not all(isinstance(f, FeatureValue) for f in self.features):
+            raise TypeError("SegmentFeatures.features must hold FeatureValue")
+
+    def finite(self) -> tuple[FeatureValue, ...]:
+        """The features with a finite value (a ratio over zero has none)."""
+        return tuple(f for f in self.features if math.isfinite(f.value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,14 +33,17 @@ from orthanc_plugin.core.codes import (
     NO_UNITS,
     PRESENT,
     PROBABILITY,
+    RADIOMICS_PANEL,
     THRESHOLD_VALUE,
     VOLUME,
     Code,
+    ibsi_feature,
 )
 from orthanc_plugin.core.results import (
     AlgorithmInfo,
     ClassificationResult,
     OutputUIDs,
+    SegmentFeatures,
     SegmentSpec,
     StudyRef,
     VolumeMeasurement,
@@ -109,8 +112,12 @@ def build_diagnostic_report(
     report_code: Code = DIAGNOSTIC_IMAGING_STUDY,
     fhir_version: str = "R4",
     classifications: Sequence[ClassificationResult] = (),
+    features: Sequence[SegmentFeatures] = (),
 ) -> dict[str, Any]:
     """FHIR transaction Bundle reporting ``measurements`` for ``study``.
+
+    ``features`` (radiomics per segment) become one Observation per segment whose components
+    are the features, coded in the private IBSI feature scheme (``core.codes.IBSI_SYSTEM``).
 
     Resource ids derive from ``ids.key`` (then the report also names the SR's SOP Instance
     UID) or from ``report_id`` (a UUID, used as the report's own id); give at least one.
@@ -191,6 +198,42 @@ def build_diagnostic_report(
         observation = _with_text(observation, _observation_narrative(*rows[-1], algorithm))
         entries.append(_entry("Observation", obs_id, observation))
         observation_refs.append(_reference(obs_id) | {"display": f"{spec.name} volume"})
+    for f in sorted(features, key=lambda f: f.segment_label):
+        spec = by_label[f.segment_label]
+        obs_id = resource_uuid(seed, "Observation", spec.tracking_id, "radiomics")
+        radiomics: dict[str, Any] = {
+            "resourceType": "Observation",
+            "identifier": [_identifier(obs_id)],
+            "status": "preliminary",
+            "category": [{"coding": [IMAGING]}],
+            "code": {"coding": [RADIOMICS_PANEL.to_fhir()], "text": f"{spec.name} radiomics features (IBSI)"},
+            "subject": subject,
+            **effective,
+            "issued": issued_text,
+            "device": _reference(device_id),
+            "derivedFrom": [imaging_study],
+            "component": [
+                {
+                    "code": {"coding": [ibsi_feature(v.id, v.name).to_fhir()], "text": v.name},
+                    "valueQuantity": {
+                        "value": float(f"{v.value:.6g}"),
+                        "unit": v.unit,
+                        "system": "http://unitsofmeasure.org",
+                        "code": v.unit,
+                    },
+                }
+                for v in f.finite()
+            ],
+        }
+        site = _body_site(spec)
+        if site is not None:
+            radiomics["bodySite"] = {"coding": [site.to_fhir()], "text": site.meaning}
+        count = len(radiomics["component"])
+        radiomics = _with_text(
+            radiomics, _observation_narrative(f"{spec.name} radiomics", f"{count} IBSI features", algorithm)
+        )
+        entries.append(_entry("Observation", obs_id, radiomics))
+        observation_refs.append(_reference(obs_id) | {"display": f"{spec.name} radiomics"})
     for c in classifications:
         obs_id = resource_uuid(seed, "Observation", c.tracking_id)
         verdict = "present" if c.positive else "absent"

@@ -30,6 +30,8 @@ from pydicom.valuerep import DA, TM
 
 from orthanc_plugin.core.codes import (
     ABSENT,
+    IBSI_SCHEME,
+    IBSI_SCHEME_NAME,
     IMAGING_MEASUREMENT_REPORT,
     IMAGING_PROCEDURE,
     MILLILITER_DICOM,
@@ -40,10 +42,12 @@ from orthanc_plugin.core.codes import (
     THRESHOLD_VALUE,
     VOLUME,
     Code,
+    ibsi_feature,
 )
 from orthanc_plugin.core.results import (
     AlgorithmInfo,
     ClassificationResult,
+    SegmentFeatures,
     SegmentSpec,
     VolumeMeasurement,
     check_uid,
@@ -99,12 +103,15 @@ def build_sr(
     content_creation: dt.datetime | None = None,
     procedure_reported: Code | None = None,
     classifications: Sequence[ClassificationResult] = (),
+    features: Sequence[SegmentFeatures] = (),
 ) -> Dataset:
     """Build the TID 1500 measurement report for ``seg`` (made by :func:`~.seg.build_seg`).
 
     ``labels`` is the label map the SEG was made from; with it every group gets per-slice
     outlines (what OHIF needs to display it). A measurement whose segment is not in the
-    SEG is left out when its volume is 0 and is an error otherwise.
+    SEG is left out when its volume is 0 and is an error otherwise. ``features`` (radiomics,
+    per segment) become further measurements of the segment's group, named in the private
+    scheme ``99IBSI`` (declared in the document's Coding Scheme Identification).
     """
     rows, cols = check_source_images(source_images)
     check_segments(segments)
@@ -128,6 +135,7 @@ def build_sr(
         if m.segment_label in seen:
             raise ValueError(f"two measurements for label {m.segment_label}")
         seen.add(m.segment_label)
+    features_by_label = {f.segment_label: f for f in features}
 
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
@@ -157,9 +165,11 @@ def build_sr(
                 )
             continue
         segment_number, tracking_uid = found
+        extra = features_by_label.get(spec.label)
         group, more = _group(
-            spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice
-        )
+            spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice,
+            feature_measurements(extra) if extra is not None else [],
+        )  # fmt: skip
         groups.append(group)
         more_regions.append(more)
     if not groups:
@@ -203,6 +213,12 @@ def build_sr(
         contributing_equipment=[algorithm_equipment(algorithm, created)],
     )
     _attach_regions(sr, more_regions)
+    if features:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = IBSI_SCHEME
+        scheme.CodingSchemeName = IBSI_SCHEME_NAME
+        scheme.CodingSchemeResponsibleOrganization = "orthanc-ai"
+        sr.CodingSchemeIdentificationSequence = [scheme]
     sr.ContentDate = DA(created.date())
     sr.ContentTime = TM(created.time())
     return sr
@@ -267,6 +283,7 @@ def _group(
     labels: NDArray[np.uint8] | None,
     algorithm_id: hd.sr.AlgorithmIdentification,
     key_slice: int | None = None,
+    extra: Sequence[hd.sr.Measurement] = (),
 ) -> tuple[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, list[Dataset]]:
     """The TID 1411 group of one segment, made with its first image region, and the segment's
     further image regions (to be put after that one in the encoded document)."""
@@ -316,9 +333,26 @@ def _group(
             else None
         ),
         algorithm_id=algorithm_id,
-        measurements=[volume],
+        measurements=[volume, *extra],
     )
     return group, more
+
+
+#: UCUM units of the radiomics features (DICOM writes UCUM with designator "UCUM").
+_UCUM_MEANINGS = {"1": "no units", "mm": "millimeter", "mm2": "square millimeter", "mm3": "cubic millimeter",
+                  "/mm": "per millimeter"}  # fmt: skip
+
+
+def feature_measurements(features: SegmentFeatures) -> list[hd.sr.Measurement]:
+    """The finite radiomics features of one segment as TID 300 measurements."""
+    return [
+        hd.sr.Measurement(
+            name=ibsi_feature(f.id, f.name).to_highdicom(),
+            value=float(f"{f.value:.6g}"),
+            unit=hd.sr.CodedConcept(f.unit, "UCUM", _UCUM_MEANINGS.get(f.unit, f.unit)),
+        )
+        for f in features.finite()
+    ]
 
 
 def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:
@@ -505,9 +539,22 @@ class _CrackGraph:
 
     def largest_outer_loops(self) -> dict[int, int]:
         """``{slice: an edge of the slice's outer loop with the largest area}``."""
+        roots, area = self.loops()
+        roots = roots[area[roots] > 0]
+        if roots.size == 0:
+            return {}
+        by = roots[np.lexsort((-area[roots], self.slice_of[roots]))]
+        best = by[np.r_[True, np.diff(self.slice_of[by]) != 0]]
+        return {int(self.slice_of[e]): int(e) for e in best}
+
+    def loops(self) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """Every loop, as (an edge of it, by slice; twice its signed area, indexed by edge).
+
+        Outer boundaries have a positive area, hole boundaries a negative one.
+        """
         n = self.next.size
         if n == 0:
-            return {}
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
         # Label loops by their smallest edge id, by pointer jumping: after k rounds an edge
         # has seen the 2**k edges that follow it, and no loop is longer than its slice.
         edges_per_slice = np.bincount(self.slice_of)
@@ -522,11 +569,11 @@ class _CrackGraph:
         # successor's end; outer loops are positive.
         x0, y0 = self._xy(self.end)
         x1, y1 = x0[self.next], y0[self.next]
-        area = np.bincount(loop, weights=(x0 * y1 - x1 * y0).astype(np.float64), minlength=n)
-        roots = np.flatnonzero((loop == np.arange(n)) & (area > 0))
-        by = roots[np.lexsort((-area[roots], self.slice_of[roots]))]
-        best = by[np.r_[True, np.diff(self.slice_of[by]) != 0]]
-        return {int(self.slice_of[e]): int(e) for e in best}
+        area: NDArray[np.float64] = np.bincount(
+            loop, weights=(x0 * y1 - x1 * y0).astype(np.float64), minlength=n
+        ).astype(np.float64)
+        roots: NDArray[np.int64] = np.flatnonzero(loop == np.arange(n)).astype(np.int64)
+        return roots, area
 
     def corners(self, edge: int) -> NDArray[np.float64]:
         """Corner points (x, y) of the loop through ``edge``, in walking order."""

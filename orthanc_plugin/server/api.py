@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import re
@@ -21,6 +23,14 @@ from orthanc_plugin.orthanc_rest import forwarding
 from orthanc_plugin.server.audit import build_audit
 
 Response = tuple[int, Any]
+
+
+@dataclass(frozen=True)
+class TextAnswer:
+    """A 200 answer that is not JSON (the CSV export): its body and content type."""
+
+    body: str
+    content_type: str
 
 
 def job_json(
@@ -225,6 +235,7 @@ class Api:
             (r"/jobs/([0-9a-f]+)/cancel", "POST", self.cancel_job),
             (r"/jobs/([0-9a-f]+)/audit", "GET", self.job_audit),
             (r"/jobs/([0-9a-f]+)/forward", "POST", self.forward_job),
+            (r"/jobs/([0-9a-f]+)/features", "GET", self.job_features),
             (r"/studies/([0-9A-Za-z._-]+)/run", "POST", self.run_study),
             (r"/studies/([0-9A-Za-z._-]+)/dry-run", "GET", self.dry_run),
             (r"/routes/dry-run", "POST", self.dry_run_body),
@@ -254,6 +265,34 @@ class Api:
         job = self.store.get(jid)
         pipeline = next((p for p in self.pipelines() if p.name == job.pipeline), None)
         return 200, build_audit(job, self.store.events(jid), self.outbox.status_for_job(jid), pipeline)
+
+    def job_features(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
+        """The job's radiomics features for research export: JSON, or CSV with ``?format=csv``
+        (one row per segment and feature: job, study, pipeline, segment, label, feature, name,
+        unit, value). No patient identifiers are in either."""
+        job = self.store.get(jid)
+        fmt = query.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise BadRequest(f"format must be json or csv, got {fmt!r}")
+        features = job.outputs.features if job.outputs is not None else None
+        if features is None:
+            raise NotFound(
+                f"job {jid} has no radiomics features (state {job.state}; the pipeline's outputs.radiomics "
+                "must be set and the job succeeded)"
+            )
+        if fmt == "json":
+            return 200, {"job": job.id, "pipeline": job.pipeline, **features.to_json()}
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["job", "pipeline", "segment", "label", "feature", "name", "unit", "value"])
+        for seg in features.segments:
+            for fid, value in seg.values.items():
+                d = features.definitions.get(fid, {})
+                writer.writerow(
+                    [job.id, job.pipeline, seg.segment, seg.label, fid, d.get("name", ""), d.get("unit", ""),
+                     "" if value is None else repr(value)]
+                )  # fmt: skip
+        return 200, TextAnswer(buffer.getvalue(), "text/csv")
 
     def forward_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
         """Send a succeeded job's SEG/SR again to its destinations (those not delivered yet, or all

@@ -36,7 +36,7 @@ from orthanc_plugin.jobs.outbox import Outbox
 from orthanc_plugin.jobs.store import JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient
 from orthanc_plugin.orthanc_rest.forwarding import reforward
-from orthanc_plugin.server.api import Api, internal_error
+from orthanc_plugin.server.api import Api, TextAnswer, internal_error
 from orthanc_plugin.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from orthanc_plugin.server.metrics import render_metrics
 from orthanc_plugin.worker.supervisor import Supervisor
@@ -294,6 +294,9 @@ class Plugin:
                 status, payload = self.api.handle(method, path.rstrip("/") or "/", query, body, user, headers)
             except Exception:  # noqa: BLE001 - Api.handle answers its own errors; this is the last net
                 status, payload = internal_error(f"{method} /ai{path}")
+        if status == 200 and isinstance(payload, TextAnswer):
+            output.AnswerBuffer(payload.body.encode("utf-8"), payload.content_type)
+            return
         data = json.dumps(payload, indent=2, default=str)  # ASCII: len() is the byte length
         if status == 200:
             output.AnswerBuffer(data, "application/json")

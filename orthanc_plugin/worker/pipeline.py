@@ -13,6 +13,7 @@ retry) is :mod:`orthanc_plugin.worker.loop`. A new output kind is a writer in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import threading
 import time
@@ -28,32 +29,43 @@ from pydicom.dataset import Dataset
 from orthanc_plugin.core.config import InputRole, PipelineConfig, Settings
 from orthanc_plugin.core.handoff import (
     ClassificationOutput,
+    FeaturesOutput,
     InputsInfo,
     JobOutputs,
     MeasurementOutput,
     ModelRef,
     RoleInput,
+    SegmentFeaturesOutput,
     StoredInstance,
     VolumeInfo,
 )
 from orthanc_plugin.core.results import (
     AlgorithmInfo,
     ClassificationResult,
+    FeatureValue,
+    SegmentFeatures,
     SegmentSpec,
     StudyRef,
     VolumeMeasurement,
     patient_id_system,
 )
-from orthanc_plugin.core.uids import output_uids
+from orthanc_plugin.core.uids import derived_uid, output_uids
 from orthanc_plugin.fhir.report import build_diagnostic_report
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.postprocess import volumes_ml
+from orthanc_plugin.imaging.radiomics import (
+    FEATURES_BY_ID,
+    RadiomicsError,
+    RadiomicsSettings,
+    compute_features,
+)
 from orthanc_plugin.imaging.volume import PixelReader, Volume, VolumeError, build_volume
 from orthanc_plugin.inference.sliding_window import sliding_window_inference
 from orthanc_plugin.inference.triton import InferenceError, ModelInfo, TritonClient
 from orthanc_plugin.jobs.store import Job, JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.orthanc_rest.forwarding import forward as forward_outputs
+from orthanc_plugin.outputs.rtstruct import build_rtstruct
 from orthanc_plugin.outputs.seg import build_seg
 from orthanc_plugin.outputs.sr import build_sr
 
@@ -107,6 +119,7 @@ class Findings:
     present: list[SegmentSpec]
     measurements: list[VolumeMeasurement]
     classifications: list[ClassificationResult]
+    features: list[SegmentFeatures] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,10 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
         classifications.append(
             run.stage("classify", lambda: classify(run.triton, p, prepared.tensor, probs, present))
         )
-    findings = Findings(present, measurements, classifications)
+    features = []
+    if p.outputs.radiomics is not None:
+        features = run.stage("radiomics", lambda: radiomics(p, volume, labels, present))
+    findings = Findings(present, measurements, classifications, features)
     algorithm = AlgorithmInfo(
         name=p.algorithm_name, version=p.version, model_name=model.name, model_version=model.version
     )
@@ -172,6 +188,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
         ),
         forward=forwarded,
         classifications=tuple(classification_output(c) for c in classifications),
+        features=features_output(p, present, features),
     )
     return outputs, encoded.fhir
 
@@ -252,6 +269,53 @@ def measure(
     return present, [VolumeMeasurement(s.label, round(vols[s.label], 2)) for s in present]
 
 
+def radiomics(
+    p: PipelineConfig, volume: Volume, labels: Labels, present: list[SegmentSpec]
+) -> list[SegmentFeatures]:
+    """IBSI features of every segment found, on the source volume (see imaging.radiomics)."""
+    assert p.outputs.radiomics is not None
+    settings = RadiomicsSettings(**p.outputs.radiomics.model_dump())
+    spacing_zyx = volume.spacing  # (between slices, rows, columns)
+    out = []
+    for spec in present:
+        try:
+            values = compute_features(volume.voxels, labels == spec.label, spacing_zyx, settings)
+        except RadiomicsError as e:
+            raise BadInput(f"radiomics of segment '{spec.name}': {e}") from None
+        out.append(
+            SegmentFeatures(
+                spec.label,
+                tuple(
+                    FeatureValue(k, FEATURES_BY_ID[k].name, FEATURES_BY_ID[k].unit, v)
+                    for k, v in values.items()
+                ),
+            )
+        )
+    return out
+
+
+def features_output(
+    p: PipelineConfig, present: list[SegmentSpec], features: list[SegmentFeatures]
+) -> FeaturesOutput | None:
+    if p.outputs.radiomics is None:
+        return None
+    names = {s.label: s.name for s in present}
+    return FeaturesOutput(
+        settings=p.outputs.radiomics.model_dump(mode="json"),
+        definitions={f.id: {"name": f.name, "unit": f.unit} for f in FEATURES_BY_ID.values()},
+        segments=tuple(
+            SegmentFeaturesOutput(
+                segment=names[f.segment_label],
+                label=f.segment_label,
+                values={
+                    v.id: (float(f"{v.value:.6g}") if np.isfinite(v.value) else None) for v in f.features
+                },
+            )
+            for f in features
+        ),
+    )
+
+
 def classify(
     triton: TritonClient,
     p: PipelineConfig,
@@ -315,7 +379,7 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             sources, seg_ds, findings.present, findings.measurements, algorithm,
             series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_instance,
             series_number=number + 1, series_description=f"AI {p.algorithm_name} report", labels=labels,
-            classifications=findings.classifications,
+            classifications=findings.classifications, features=findings.features,
         ),
     )  # fmt: skip
     fhir = None
@@ -329,10 +393,21 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             lambda: build_diagnostic_report(
                 StudyRef.from_dataset(sources[0], patient_system), findings.present, findings.measurements, algorithm, ids=uids,
                 issued=datetime.now(UTC), fhir_version=run.settings.fhir_version,
-                classifications=findings.classifications,
+                classifications=findings.classifications, features=findings.features,
             ),
         )  # fmt: skip
-    return Encoded({"seg": seg_ds, "sr": sr_ds}, fhir)
+    datasets = {"seg": seg_ds, "sr": sr_ds}
+    if p.outputs.rtstruct:
+        datasets["rtstruct"] = run.stage(
+            "rtstruct_encode",
+            lambda: build_rtstruct(
+                sources, labels, findings.present, algorithm,
+                series_instance_uid=derived_uid(run.job.key, "rtstruct-series"),
+                sop_instance_uid=derived_uid(run.job.key, "rtstruct-instance"),
+                series_number=number + 2, series_description=f"AI {p.algorithm_name} contours",
+            ),
+        )  # fmt: skip
+    return Encoded(datasets, fhir)
 
 
 def store_outputs(run: Run, roles: list[Chosen], encoded: Encoded) -> dict[str, StoredInstance]:
@@ -380,6 +455,7 @@ def segment_specs(p: PipelineConfig) -> list[SegmentSpec]:
             anatomic_region=s.anatomic_region.to_code() if s.anatomic_region else None,
             color_rgb=s.color,
             tracking_id=s.tracking_id or s.name,
+            rt_roi_type=s.rt_roi_type,
         )
         for s in p.segments
     ]

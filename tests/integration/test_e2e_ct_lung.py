@@ -188,7 +188,7 @@ def test_fhir_report_parses_and_references_the_study(processed: dict) -> None:
     bundle = Bundle.model_validate(processed["job"]["fhir"])
     assert bundle.type == "transaction"
     kinds = [e.resource.__resource_type__ for e in bundle.entry]
-    assert kinds.count("DiagnosticReport") == 1 and kinds.count("Observation") == 2 and "Device" in kinds
+    assert kinds.count("DiagnosticReport") == 1 and kinds.count("Observation") == 4 and "Device" in kinds
     report = next(e.resource for e in bundle.entry if e.resource.__resource_type__ == "DiagnosticReport")
     assert report.status == "preliminary"
     assert processed["study_uid"] in report.model_dump_json()
@@ -275,9 +275,59 @@ def test_stored_outputs_pass_dciodvfy(processed: dict, api: httpx.Client, tmp_pa
     """What the pipeline really stored, not only what the unit tests build, must be conformant."""
     from ..unit.test_seg import run_dciodvfy
 
-    for modality in ("SEG", "SR"):
+    for modality in ("SEG", "SR", "RTSTRUCT"):
         (series,) = series_by_modality(api, processed["study_id"], modality)
         run_dciodvfy(_instance(api, series), tmp_path)
+
+
+def test_rtstruct_rasterised_by_a_third_party_matches_the_seg(
+    processed: dict, api: httpx.Client, tmp_path
+) -> None:
+    """The stored RTSTRUCT, read by dcmrtstruct2nii onto the B40f grid, against the stored SEG."""
+    from ..unit.test_rtstruct import dice, in_our_order, third_party_masks
+    from ..unit.test_seg import sort_along_normal
+
+    (rt_series,) = series_by_modality(api, processed["study_id"], "RTSTRUCT")
+    rt = _instance(api, rt_series)
+    assert rt.SOPInstanceUID == processed["job"]["outputs"]["stored"]["rtstruct"]["SOPInstanceUID"]
+    (seg_series,) = series_by_modality(api, processed["study_id"], "SEG")
+    seg = hd.seg.Segmentation.from_dataset(_instance(api, seg_series))
+    images = sort_along_normal([pydicom.dcmread(p) for p in sorted(CT_B40.glob("*.dcm"))])
+    masks = third_party_masks(rt, CT_B40, tmp_path)
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    for number, name in names.items():
+        # The SEG's frames as a [slice, row, col] mask along the sorted source slices.
+        theirs = in_our_order(masks[name], images)
+        reference = np.zeros_like(theirs)
+        uids = [str(ds.SOPInstanceUID) for ds in images]
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[number], assert_missing_frames_are_empty=True
+        )[..., 0]
+        reference[:] = pixels > 0
+        d = dice(theirs, reference)
+        assert d >= 0.97, f"{name}: Dice {d:.4f}"
+
+
+def test_radiomics_features_in_sr_fhir_and_export(processed: dict, api: httpx.Client) -> None:
+    job = processed["job"]
+    volumes = {m["segment"]: m["volume_ml"] for m in job["outputs"]["measurements"]}
+    r = api.get(f"/ai/jobs/{job['id']}/features")
+    assert r.status_code == 200
+    body = r.json()
+    assert {s["segment"] for s in body["segments"]} == set(volumes)
+    for s in body["segments"]:
+        # The mesh volume of the shape features agrees with the job's voxel-counted volume.
+        assert s["values"]["morph.vol"] / 1000 == pytest.approx(volumes[s["segment"]], rel=0.01)
+    csv_answer = api.get(f"/ai/jobs/{job['id']}/features", params={"format": "csv"})
+    assert csv_answer.status_code == 200 and csv_answer.headers["content-type"].startswith("text/csv")
+    assert csv_answer.text.count("morph.vol,") == len(volumes)
+    panels = [e["resource"] for e in job["fhir"]["entry"] if "component" in e["resource"]]
+    assert len(panels) == len(volumes)
+    (sr_series,) = series_by_modality(api, processed["study_id"], "SR")
+    sr = hd.sr.Comprehensive3DSR.from_dataset(_instance(api, sr_series))
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        names = {m.name.value for m in group.get_measurements() if m.name.scheme_designator == "99IBSI"}
+        assert {"morph.vol", "stat.mean", "cm.joint.entr"} <= names
 
 
 def test_stable_event_lost_at_restart_is_caught_up(orthanc: OrthancServer, api: httpx.Client) -> None:

@@ -46,7 +46,12 @@ CREATED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 
 # Harmless warnings dciodvfy gives for the source data itself (copied into every derived
 # object): an empty Study ID, and a one-component patient name in the anonymised data.
-ALLOWED_WARNINGS = (r"needed to build DICOMDIR - Study ID", r"Retired Person Name form")
+# The private coding scheme of radiomics feature names (docs/radiomics.md) is not one dciodvfy knows.
+ALLOWED_WARNINGS = (
+    r"needed to build DICOMDIR - Study ID",
+    r"Retired Person Name form",
+    r"Unrecognized defined term <99IBSI> for value 1 of attribute <Coding Scheme Designator>",
+)
 
 
 def sort_along_normal(images: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
