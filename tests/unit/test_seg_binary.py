@@ -321,3 +321,47 @@ def test_character_sets(ct: list[pydicom.Dataset], labels: Array, charset: str) 
     written(seg)
     assert isinstance(seg.get_item(0x52009230), RawDataElement)
     assert reread(written(seg)).PatientName == "Müller^Jörg"
+
+
+def decode_by_the_standard(
+    seg: pydicom.Dataset, sources: list[pydicom.Dataset], segments: tuple[SegmentSpec, ...]
+) -> Array:
+    """The label map a BINARY SEG holds, read with pydicom and PS3.3 C.8.20 alone: no highdicom,
+    none of our encoder's code. Frames are bit-packed one after another (LSB first, PS3.5
+    8.1.1), each frame's segment and source slice come from its functional groups."""
+    rows, cols = int(seg.Rows), int(seg.Columns)
+    groups = seg.PerFrameFunctionalGroupsSequence
+    assert int(seg.NumberOfFrames) == len(groups)
+    bits = np.unpackbits(np.frombuffer(seg.PixelData, dtype=np.uint8), bitorder="little")
+    frames = bits[: len(groups) * rows * cols].reshape(len(groups), rows, cols)
+    label_of = {int(item.SegmentNumber): item.SegmentLabel for item in seg.SegmentSequence}
+    value_of = {s.name: s.label for s in segments}
+    # the frame's position must be the source slice's own, and the frame must name that slice
+    slice_at = {tuple(round(float(v), 3) for v in ds.ImagePositionPatient): z for z, ds in enumerate(sources)}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
+        float(v) for v in sources[0].ImageOrientationPatient
+    ]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [
+        float(v) for v in sources[0].PixelSpacing
+    ]
+    out = np.zeros((len(sources), rows, cols), dtype=np.uint8)
+    for frame, item in zip(frames, groups, strict=True):
+        z = slice_at[tuple(round(float(v), 3) for v in item.PlanePositionSequence[0].ImagePositionPatient)]
+        referenced = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert referenced == sources[z].SOPInstanceUID
+        value = value_of[label_of[int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]]
+        assert not np.any(out[z][frame > 0]), "two segments claim one pixel"
+        out[z][frame > 0] = value
+    return out
+
+
+@pytest.mark.parametrize("segments", [SEGMENTS, SPARSE_SEGMENTS], ids=["two", "sparse-label-values"])
+def test_our_seg_decodes_by_the_standard_to_the_labels_given(
+    ct: list[pydicom.Dataset], labels: Array, segments: tuple[SegmentSpec, ...]
+) -> None:
+    given = labels.copy()
+    if segments is SPARSE_SEGMENTS:
+        given[given == 2] = 7
+    seg = reread(written(make_seg(ct, given, segments)))
+    np.testing.assert_array_equal(decode_by_the_standard(seg, ct, segments), given)
