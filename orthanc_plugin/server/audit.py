@@ -63,7 +63,14 @@ def build_audit(
         "model": None if outputs is None else outputs.model.to_json(),
         # seg and sr are always named (None until stored); further output kinds as they are stored
         "outputs": {"seg": None, "sr": None}
-        | ({} if outputs is None else {kind: s.to_json() for kind, s in outputs.stored.items()}),
+        | (
+            {}
+            if outputs is None
+            else {
+                kind: [x.to_json() for x in s] if isinstance(s, tuple) else s.to_json()
+                for kind, s in outputs.stored.items()
+            }
+        ),
         "fhir": None
         if delivery is None
         else {

@@ -1,7 +1,7 @@
 """One run of a pipeline, one function per stage, in the order a study travels:
 
 check input -> fetch -> volume -> preprocess -> inference -> labels -> measure -> classify ->
-encode (SEG, SR) -> FHIR bundle -> store -> forward.
+encode (SEG, SR, key images, PDF) -> FHIR bundle, HL7 ORU -> store -> forward.
 
 Each stage takes typed values and returns typed values; :func:`run_pipeline` chains them and
 :meth:`Run.stage` times each one into the job's record and stops the run when the job was
@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -43,8 +43,9 @@ from orthanc_plugin.core.results import (
     StudyRef,
     VolumeMeasurement,
 )
-from orthanc_plugin.core.uids import output_uids
+from orthanc_plugin.core.uids import key_image_uids, message_control_id, output_uids, pdf_uids
 from orthanc_plugin.fhir.report import build_diagnostic_report
+from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.postprocess import volumes_ml
 from orthanc_plugin.imaging.volume import PixelReader, Volume, VolumeError, build_volume
@@ -53,6 +54,8 @@ from orthanc_plugin.inference.triton import InferenceError, ModelInfo, TritonCli
 from orthanc_plugin.jobs.store import Job, JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.orthanc_rest.forwarding import forward as forward_outputs
+from orthanc_plugin.outputs.key_images import KeyImage, build_key_images, render_key_images
+from orthanc_plugin.outputs.pdf_report import ValidatedFor, build_encapsulated_pdf, build_pdf
 from orthanc_plugin.outputs.seg import build_seg
 from orthanc_plugin.outputs.sr import build_sr
 
@@ -110,17 +113,21 @@ class Findings:
 
 @dataclass(frozen=True)
 class Encoded:
-    """The output objects in the order they are stored (a later one may reference an earlier)."""
+    """The output objects in the order they are stored (a later one may reference an earlier);
+    a kind of several instances (``key_images``) holds a list. ``hl7``: the ORU^R01 message per
+    HL7 destination name."""
 
-    datasets: dict[str, Dataset]
+    datasets: dict[str, Dataset | list[Dataset]]
     fhir: dict[str, Any] | None
+    hl7: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the chain
 
 
-def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
-    """All stages of one attempt; returns the job's outputs and the FHIR bundle to deliver."""
+def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
+    """All stages of one attempt; returns the job's outputs and what was encoded (the FHIR bundle
+    and the HL7 messages to deliver among them)."""
     t_start = time.perf_counter()
     p = run.pipeline
     roles = check_input(run)
@@ -150,7 +157,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
             run.store,
             run.job.id,
             p.outputs.forward,
-            [s.orthanc_id for s in stored.values() if s.orthanc_id],
+            stored_ids(stored),
             run.settings,
             study_uid=run.job.study_uid,
         ),  # fmt: skip
@@ -172,7 +179,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
         forward=forwarded,
         classifications=tuple(classification_output(c) for c in classifications),
     )
-    return outputs, encoded.fhir
+    return outputs, encoded
 
 
 # --------------------------------------------------------------------------- stages
@@ -317,46 +324,116 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             classifications=findings.classifications,
         ),
     )  # fmt: skip
+    datasets: dict[str, Dataset | list[Dataset]] = {"seg": seg_ds, "sr": sr_ds}
+    now = datetime.now(UTC)
+    images: list[KeyImage] = []
+    ki = p.outputs.key_images
+    if ki.enabled:
+        images = run.stage(
+            "key_images_encode", lambda: encode_key_images(run, volume, labels, findings, algorithm, now)
+        )
+        datasets["key_images"] = build_key_images(
+            images, algorithm,
+            series_instance_uid=key_image_uids(run.job.key, len(images))[0],
+            sop_instance_uids=key_image_uids(run.job.key, len(images))[1],
+            series_number=number + 2, series_description=f"AI {p.algorithm_name} key images", content_time=now,
+        ) if images else []  # fmt: skip
+        if not datasets["key_images"]:
+            del datasets["key_images"]
+    pdf: bytes | None = None
+    if p.outputs.pdf_report:
+        pdf = run.stage("pdf_encode", lambda: build_pdf(
+            sources[0], findings.present, findings.measurements, algorithm, created=now,
+            classifications=findings.classifications, key_images=[i.pixels for i in images],
+            validated_for=validation_statements(p, algorithm), description=p.description,
+        ))  # fmt: skip
+        series_uid, instance_uid = pdf_uids(run.job.key)
+        datasets["pdf"] = build_encapsulated_pdf(
+            pdf, sources[0], algorithm,
+            series_instance_uid=series_uid, sop_instance_uid=instance_uid, series_number=number + 3,
+            series_description=f"AI {p.algorithm_name} summary (PDF)",
+            document_title=f"AI {p.algorithm_name} summary", created=now, source_images=sources,
+        )  # fmt: skip
     fhir = None
     if p.outputs.fhir:
         fhir = run.stage(
             "fhir_build",
             lambda: build_diagnostic_report(
                 StudyRef.from_dataset(sources[0]), findings.present, findings.measurements, algorithm, ids=uids,
-                issued=datetime.now(UTC), fhir_version=run.settings.fhir_version,
-                classifications=findings.classifications,
+                issued=now, fhir_version=run.settings.fhir_version,
+                classifications=findings.classifications, presented_pdf=pdf,
             ),
         )  # fmt: skip
-    return Encoded({"seg": seg_ds, "sr": sr_ds}, fhir)
+    hl7: dict[str, str] = {}
+    if p.outputs.hl7_oru and run.settings.hl7_destinations:
+        hl7 = run.stage("hl7_build", lambda: {
+            d.name: build_oru(
+                sources[0], findings.present, findings.measurements, algorithm, d,
+                control_id=message_control_id(run.job.key), observed=now,
+                classifications=findings.classifications,
+            )
+            for d in run.settings.hl7_destinations
+        })  # fmt: skip
+    return Encoded(datasets, fhir, hl7)
 
 
-def store_outputs(run: Run, roles: list[Chosen], encoded: Encoded) -> dict[str, StoredInstance]:
+def encode_key_images(
+    run: Run, volume: Volume, labels: Labels, findings: Findings, algorithm: AlgorithmInfo, now: datetime
+) -> list[KeyImage]:
+    """The pictures of the key images (slices chosen by segment area, segments drawn)."""
+    ki = run.pipeline.outputs.key_images
+    return render_key_images(
+        volume.voxels, volume.datasets, labels, findings.present, findings.measurements, algorithm,
+        count=ki.count, style=ki.style, window=ki.window, fill_opacity=ki.fill_opacity,
+    )  # fmt: skip
+
+
+def validation_statements(p: PipelineConfig, algorithm: AlgorithmInfo) -> list[ValidatedFor]:
+    """What each model of the pipeline is (not) validated for, as configured."""
+    out = []
+    if p.validated_for:
+        out.append(ValidatedFor(f"{algorithm.model_name} {algorithm.model_version}", p.validated_for))
+    if p.classify is not None and p.classify.validated_for:
+        out.append(ValidatedFor(p.classify.model.name, p.classify.validated_for))
+    return out
+
+
+def store_outputs(
+    run: Run, roles: list[Chosen], encoded: Encoded
+) -> dict[str, StoredInstance | tuple[StoredInstance, ...]]:
     """Store every output object into the study, all or nothing."""
     orthanc = run.orthanc
     if not orthanc.study_exists(run.job.orthanc_study_id):
         raise BadInput("the study was deleted while the job ran; nothing was stored")
-    stored: dict[str, StoredInstance] = {}
+    stored: dict[str, StoredInstance | tuple[StoredInstance, ...]] = {}
+    done: list[StoredInstance] = []
+
+    def put(ds: Dataset) -> StoredInstance:
+        if run.lost.is_set():
+            raise JobAborted("lease lost before storing")
+        r = orthanc.store(ds)
+        s = StoredInstance(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            orthanc_id=r.get("ID"),
+            parent_series=r.get("ParentSeries"),
+        )
+        done.append(s)
+        return s
+
     try:
-        for name, ds in encoded.datasets.items():
-            if run.lost.is_set():
-                raise JobAborted("lease lost before storing")
-            r = orthanc.store(ds)
-            stored[name] = StoredInstance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                series_instance_uid=str(ds.SeriesInstanceUID),
-                orthanc_id=r.get("ID"),
-                parent_series=r.get("ParentSeries"),
-            )
+        for name, value in encoded.datasets.items():
+            stored[name] = tuple(put(ds) for ds in value) if isinstance(value, list) else put(value)
         # Deleted between the check above and now? Our outputs would have re-created the study
         # around themselves: the source series tell.
         if not all(orthanc.series_exists(c.series.series_id) for c in roles):
             raise BadInput("the study was deleted while the job ran; nothing was stored")
     except (OrthancError, JobAborted, BadInput):
         # All or nothing: an SR must never be left without its SEG, nor a SEG alone.
-        for done in stored.values():
+        for instance in done:
             with contextlib.suppress(OrthancError):
-                if done.orthanc_id:
-                    orthanc.delete_instance(done.orthanc_id)
+                if instance.orthanc_id:
+                    orthanc.delete_instance(instance.orthanc_id)
         raise
     return stored
 
@@ -402,6 +479,12 @@ def check_plausible(p: PipelineConfig, labels: Labels, volume: Volume, present: 
                 f"the segment '{seg.name}' is not {what}: mean {mean:.0f}{unit} inside, expected {low:g} to "
                 f"{high:g}{unit}; is this the kind of study the pipeline is for? Nothing was stored"
             )
+
+
+def stored_ids(stored: dict[str, StoredInstance | tuple[StoredInstance, ...]]) -> list[str]:
+    """Orthanc ids of the stored outputs, in store order."""
+    flat = [x for v in stored.values() for x in (v if isinstance(v, tuple) else (v,))]
+    return [s.orthanc_id for s in flat if s.orthanc_id]
 
 
 def classification_output(c: ClassificationResult) -> ClassificationOutput:
