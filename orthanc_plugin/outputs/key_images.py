@@ -220,7 +220,10 @@ def build_key_images(
         sc.SeriesDescription = series_description[:64]
         sc.Modality = "OT"
         sc.ConversionType = "WSD"
-        sc.Laterality = ""  # both sides or none: the series is not of one paired organ
+        # Both sides or none (Image Laterality "B"): the slice is not of one side of a paired organ.
+        if "Laterality" in sc:
+            del sc.Laterality
+        sc.ImageLaterality = "B"
         sc.BurnedInAnnotation = "YES"  # the banner and legend are part of the pixels
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.DerivationDescription = (

@@ -28,6 +28,7 @@ def build_audit(
     events: Sequence[Mapping[str, Any]],
     delivery: Mapping[str, Any] | None,
     pipeline: PipelineConfig | None = None,
+    hl7: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The audit record; ``pipeline`` is the current configuration of the job's pipeline, if any."""
     outputs = job.outputs
@@ -81,6 +82,17 @@ def build_audit(
             "delivered": iso(delivery.get("delivered_at")),
             "last_error": delivery.get("last_error"),
         },
+        "hl7": [
+            {
+                "destination": d.get("destination"),
+                "state": d.get("state"),
+                "attempts": d.get("attempts"),
+                "queued": iso(d.get("queued")),
+                "delivered": iso(d.get("delivered_at")),
+                "last_error": d.get("last_error"),
+            }
+            for d in hl7
+        ],
         "forwarding": None
         if fwd is None
         else {
