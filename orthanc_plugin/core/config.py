@@ -477,9 +477,9 @@ class Settings(_Strict):
         ):
             if (cert is None) != (key is None):
                 raise ValueError(f"{names} go together: give both or neither")
-        names = [d.name for d in self.hl7_destinations]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Hl7Destinations: names must be unique, got {names}")
+        hl7_names = [d.name for d in self.hl7_destinations]
+        if len(set(hl7_names)) != len(hl7_names):
+            raise ValueError(f"Hl7Destinations: names must be unique, got {hl7_names}")
         if not self.triton_tls and any((self.triton_tls_ca, self.triton_tls_cert)):
             raise ValueError("TritonTlsCaFile/TritonTlsCertFile are set but TritonTls is false")
         for path in (

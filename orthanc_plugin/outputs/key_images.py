@@ -101,7 +101,8 @@ OUTLINE_PX = 2
 
 def outline(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     """The voxels of ``mask`` within ``OUTLINE_PX`` steps (4-neighbourhood) of a voxel outside it."""
-    return mask & ~ndimage.binary_erosion(mask, iterations=OUTLINE_PX, border_value=0)
+    inner: NDArray[np.bool_] = ndimage.binary_erosion(mask, iterations=OUTLINE_PX, border_value=0)
+    return mask & ~inner
 
 
 def render(
@@ -272,7 +273,7 @@ def _orientation(src: Dataset) -> tuple[str, str]:
     """PatientOrientation (row, column directions as letters) from the source's ImageOrientationPatient."""
     iop = src.get("ImageOrientationPatient")
     if iop is None or len(iop) != 6:
-        return ("", "")  # type: ignore[return-value]
+        return ("", "")
 
     def letters(v: Sequence[float]) -> str:
         names = (("L", "R"), ("P", "A"), ("H", "F"))

@@ -27,7 +27,7 @@ from PIL import Image as PILImage
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
@@ -223,9 +223,9 @@ def build_pdf(
 def _canvas_at(created: dt.datetime) -> type[Canvas]:
     """A Canvas whose document is dated ``created``: ReportLab's invariant mode dates it 2000-01-01."""
 
-    class _Dated(Canvas):
+    class _Dated(Canvas):  # type: ignore[misc]
         def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            super().__init__(*args, **kwargs)
             stamp = pdfdoc.TimeStamp(invariant=1)
             stamp.t = created.timestamp()
             stamp.lt = time.gmtime(stamp.t)
@@ -255,8 +255,8 @@ def build_encapsulated_pdf(
         raise ValueError("pdf is not a PDF document")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SOP_CLASS_UID
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(SOP_CLASS_UID)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 100")
     ds.SOPClassUID = SOP_CLASS_UID

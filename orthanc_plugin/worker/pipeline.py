@@ -327,33 +327,17 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
     datasets: dict[str, Dataset | list[Dataset]] = {"seg": seg_ds, "sr": sr_ds}
     now = datetime.now(UTC)
     images: list[KeyImage] = []
-    ki = p.outputs.key_images
-    if ki.enabled:
-        images = run.stage(
+    if p.outputs.key_images.enabled:
+        images, key_datasets = run.stage(
             "key_images_encode", lambda: encode_key_images(run, volume, labels, findings, algorithm, now)
         )
-        datasets["key_images"] = build_key_images(
-            images, algorithm,
-            series_instance_uid=key_image_uids(run.job.key, len(images))[0],
-            sop_instance_uids=key_image_uids(run.job.key, len(images))[1],
-            series_number=number + 2, series_description=f"AI {p.algorithm_name} key images", content_time=now,
-        ) if images else []  # fmt: skip
-        if not datasets["key_images"]:
-            del datasets["key_images"]
+        if key_datasets:
+            datasets["key_images"] = key_datasets
     pdf: bytes | None = None
     if p.outputs.pdf_report:
-        pdf = run.stage("pdf_encode", lambda: build_pdf(
-            sources[0], findings.present, findings.measurements, algorithm, created=now,
-            classifications=findings.classifications, key_images=[i.pixels for i in images],
-            validated_for=validation_statements(p, algorithm), description=p.description,
-        ))  # fmt: skip
-        series_uid, instance_uid = pdf_uids(run.job.key)
-        datasets["pdf"] = build_encapsulated_pdf(
-            pdf, sources[0], algorithm,
-            series_instance_uid=series_uid, sop_instance_uid=instance_uid, series_number=number + 3,
-            series_description=f"AI {p.algorithm_name} summary (PDF)",
-            document_title=f"AI {p.algorithm_name} summary", created=now, source_images=sources,
-        )  # fmt: skip
+        pdf, datasets["pdf"] = run.stage(
+            "pdf_encode", lambda: encode_pdf(run, sources, images, findings, algorithm, now)
+        )
     fhir = None
     if p.outputs.fhir:
         fhir = run.stage(
@@ -379,12 +363,43 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
 
 def encode_key_images(
     run: Run, volume: Volume, labels: Labels, findings: Findings, algorithm: AlgorithmInfo, now: datetime
-) -> list[KeyImage]:
-    """The pictures of the key images (slices chosen by segment area, segments drawn)."""
-    ki = run.pipeline.outputs.key_images
-    return render_key_images(
+) -> tuple[list[KeyImage], list[Dataset]]:
+    """The key images (slices chosen by segment area, segments drawn) and their Secondary Captures."""
+    p = run.pipeline
+    ki = p.outputs.key_images
+    images = render_key_images(
         volume.voxels, volume.datasets, labels, findings.present, findings.measurements, algorithm,
         count=ki.count, style=ki.style, window=ki.window, fill_opacity=ki.fill_opacity,
+    )  # fmt: skip
+    series_uid, instance_uids = key_image_uids(run.job.key, len(images))
+    return images, build_key_images(
+        images, algorithm, series_instance_uid=series_uid, sop_instance_uids=instance_uids,
+        series_number=p.outputs.series_number + 2, series_description=f"AI {p.algorithm_name} key images",
+        content_time=now,
+    )  # fmt: skip
+
+
+def encode_pdf(
+    run: Run,
+    sources: list[Dataset],
+    images: list[KeyImage],
+    findings: Findings,
+    algorithm: AlgorithmInfo,
+    now: datetime,
+) -> tuple[bytes, Dataset]:
+    """The PDF summary and its Encapsulated PDF instance."""
+    p = run.pipeline
+    pdf = build_pdf(
+        sources[0], findings.present, findings.measurements, algorithm, created=now,
+        classifications=findings.classifications, key_images=[i.pixels for i in images],
+        validated_for=validation_statements(p, algorithm), description=p.description,
+    )  # fmt: skip
+    series_uid, instance_uid = pdf_uids(run.job.key)
+    return pdf, build_encapsulated_pdf(
+        pdf, sources[0], algorithm,
+        series_instance_uid=series_uid, sop_instance_uid=instance_uid, series_number=p.outputs.series_number + 3,
+        series_description=f"AI {p.algorithm_name} summary (PDF)",
+        document_title=f"AI {p.algorithm_name} summary", created=now, source_images=sources,
     )  # fmt: skip
 
 
@@ -423,7 +438,11 @@ def store_outputs(
 
     try:
         for name, value in encoded.datasets.items():
+            t0 = time.perf_counter()
             stored[name] = tuple(put(ds) for ds in value) if isinstance(value, list) else put(value)
+            if name not in ("seg", "sr"):
+                # What each optional output kind adds to the job (bench/pipeline_stages.py).
+                run.store.record_stage(run.job.id, run.owner, f"store_{name}", time.perf_counter() - t0)
         # Deleted between the check above and now? Our outputs would have re-created the study
         # around themselves: the source series tell.
         if not all(orthanc.series_exists(c.series.series_id) for c in roles):

@@ -161,3 +161,24 @@ def test_ack_codes_are_sorted() -> None:
     assert classify_ack(ack("AR"), "X1", "ris").outcome == "refused"
     assert classify_ack(ack("AA", cid="OTHER"), "X1", "ris").outcome == "retry"
     assert classify_ack("garbage", "X1", "ris").outcome == "retry"
+
+
+def test_new_output_kinds_are_off_unless_a_pipeline_turns_them_on() -> None:
+    from orthanc_plugin.core.config import Outputs, load_pipelines
+
+    defaults = Outputs()
+    assert not defaults.key_images.enabled and not defaults.pdf_report and not defaults.hl7_oru
+    shipped = {
+        p.name: p.outputs for p in load_pipelines(Path(__file__).parents[2] / "config" / "pipelines.yaml")
+    }
+    for name in ("ct-lung", "mr-brain"):
+        assert shipped[name].key_images.enabled and shipped[name].pdf_report, name
+    with pytest.raises(ValueError, match="window"):
+        Outputs.model_validate({"key_images": {"enabled": True, "window": [100, -100]}})
+    with pytest.raises(ValueError, match="names must be unique"):
+        from orthanc_plugin.core.config import Settings
+
+        Settings.model_validate({
+            "PipelinesFile": "p.yaml",
+            "Hl7Destinations": [DESTINATION.model_dump(), DESTINATION.model_dump()],
+        })  # fmt: skip
