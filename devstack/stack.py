@@ -98,6 +98,8 @@ class OrthancServer:
             ("ORTHANC_AI_FHIR_TOKEN", ""),
             ("ORTHANC_AI_DELIVERY_MAX_BACKOFF", "300"),
             ("ORTHANC_AI_PATIENT_ID_SYSTEM", ""),
+            # HL7 ORU destinations (JSON list, see Settings.hl7_destinations).
+            ("ORTHANC_AI_HL7_DESTINATIONS", "[]"),
             # Forwarding destinations (JSON text): Orthanc's DicomModalities and DicomWeb.Servers.
             ("ORTHANC_AI_DICOM_MODALITIES", "{}"),
             ("ORTHANC_AI_DICOMWEB_SERVERS", "{}"),

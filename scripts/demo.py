@@ -96,6 +96,21 @@ def main() -> int:
         for m in outputs["measurements"]:
             print(f"   {m['segment']:12} {m['volume_ml'] / 1000:6.2f} L  ({m['volume_ml']:.1f} mL)")
 
+    base = base_url = args.orthanc
+    stored = outputs.get("stored") or {}
+    if stored:
+        print("\n== Outputs stored in the study")
+        for kind, value in stored.items():
+            for s in value if isinstance(value, list) else [value]:
+                print(
+                    f"   {kind:11} SOP Instance UID {s['SOPInstanceUID']}  ({base_url}/instances/{s['ID']})"
+                )
+        if "pdf" in stored:
+            print(f"   PDF summary:    {base_url}/instances/{stored['pdf']['ID']}/pdf")
+    for d in job.get("hl7") or []:
+        print(f"\n== HL7 ORU^R01 to {d['destination']}: {d['state']}"
+              + (f", last error: {d['last_error']}" if d.get("last_error") else ""))  # fmt: skip
+
     fhir = job.get("fhir")
     if fhir:
         report = next(
@@ -108,6 +123,13 @@ def main() -> int:
         )
         print("\n== FHIR DiagnosticReport (R4, in a transaction Bundle of "
               f"{len(fhir.get('entry', []))} entries; full bundle at /ai/jobs/{job['id']})")  # fmt: skip
+        if report is not None and report.get("presentedForm"):
+            # the PDF is in the report as base64: name it instead of printing it
+            report = dict(report)
+            report["presentedForm"] = [
+                {**f, "data": f"<{f.get('size', '?')} bytes of {f.get('contentType')}>"}
+                for f in report["presentedForm"]
+            ]
         print(json.dumps(report, indent=2)[:3000])
 
     delivery = job.get("delivery") or {}
@@ -122,11 +144,11 @@ def main() -> int:
                     print("   delivered")
                     break
 
-    base = args.orthanc
     print("\n== Look at it")
     print(f"   Viewer (OHIF):    http://127.0.0.1:3000/viewer?StudyInstanceUIDs={study_uid}")
     print(
-        "                     double-click the SEG (series 9901) for the overlay, the SR (9902) for the volumes"
+        "                     double-click the SEG (series 9901) for the overlay, the SR (9902) for the volumes,"
+        "\n                     the key images (9903); the PDF summary is series 9904"
     )
     print(f"   Orthanc Explorer: {base}/app/explorer.html#study?uuid={study_id}")
     print(f"   Job (JSON):       {base}/ai/jobs/{job['id']}")

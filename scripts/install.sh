@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
 # orthanc-postgresql + postgresql: Orthanc's index and the job store in PostgreSQL (scale-out, its tests).
+# fonts-dejavu-core: the key images' and the PDF's font; poppler-utils: pdftotext/pdftoppm read our PDFs in tests.
 # docker-compose (1.29): only to validate docker-compose.yml in CI (tests/unit/test_compose.py), no engine.
-for p in orthanc orthanc-python orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk python3-venv docker-compose; do
+for p in orthanc orthanc-python orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk python3-venv docker-compose fonts-dejavu-core poppler-utils; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

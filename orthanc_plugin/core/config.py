@@ -289,6 +289,29 @@ class Radiomics(_Strict):
         return self
 
 
+class KeyImages(_Strict):
+    """Key images: Secondary Capture slices with the segments drawn on the windowed source image,
+    a legend (segment names, volumes) and a banner (AI result, unverified, algorithm and model)."""
+
+    enabled: bool = False
+    count: int = Field(default=3, ge=1, le=12, description="slices, chosen by segment area")
+    style: Literal["outline", "fill"] = Field(
+        default="outline", description="outline: coloured contours; fill: translucent areas"
+    )
+    window: tuple[float, float] | None = Field(
+        default=None,
+        description="[low, high] source values (HU on CT) shown black to white; unset: the source's "
+        "WindowCenter/WindowWidth, else its 1st-99th percentile",
+    )
+    fill_opacity: float = Field(default=0.35, gt=0, le=1, description="for style 'fill'")
+
+    @model_validator(mode="after")
+    def _window(self) -> KeyImages:
+        if self.window is not None and not self.window[1] > self.window[0]:
+            raise ValueError(f"window {list(self.window)}: the second value must be greater")
+        return self
+
+
 class Outputs(_Strict):
     seg: bool = True
     seg_type: Literal["BINARY", "LABELMAP"] = Field(
@@ -297,7 +320,20 @@ class Outputs(_Strict):
     )
     sr: bool = True
     fhir: bool = True
-    series_number: int = Field(default=9900, ge=1, le=99999, description="SEG gets this, SR this + 1")
+    key_images: KeyImages = KeyImages()
+    pdf_report: bool = Field(
+        default=False,
+        description="an Encapsulated PDF summary in the study, also attached to the FHIR DiagnosticReport",
+    )
+    hl7_oru: bool = Field(
+        default=False, description="an HL7 v2.5 ORU^R01 to every destination in Hl7Destinations"
+    )
+    series_number: int = Field(
+        default=9900,
+        ge=1,
+        le=99990,
+        description="SEG gets this, SR this + 1, RTSTRUCT this + 2, key images this + 3, the PDF this + 4",
+    )
     forward: list[ForwardDestination] = Field(
         default_factory=list, description="where Orthanc sends the SEG and SR once they are stored"
     )
@@ -324,6 +360,11 @@ class PipelineConfig(_Strict):
     largest_component: bool = True
     segments: list[SegmentConfig] = Field(min_length=1)
     outputs: Outputs = Outputs()
+    validated_for: str = Field(
+        default="",
+        description="plain words on what the segmentation model is (and is not) validated for; printed "
+        "in the PDF summary",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> PipelineConfig:
@@ -352,6 +393,33 @@ class PipelinesFile(_Strict):
 
 
 # --------------------------------------------------------------------------- plugin settings
+
+
+class Hl7Destination(_Strict):
+    """A RIS (or interface engine) that receives ORU^R01 results over MLLP.
+
+    The receiver should detect duplicates by MSH-10 (Message Control ID): it is derived from the
+    job, so a message re-sent after a lost ACK carries the same MSH-10 as the first.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the destination in jobs and logs")
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = Field(default=False, description="MLLP inside TLS")
+    tls_ca_file: Path | None = Field(default=None, description="PEM CA bundle (default: the system's)")
+    sending_application: str = Field(default="ORTHANC-AI", pattern=r"^[^|^~\\&\r\n]{1,180}$")
+    sending_facility: str = Field(default="", pattern=r"^[^|^~\\&\r\n]{0,180}$")
+    receiving_application: str = Field(pattern=r"^[^|^~\\&\r\n]{1,180}$")
+    receiving_facility: str = Field(default="", pattern=r"^[^|^~\\&\r\n]{0,180}$")
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600, description="connect and wait for the ACK")
+
+    @model_validator(mode="after")
+    def _tls(self) -> Hl7Destination:
+        if self.tls_ca_file is not None and not self.tls:
+            raise ValueError("tls_ca_file is set but tls is false")
+        if self.tls_ca_file is not None and not self.tls_ca_file.is_file():
+            raise ValueError(f"TLS file {self.tls_ca_file} does not exist or is not a file")
+        return self
 
 
 class Settings(_Strict):
@@ -431,6 +499,8 @@ class Settings(_Strict):
         description="IssuerOfPatientID value -> identifier system (absolute URI)",
     )
     delivery_max_backoff_seconds: float = Field(default=300.0, gt=0, alias="DeliveryMaxBackoffSeconds")
+    # HL7 v2 ORU^R01 results to RIS over MLLP (pipelines with outputs.hl7_oru), through the outbox.
+    hl7_destinations: list[Hl7Destination] = Field(default_factory=list, alias="Hl7Destinations")
     # Forwarding of SEG/SR to other DICOM / DICOMweb destinations (pipelines' outputs.forward).
     forward_attempts: int = Field(default=3, ge=1, le=10, alias="ForwardAttempts")
     forward_backoff_seconds: float = Field(default=2.0, ge=0, le=300, alias="ForwardBackoffSeconds")
@@ -452,6 +522,9 @@ class Settings(_Strict):
         ):
             if (cert is None) != (key is None):
                 raise ValueError(f"{names} go together: give both or neither")
+        hl7_names = [d.name for d in self.hl7_destinations]
+        if len(set(hl7_names)) != len(hl7_names):
+            raise ValueError(f"Hl7Destinations: names must be unique, got {hl7_names}")
         if not self.triton_tls and any((self.triton_tls_ca, self.triton_tls_cert)):
             raise ValueError("TritonTlsCaFile/TritonTlsCertFile are set but TritonTls is false")
         for path in (

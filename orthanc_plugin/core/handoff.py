@@ -128,11 +128,16 @@ class FeaturesOutput(_Record):
 
 
 class JobOutputs(_Record):
-    """A succeeded job's results: where its objects are stored and what it measured."""
+    """A succeeded job's results: where its objects are stored and what it measured.
 
-    version: Literal[1] = 1
-    #: every stored output object by kind (``seg``, ``sr``, ...), in the order they were stored
-    stored: dict[str, StoredInstance] = Field(default_factory=dict)
+    Version 2 lets a kind hold several instances (``key_images``: one Secondary Capture per slice);
+    version 1 records (one instance per kind) read unchanged.
+    """
+
+    version: Literal[1, 2] = 2
+    #: every stored output object by kind (``seg``, ``sr``, ``key_images``, ``pdf``), in the order
+    #: they were stored; a kind of several instances holds a list
+    stored: dict[str, StoredInstance | tuple[StoredInstance, ...]] = Field(default_factory=dict)
     measurements: tuple[MeasurementOutput, ...] = ()
     model: ModelRef
     volume: VolumeInfo
@@ -157,6 +162,13 @@ class JobOutputs(_Record):
         result: JobOutputs = super().from_json(data)
         return result
 
+    def instances(self) -> list[tuple[str, StoredInstance]]:
+        """(kind, instance) of every stored output object, in store order."""
+        out: list[tuple[str, StoredInstance]] = []
+        for kind, value in self.stored.items():
+            out.extend((kind, s) for s in (value if isinstance(value, tuple) else (value,)))
+        return out
+
     def instance_ids(self) -> list[str]:
         """Orthanc ids of every stored output object."""
-        return [s.orthanc_id for s in self.stored.values() if s.orthanc_id]
+        return [s.orthanc_id for _, s in self.instances() if s.orthanc_id]

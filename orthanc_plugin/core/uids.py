@@ -52,3 +52,19 @@ def output_uids(key: str) -> OutputUIDs:
         sr_instance=derived_uid(key, "sr-instance"),
         key=job_id(key),  # hashed: the raw key holds the StudyInstanceUID
     )
+
+
+def key_image_uids(key: str, count: int) -> tuple[str, list[str]]:
+    """(series UID, one SOP Instance UID per key image) of a job's key images."""
+    return derived_uid(key, "key-images-series"), [derived_uid(key, f"key-image-{i}") for i in range(count)]
+
+
+def pdf_uids(key: str) -> tuple[str, str]:
+    """(series UID, SOP Instance UID) of a job's Encapsulated PDF summary."""
+    return derived_uid(key, "pdf-series"), derived_uid(key, "pdf-instance")
+
+
+def message_control_id(key: str) -> str:
+    """HL7 MSH-10 of a job's ORU (ST, at most 20 characters): the same for every send of one result,
+    so a receiver that drops repeated control ids never files it twice."""
+    return job_id(key)

@@ -21,7 +21,9 @@ them, this module never needs their server ids.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import html
 import uuid
 from collections.abc import Sequence
@@ -113,11 +115,13 @@ def build_diagnostic_report(
     fhir_version: str = "R4",
     classifications: Sequence[ClassificationResult] = (),
     features: Sequence[SegmentFeatures] = (),
+    presented_pdf: bytes | None = None,
 ) -> dict[str, Any]:
     """FHIR transaction Bundle reporting ``measurements`` for ``study``.
 
     ``features`` (radiomics per segment) become one Observation per segment whose components
     are the features, coded in the private IBSI feature scheme (``core.codes.IBSI_SYSTEM``).
+    ``presented_pdf``: the PDF summary, attached to the report as ``presentedForm``.
 
     Resource ids derive from ``ids.key`` (then the report also names the SR's SOP Instance
     UID) or from ``report_id`` (a UUID, used as the report's own id); give at least one.
@@ -278,6 +282,19 @@ def build_diagnostic_report(
         ]
     if conclusion is not None:
         report["conclusion"] = conclusion
+    if presented_pdf is not None:
+        if not presented_pdf.startswith(b"%PDF-"):
+            raise ValueError("presented_pdf must be a PDF document")
+        report["presentedForm"] = [
+            {
+                "contentType": "application/pdf",
+                "language": "en",
+                "data": base64.b64encode(presented_pdf).decode("ascii"),
+                "title": f"AI {algorithm.name} summary",
+                "size": len(presented_pdf),
+                "hash": base64.b64encode(hashlib.sha1(presented_pdf).digest()).decode("ascii"),
+            }
+        ]
     entries.append(_entry("DiagnosticReport", report_uuid, report))
 
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": entries}

@@ -1,4 +1,9 @@
-"""FHIR delivery outbox: one row per (job, destination) in the job store's database.
+"""Delivery outboxes: one row per (job, destination) in the job store's database.
+
+Two tables of the same shape: ``fhir_outbox`` (FHIR transaction Bundles for the EHR) and
+``hl7_outbox`` (HL7 v2 ORU^R01 messages for RIS destinations, see :mod:`orthanc_plugin.hl7`).
+A row of ``hl7_outbox`` can also end ``failed``: a receiver that answers AE or AR has refused that
+message for good, and sending it unchanged again would only be refused again.
 
 A finished job's transaction Bundle is put here (ideally in the same transaction that marks
 the job succeeded, see :func:`enqueue_in`); the delivery loops of the worker processes claim
@@ -26,40 +31,52 @@ from typing import Any, Literal
 from orthanc_plugin.jobs.database import Database, DatabaseTarget, Row, open_with_schema
 
 #: Stored states. ``failing`` is never stored: it is a pending row whose last attempt failed.
-STATES = ("pending", "delivering", "delivered")
-REPORTED_STATES = ("pending", "delivering", "delivered", "failing")
+#: ``failed`` only in ``hl7_outbox``: the receiver refused the message (AE/AR).
+STATES = ("pending", "delivering", "delivered", "failed")
+REPORTED_STATES = ("pending", "delivering", "delivered", "failing", "failed")
+#: The outbox tables and what their rows carry.
+FHIR = "fhir_outbox"
+HL7 = "hl7_outbox"
+TABLES = (FHIR, HL7)
 #: Why an attempt failed: ``retry`` a transient fault (network, 5xx, 429), ``auth`` the EHR
 #: refused our credentials, ``rejected`` the EHR refused the content (other 4xx, odd answers).
 FailureKind = Literal["retry", "auth", "rejected"]
 FAILURE_KINDS: tuple[str, ...] = ("retry", "auth", "rejected")
 
+
 # Separate statements, not one script: ``executescript`` would commit an open transaction,
 # and :func:`enqueue_in` runs inside the job store's.
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS fhir_outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    bundle TEXT NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 1,
-    state TEXT NOT NULL CHECK (state IN ('pending','delivering','delivered')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    not_before REAL NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_expires REAL,
-    last_error TEXT,
-    last_kind TEXT,
-    last_http_status INTEGER,
-    last_attempt REAL,
-    delivered_at REAL,
-    response TEXT,
-    queued REAL NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    UNIQUE (job_id, destination)
-)""",
-    "CREATE INDEX IF NOT EXISTS fhir_outbox_due ON fhir_outbox(state, not_before)",
-)
+def _schema(table: str, states: str) -> tuple[str, str]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {table} (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        revision INTEGER NOT NULL DEFAULT 1,
+        state TEXT NOT NULL CHECK (state IN ({states})),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before REAL NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_expires REAL,
+        last_error TEXT,
+        last_kind TEXT,
+        last_http_status INTEGER,
+        last_attempt REAL,
+        delivered_at REAL,
+        response TEXT,
+        queued REAL NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        UNIQUE (job_id, destination)
+    )""",
+        f"CREATE INDEX IF NOT EXISTS {table}_due ON {table}(state, not_before)",
+    )
+
+
+SCHEMA = _schema(FHIR, "'pending','delivering','delivered'")
+HL7_SCHEMA = _schema(HL7, "'pending','delivering','delivered','failed'")
+ALL_SCHEMA = (*SCHEMA, *HL7_SCHEMA)
 
 
 def ensure_schema(db: Database | sqlite3.Connection) -> None:
@@ -71,10 +88,10 @@ def ensure_schema(db: Database | sqlite3.Connection) -> None:
     if isinstance(db, Database):
         if db.dialect != "sqlite":
             return
-        for statement in SCHEMA:
+        for statement in ALL_SCHEMA:
             db.execute(statement)
         return
-    for statement in SCHEMA:
+    for statement in ALL_SCHEMA:
         db.execute(statement)
 
 
@@ -84,8 +101,11 @@ def enqueue_in(
     bundle: dict[str, Any],
     destination: str,
     now: float | None = None,
+    table: str = FHIR,
 ) -> None:
     """Put ``bundle`` in the outbox using ``db``, inside the caller's open transaction.
+
+    ``table`` :data:`FHIR`: ``bundle`` is a FHIR Bundle; :data:`HL7`: ``{"message": <ER7 text>}``.
 
     Idempotent per (job, destination): a job that is run again replaces its bundle and makes
     the row pending again, with fresh attempts; an in-flight delivery of the old bundle can no
@@ -95,14 +115,20 @@ def enqueue_in(
         raise ValueError("job_id must not be empty")
     if not destination:
         raise ValueError("destination must not be empty")
-    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {', '.join(TABLES)}, got {table!r}")
+    if table == FHIR and (not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle"):
         raise ValueError("bundle must be a FHIR Bundle as a dict")
+    if table == HL7 and (
+        not isinstance(bundle, dict) or not str(bundle.get("message", "")).startswith("MSH|")
+    ):
+        raise ValueError("an HL7 outbox entry must be {'message': <an ER7 message starting with MSH|>}")
     now = time.time() if now is None else now
     ensure_schema(db)
     db.execute(
-        "INSERT INTO fhir_outbox(job_id, destination, bundle, state, queued, created, updated)"
+        f"INSERT INTO {table}(job_id, destination, bundle, state, queued, created, updated)"
         " VALUES (?,?,?,'pending',?,?,?)"
-        " ON CONFLICT(job_id, destination) DO UPDATE SET bundle=excluded.bundle, revision=fhir_outbox.revision+1,"
+        f" ON CONFLICT(job_id, destination) DO UPDATE SET bundle=excluded.bundle, revision={table}.revision+1,"
         " state='pending', attempts=0, not_before=0, lease_owner=NULL, lease_expires=NULL, last_error=NULL,"
         " last_kind=NULL, last_http_status=NULL, delivered_at=NULL, response=NULL, queued=excluded.queued,"
         " updated=excluded.updated",
@@ -137,13 +163,17 @@ class Outbox:
         first_backoff_s: float = 1.0,
         max_backoff_s: float = 300.0,
         busy_timeout_s: float = 30.0,
+        table: str = FHIR,
     ) -> None:
+        if table not in TABLES:
+            raise ValueError(f"table must be one of {', '.join(TABLES)}, got {table!r}")
+        self.table = table
         if first_backoff_s <= 0 or max_backoff_s <= 0:
             raise ValueError("backoff times must be positive")
         self.path = path
         self.first_backoff_s = min(first_backoff_s, max_backoff_s)
         self.max_backoff_s = max_backoff_s
-        self._db = open_with_schema(path, SCHEMA, busy_timeout_s)
+        self._db = open_with_schema(path, ALL_SCHEMA, busy_timeout_s)
 
     def close(self) -> None:
         self._db.close()
@@ -156,7 +186,7 @@ class Outbox:
     def enqueue(self, job_id: str, bundle: dict[str, Any], destination: str) -> None:
         """Queue ``bundle`` of ``job_id`` for ``destination`` (replaces a previous one)."""
         with self._tx() as db:
-            enqueue_in(db, job_id, bundle, destination)
+            enqueue_in(db, job_id, bundle, destination, table=self.table)
 
     # ------------------------------------------------------------------ delivery side
 
@@ -168,7 +198,7 @@ class Outbox:
         """
         now = time.time()
         sql = (
-            "SELECT id FROM fhir_outbox WHERE ((state='pending' AND not_before<=?)"
+            f"SELECT id FROM {self.table} WHERE ((state='pending' AND not_before<=?)"
             " OR (state='delivering' AND lease_expires<?))"
         )
         args: list[Any] = [now, now]
@@ -184,11 +214,11 @@ class Outbox:
             if row is None:
                 return None
             db.execute(
-                "UPDATE fhir_outbox SET state='delivering', attempts=attempts+1, lease_owner=?, lease_expires=?,"
+                f"UPDATE {self.table} SET state='delivering', attempts=attempts+1, lease_owner=?, lease_expires=?,"
                 " last_attempt=?, updated=? WHERE id=?",
                 (owner, now + lease_s, now, now, row["id"]),
             )
-            r = db.execute("SELECT * FROM fhir_outbox WHERE id=?", (row["id"],)).fetchone()
+            r = db.execute(f"SELECT * FROM {self.table} WHERE id=?", (row["id"],)).fetchone()
         assert r is not None
         return Delivery(
             id=r["id"],
@@ -209,7 +239,7 @@ class Outbox:
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE fhir_outbox SET state='delivered', delivered_at=?, response=?, last_error=NULL,"
+                f"UPDATE {self.table} SET state='delivered', delivered_at=?, response=?, last_error=NULL,"
                 " last_kind=NULL, last_http_status=?, lease_owner=NULL, lease_expires=NULL, updated=?"
                 " WHERE id=? AND state='delivering' AND lease_owner=? AND revision=?",
                 (
@@ -224,7 +254,7 @@ class Outbox:
             )
             if cur.rowcount == 1:
                 db.execute(
-                    "UPDATE fhir_outbox SET not_before=? WHERE destination=? AND state='pending'"
+                    f"UPDATE {self.table} SET not_before=? WHERE destination=? AND state='pending'"
                     " AND not_before>? AND (last_kind IS NULL OR last_kind!='rejected')",
                     (now, d.destination, now),
                 )
@@ -255,18 +285,32 @@ class Outbox:
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE fhir_outbox SET state='pending', not_before=?, last_error=?, last_kind=?,"
+                f"UPDATE {self.table} SET state='pending', not_before=?, last_error=?, last_kind=?,"
                 " last_http_status=?, lease_owner=NULL, lease_expires=NULL, updated=?"
                 " WHERE id=? AND state='delivering' AND lease_owner=? AND revision=?",
                 (now + delay, error, kind, http_status, now, d.id, d.owner, d.revision),
             )
             return delay if cur.rowcount == 1 else None
 
+    def refused(self, d: Delivery, error: str) -> bool:
+        """Record that the receiver refused ``d`` for good (HL7 AE/AR): the row ends ``failed``,
+        with the receiver's text in ``last_error``. False when the row is no longer ours."""
+        if self.table != HL7:
+            raise ValueError(f"{self.table} rows are never given up: use failed_attempt")
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE {self.table} SET state='failed', last_error=?, last_kind='rejected', lease_owner=NULL,"
+                " lease_expires=NULL, updated=? WHERE id=? AND state='delivering' AND lease_owner=? AND revision=?",
+                (error, now, d.id, d.owner, d.revision),
+            )
+            return cur.rowcount == 1
+
     def release(self, d: Delivery) -> None:
         """Give an unattempted claim back at once (the loop is stopping)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE fhir_outbox SET state='pending',"
+                f"UPDATE {self.table} SET state='pending',"
                 " attempts=CASE WHEN attempts>0 THEN attempts-1 ELSE 0 END, lease_owner=NULL,"
                 " lease_expires=NULL, updated=? WHERE id=? AND state='delivering' AND lease_owner=? AND revision=?",
                 (time.time(), d.id, d.owner, d.revision),
@@ -277,7 +321,7 @@ class Outbox:
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE fhir_outbox SET state='pending', not_before=?, lease_owner=NULL, lease_expires=NULL,"
+                f"UPDATE {self.table} SET state='pending', not_before=?, lease_owner=NULL, lease_expires=NULL,"
                 " updated=? WHERE state='delivering' AND lease_owner=?",
                 (now, now, owner),
             )
@@ -288,15 +332,22 @@ class Outbox:
     def status_for_job(self, job_id: str) -> dict[str, Any] | None:
         """Delivery status of a job's report (its latest destination); None if never queued."""
         row = self._db.execute(
-            "SELECT * FROM fhir_outbox WHERE job_id=? ORDER BY updated DESC, id DESC LIMIT 1", (job_id,)
+            f"SELECT * FROM {self.table} WHERE job_id=? ORDER BY updated DESC, id DESC LIMIT 1", (job_id,)
         ).fetchone()
         return None if row is None else _status(row)
+
+    def statuses_for_job(self, job_id: str) -> list[dict[str, Any]]:
+        """Delivery status of every destination of a job, by destination."""
+        rows = self._db.execute(
+            f"SELECT * FROM {self.table} WHERE job_id=? ORDER BY destination", (job_id,)
+        ).fetchall()
+        return [_status(r) for r in rows]
 
     def list(
         self, state: str | None = None, destination: str | None = None, limit: int = 200
     ) -> list[dict[str, Any]]:
         """Rows as status dicts, most recently changed first; ``state`` may be ``failing``."""
-        sql, args = "SELECT * FROM fhir_outbox WHERE 1=1", []
+        sql, args = f"SELECT * FROM {self.table} WHERE 1=1", []
         if state is not None:
             if state not in REPORTED_STATES:
                 raise ValueError(f"unknown delivery state {state!r}; one of {', '.join(REPORTED_STATES)}")
@@ -315,7 +366,7 @@ class Outbox:
 
     def backlog(self, destination: str | None = None) -> int:
         """How many bundles are not delivered yet."""
-        sql, args = "SELECT COUNT(*) AS n FROM fhir_outbox WHERE state!='delivered'", []
+        sql, args = f"SELECT COUNT(*) AS n FROM {self.table} WHERE state NOT IN ('delivered','failed')", []
         if destination is not None:
             sql += " AND destination=?"
             args.append(destination)
@@ -325,7 +376,7 @@ class Outbox:
     def oldest_undelivered(self) -> float | None:
         """When the oldest bundle still waiting was queued (for health: how far behind we are)."""
         row = self._db.execute(
-            "SELECT MIN(queued) AS oldest FROM fhir_outbox WHERE state!='delivered'"
+            f"SELECT MIN(queued) AS oldest FROM {self.table} WHERE state NOT IN ('delivered','failed')"
         ).fetchone()
         return None if row is None or row["oldest"] is None else float(row["oldest"])
 

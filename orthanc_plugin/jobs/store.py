@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,8 @@ from orthanc_plugin.core.errors import BadRequest, NotFound
 from orthanc_plugin.core.handoff import JobInput, JobOutputs
 from orthanc_plugin.core.uids import job_id
 from orthanc_plugin.jobs.database import Database, DatabaseTarget, Row, open_with_schema, split_script
-from orthanc_plugin.jobs.outbox import SCHEMA as OUTBOX_SCHEMA
-from orthanc_plugin.jobs.outbox import enqueue_in
+from orthanc_plugin.jobs.outbox import ALL_SCHEMA as OUTBOX_SCHEMA
+from orthanc_plugin.jobs.outbox import HL7, enqueue_in
 
 
 class JobNotFound(NotFound):
@@ -317,8 +318,10 @@ class JobStore:
         outputs: JobOutputs,
         fhir: dict[str, Any] | None,
         deliver_to: str | None = None,
+        hl7: Mapping[str, str] | None = None,
     ) -> bool:
-        """Record the results; with ``deliver_to``, queue the FHIR bundle for it in the same transaction."""
+        """Record the results; with ``deliver_to``, queue the FHIR bundle for it in the same transaction,
+        and every HL7 message of ``hl7`` (destination name -> ER7 text) for its destination."""
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
@@ -338,11 +341,14 @@ class JobStore:
                     db,
                     jid,
                     "succeeded",
-                    ", ".join(f"{k}={v.sop_instance_uid}" for k, v in outputs.stored.items()),
+                    ", ".join(f"{k}={v.sop_instance_uid}" for k, v in outputs.instances()),
                 )
                 if fhir is not None and deliver_to:
                     enqueue_in(db, jid, fhir, deliver_to, now)
                     self._event(db, jid, "fhir_queued", f"report queued for delivery to {deliver_to}")
+                for destination, message in (hl7 or {}).items():
+                    enqueue_in(db, jid, {"message": message}, destination, now, table=HL7)
+                    self._event(db, jid, "hl7_queued", f"ORU^R01 queued for delivery to {destination}")
             return cur.rowcount == 1
 
     def fail(self, jid: str, owner: str, error: str, retryable: bool, backoff_s: float) -> str:

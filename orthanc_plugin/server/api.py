@@ -17,7 +17,7 @@ from orthanc_plugin.core.config import ConfigError, PipelineConfig
 from orthanc_plugin.core.errors import BadRequest, NotFound
 from orthanc_plugin.fhir.read_api import FhirReports
 from orthanc_plugin.intake.changes import Intake, StudyGone
-from orthanc_plugin.jobs.outbox import Outbox
+from orthanc_plugin.jobs.outbox import HL7, Outbox
 from orthanc_plugin.jobs.store import Job, JobStateError, JobStore
 from orthanc_plugin.orthanc_rest import forwarding
 from orthanc_plugin.server.audit import build_audit
@@ -167,10 +167,13 @@ class Api:
     def __post_init__(self) -> None:
         self.reports = FhirReports(self.store.path)
         self.outbox = Outbox(self.store.path)
+        self.hl7_outbox = Outbox(self.store.path, table=HL7)
 
     def _job(self, job: Job, detail: bool = False) -> dict[str, Any]:
         events = self.store.events(job.id) if detail else None
         out = job_json(job, detail, events, self.outbox.status_for_job(job.id))
+        # HL7 ORU deliveries, one per destination ([] when the pipeline sends none).
+        out["hl7"] = self.hl7_outbox.statuses_for_job(job.id)
         if events is not None:
             # The current state of forwarding (attempts made after the job ended included).
             out["forwarding"] = forwarding.status_from_events(events)
@@ -264,7 +267,10 @@ class Api:
     def job_audit(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
         job = self.store.get(jid)
         pipeline = next((p for p in self.pipelines() if p.name == job.pipeline), None)
-        return 200, build_audit(job, self.store.events(jid), self.outbox.status_for_job(jid), pipeline)
+        return 200, build_audit(
+            job, self.store.events(jid), self.outbox.status_for_job(jid), pipeline,
+            hl7=self.hl7_outbox.statuses_for_job(jid),
+        )  # fmt: skip
 
     def job_features(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
         """The job's radiomics features for research export: JSON, or CSV with ``?format=csv``

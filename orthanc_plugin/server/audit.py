@@ -28,6 +28,7 @@ def build_audit(
     events: Sequence[Mapping[str, Any]],
     delivery: Mapping[str, Any] | None,
     pipeline: PipelineConfig | None = None,
+    hl7: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The audit record; ``pipeline`` is the current configuration of the job's pipeline, if any."""
     outputs = job.outputs
@@ -63,7 +64,14 @@ def build_audit(
         "model": None if outputs is None else outputs.model.to_json(),
         # seg and sr are always named (None until stored); further output kinds as they are stored
         "outputs": {"seg": None, "sr": None}
-        | ({} if outputs is None else {kind: s.to_json() for kind, s in outputs.stored.items()}),
+        | (
+            {}
+            if outputs is None
+            else {
+                kind: [x.to_json() for x in s] if isinstance(s, tuple) else s.to_json()
+                for kind, s in outputs.stored.items()
+            }
+        ),
         "fhir": None
         if delivery is None
         else {
@@ -74,6 +82,17 @@ def build_audit(
             "delivered": iso(delivery.get("delivered_at")),
             "last_error": delivery.get("last_error"),
         },
+        "hl7": [
+            {
+                "destination": d.get("destination"),
+                "state": d.get("state"),
+                "attempts": d.get("attempts"),
+                "queued": iso(d.get("queued")),
+                "delivered": iso(d.get("delivered_at")),
+                "last_error": d.get("last_error"),
+            }
+            for d in hl7
+        ],
         "forwarding": None
         if fwd is None
         else {

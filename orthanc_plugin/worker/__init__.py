@@ -4,5 +4,6 @@ Owns: the job lifecycle (claim, heartbeat, succeed, fail, retry) (``loop``), the
 pipeline run from fetch to store (``pipeline``), the supervisor that keeps local worker processes
 alive (``supervisor``) and the worker-host command (``remote``).
 
-May import: ``core``, ``jobs``, ``imaging``, ``inference``, ``outputs``, ``fhir``, ``orthanc_rest``.
+May import: ``core``, ``jobs``, ``imaging``, ``inference``, ``outputs``, ``fhir``, ``hl7``,
+``orthanc_rest``.
 """

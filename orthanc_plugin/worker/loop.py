@@ -22,6 +22,7 @@ from orthanc_plugin.core.config import PipelineConfig, Settings
 from orthanc_plugin.core.logs import log_context
 from orthanc_plugin.core.tls import triton_tls_options
 from orthanc_plugin.fhir.delivery import start_delivery_thread
+from orthanc_plugin.hl7.delivery import start_hl7_threads
 from orthanc_plugin.imaging.volume import VolumeError
 from orthanc_plugin.inference.triton import InferenceError, TritonClient
 from orthanc_plugin.jobs.store import Job, JobStore
@@ -110,7 +111,7 @@ class Worker:
         log.info("job %s: start %s attempt %d", job.id, job.pipeline, job.attempts)
         with self._heartbeat(job, run.lost):
             try:
-                outputs, fhir = run_pipeline(run)
+                outputs, encoded = run_pipeline(run)
             except JobAborted as e:
                 log.warning("job %s: aborted: %s", job.id, e)
                 return "aborted"
@@ -124,7 +125,9 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - a bug must fail the job, not the worker
                 log.exception("job %s: unexpected error", job.id)
                 return self._failed(job, f"internal error: {type(e).__name__}: {e}", retryable=True)
-        if self.store.succeed(job.id, self.owner, outputs, fhir, deliver_to=self.settings.fhir_base_url):
+        if self.store.succeed(
+            job.id, self.owner, outputs, encoded.fhir, deliver_to=self.settings.fhir_base_url, hl7=encoded.hl7
+        ):
             log.info("job %s: succeeded", job.id)
             return "succeeded"
         log.warning("job %s: finished but no longer leased to us; result left to the new owner", job.id)
@@ -215,12 +218,15 @@ def main(settings_path: str, owner: str | None = None, parent_pid: int | None = 
     signal.signal(signal.SIGINT, on_term)
     # Deliveries run beside the jobs, in every worker: the outbox lease keeps them apart.
     delivery = start_delivery_thread(settings, worker.owner, worker.stop)
+    hl7 = start_hl7_threads(settings, worker.owner, worker.stop)
     try:
         worker.run_forever(parent_pid=parent_pid)
     finally:
         worker.stop.set()
         if delivery is not None:
             delivery.join(timeout=5)  # an unfinished POST is re-sent after its lease: harmless
+        for t in hl7:
+            t.join(timeout=5)  # an unacknowledged message is re-sent with the same MSH-10
         triton.close()
         orthanc.close()
         store.close()

@@ -1,7 +1,7 @@
 """One run of a pipeline, one function per stage, in the order a study travels:
 
 check input -> fetch -> volume -> preprocess -> inference -> labels -> measure -> classify ->
-encode (SEG, SR) -> FHIR bundle -> store -> forward.
+encode (SEG, SR, key images, PDF) -> FHIR bundle, HL7 ORU -> store -> forward.
 
 Each stage takes typed values and returns typed values; :func:`run_pipeline` chains them and
 :meth:`Run.stage` times each one into the job's record and stops the run when the job was
@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -49,8 +49,9 @@ from orthanc_plugin.core.results import (
     VolumeMeasurement,
     patient_id_system,
 )
-from orthanc_plugin.core.uids import derived_uid, output_uids
+from orthanc_plugin.core.uids import derived_uid, key_image_uids, message_control_id, output_uids, pdf_uids
 from orthanc_plugin.fhir.report import build_diagnostic_report
+from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.postprocess import volumes_ml
 from orthanc_plugin.imaging.radiomics import (
@@ -65,6 +66,8 @@ from orthanc_plugin.inference.triton import InferenceError, ModelInfo, TritonCli
 from orthanc_plugin.jobs.store import Job, JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.orthanc_rest.forwarding import forward as forward_outputs
+from orthanc_plugin.outputs.key_images import KeyImage, build_key_images, render_key_images
+from orthanc_plugin.outputs.pdf_report import ValidatedFor, build_encapsulated_pdf, build_pdf
 from orthanc_plugin.outputs.rtstruct import build_rtstruct
 from orthanc_plugin.outputs.seg import build_seg
 from orthanc_plugin.outputs.sr import build_sr
@@ -124,17 +127,21 @@ class Findings:
 
 @dataclass(frozen=True)
 class Encoded:
-    """The output objects in the order they are stored (a later one may reference an earlier)."""
+    """The output objects in the order they are stored (a later one may reference an earlier);
+    a kind of several instances (``key_images``) holds a list. ``hl7``: the ORU^R01 message per
+    HL7 destination name."""
 
-    datasets: dict[str, Dataset]
+    datasets: dict[str, Dataset | list[Dataset]]
     fhir: dict[str, Any] | None
+    hl7: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the chain
 
 
-def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
-    """All stages of one attempt; returns the job's outputs and the FHIR bundle to deliver."""
+def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
+    """All stages of one attempt; returns the job's outputs and what was encoded (the FHIR bundle
+    and the HL7 messages to deliver among them)."""
     t_start = time.perf_counter()
     p = run.pipeline
     roles = check_input(run)
@@ -167,7 +174,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
             run.store,
             run.job.id,
             p.outputs.forward,
-            [s.orthanc_id for s in stored.values() if s.orthanc_id],
+            stored_ids(stored),
             run.settings,
             study_uid=run.job.study_uid,
         ),  # fmt: skip
@@ -190,7 +197,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
         classifications=tuple(classification_output(c) for c in classifications),
         features=features_output(p, present, features),
     )
-    return outputs, encoded.fhir
+    return outputs, encoded
 
 
 # --------------------------------------------------------------------------- stages
@@ -360,7 +367,11 @@ def classify(
 
 
 def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorithm: AlgorithmInfo) -> Encoded:
-    """The DICOM objects (SEG, then the SR that references it) and the FHIR bundle."""
+    """The DICOM objects in store order (SEG, the SR that references it, then the other kinds the
+    pipeline turns on), the FHIR bundle and the HL7 messages.
+
+    Series numbers from the pipeline's ``series_number`` n: SEG n, SR n+1, RTSTRUCT n+2, key
+    images n+3, PDF summary n+4."""
     p, uids = run.pipeline, output_uids(run.job.key)
     sources = list(volume.datasets)
     number = p.outputs.series_number
@@ -382,21 +393,8 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             classifications=findings.classifications, features=findings.features,
         ),
     )  # fmt: skip
-    fhir = None
-    if p.outputs.fhir:
-        settings = run.settings
-        patient_system = patient_id_system(
-            sources[0], settings.patient_id_system, settings.patient_id_issuer_systems
-        )
-        fhir = run.stage(
-            "fhir_build",
-            lambda: build_diagnostic_report(
-                StudyRef.from_dataset(sources[0], patient_system), findings.present, findings.measurements, algorithm, ids=uids,
-                issued=datetime.now(UTC), fhir_version=run.settings.fhir_version,
-                classifications=findings.classifications, features=findings.features,
-            ),
-        )  # fmt: skip
-    datasets = {"seg": seg_ds, "sr": sr_ds}
+    datasets: dict[str, Dataset | list[Dataset]] = {"seg": seg_ds, "sr": sr_ds}
+    now = datetime.now(UTC)
     if p.outputs.rtstruct:
         datasets["rtstruct"] = run.stage(
             "rtstruct_encode",
@@ -407,36 +405,137 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
                 series_number=number + 2, series_description=f"AI {p.algorithm_name} contours",
             ),
         )  # fmt: skip
-    return Encoded(datasets, fhir)
+    images: list[KeyImage] = []
+    if p.outputs.key_images.enabled:
+        images, key_datasets = run.stage(
+            "key_images_encode", lambda: encode_key_images(run, volume, labels, findings, algorithm, now)
+        )
+        if key_datasets:
+            datasets["key_images"] = key_datasets
+    pdf: bytes | None = None
+    if p.outputs.pdf_report:
+        pdf, datasets["pdf"] = run.stage(
+            "pdf_encode", lambda: encode_pdf(run, sources, images, findings, algorithm, now)
+        )
+    fhir = None
+    if p.outputs.fhir:
+        settings = run.settings
+        patient_system = patient_id_system(
+            sources[0], settings.patient_id_system, settings.patient_id_issuer_systems
+        )
+        fhir = run.stage(
+            "fhir_build",
+            lambda: build_diagnostic_report(
+                StudyRef.from_dataset(sources[0], patient_system), findings.present, findings.measurements,
+                algorithm, ids=uids, issued=now, fhir_version=settings.fhir_version,
+                classifications=findings.classifications, features=findings.features, presented_pdf=pdf,
+            ),
+        )  # fmt: skip
+    hl7: dict[str, str] = {}
+    if p.outputs.hl7_oru and run.settings.hl7_destinations:
+        hl7 = run.stage("hl7_build", lambda: {
+            d.name: build_oru(
+                sources[0], findings.present, findings.measurements, algorithm, d,
+                control_id=message_control_id(run.job.key), observed=now,
+                classifications=findings.classifications,
+            )
+            for d in run.settings.hl7_destinations
+        })  # fmt: skip
+    return Encoded(datasets, fhir, hl7)
 
 
-def store_outputs(run: Run, roles: list[Chosen], encoded: Encoded) -> dict[str, StoredInstance]:
+def encode_key_images(
+    run: Run, volume: Volume, labels: Labels, findings: Findings, algorithm: AlgorithmInfo, now: datetime
+) -> tuple[list[KeyImage], list[Dataset]]:
+    """The key images (slices chosen by segment area, segments drawn) and their Secondary Captures."""
+    p = run.pipeline
+    ki = p.outputs.key_images
+    images = render_key_images(
+        volume.voxels, volume.datasets, labels, findings.present, findings.measurements, algorithm,
+        count=ki.count, style=ki.style, window=ki.window, fill_opacity=ki.fill_opacity,
+    )  # fmt: skip
+    series_uid, instance_uids = key_image_uids(run.job.key, len(images))
+    return images, build_key_images(
+        images, algorithm, series_instance_uid=series_uid, sop_instance_uids=instance_uids,
+        series_number=p.outputs.series_number + 3, series_description=f"AI {p.algorithm_name} key images",
+        content_time=now,
+    )  # fmt: skip
+
+
+def encode_pdf(
+    run: Run,
+    sources: list[Dataset],
+    images: list[KeyImage],
+    findings: Findings,
+    algorithm: AlgorithmInfo,
+    now: datetime,
+) -> tuple[bytes, Dataset]:
+    """The PDF summary and its Encapsulated PDF instance."""
+    p = run.pipeline
+    pdf = build_pdf(
+        sources[0], findings.present, findings.measurements, algorithm, created=now,
+        classifications=findings.classifications, key_images=[i.pixels for i in images],
+        validated_for=validation_statements(p, algorithm), description=p.description,
+    )  # fmt: skip
+    series_uid, instance_uid = pdf_uids(run.job.key)
+    return pdf, build_encapsulated_pdf(
+        pdf, sources[0], algorithm,
+        series_instance_uid=series_uid, sop_instance_uid=instance_uid, series_number=p.outputs.series_number + 4,
+        series_description=f"AI {p.algorithm_name} summary (PDF)",
+        document_title=f"AI {p.algorithm_name} summary", created=now, source_images=sources,
+    )  # fmt: skip
+
+
+def validation_statements(p: PipelineConfig, algorithm: AlgorithmInfo) -> list[ValidatedFor]:
+    """What each model of the pipeline is (not) validated for, as configured."""
+    out = []
+    if p.validated_for:
+        out.append(ValidatedFor(f"{algorithm.model_name} {algorithm.model_version}", p.validated_for))
+    if p.classify is not None and p.classify.validated_for:
+        out.append(ValidatedFor(p.classify.model.name, p.classify.validated_for))
+    return out
+
+
+def store_outputs(
+    run: Run, roles: list[Chosen], encoded: Encoded
+) -> dict[str, StoredInstance | tuple[StoredInstance, ...]]:
     """Store every output object into the study, all or nothing."""
     orthanc = run.orthanc
     if not orthanc.study_exists(run.job.orthanc_study_id):
         raise BadInput("the study was deleted while the job ran; nothing was stored")
-    stored: dict[str, StoredInstance] = {}
+    stored: dict[str, StoredInstance | tuple[StoredInstance, ...]] = {}
+    done: list[StoredInstance] = []
+
+    def put(ds: Dataset) -> StoredInstance:
+        if run.lost.is_set():
+            raise JobAborted("lease lost before storing")
+        r = orthanc.store(ds)
+        s = StoredInstance(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            orthanc_id=r.get("ID"),
+            parent_series=r.get("ParentSeries"),
+        )
+        done.append(s)
+        return s
+
     try:
-        for name, ds in encoded.datasets.items():
-            if run.lost.is_set():
-                raise JobAborted("lease lost before storing")
-            r = orthanc.store(ds)
-            stored[name] = StoredInstance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                series_instance_uid=str(ds.SeriesInstanceUID),
-                orthanc_id=r.get("ID"),
-                parent_series=r.get("ParentSeries"),
-            )
+        for name, value in encoded.datasets.items():
+            t0 = time.perf_counter()
+            stored[name] = tuple(put(ds) for ds in value) if isinstance(value, list) else put(value)
+            if name not in ("seg", "sr"):
+                # What each optional output kind adds to the job (bench/pipeline_stages.py).
+                run.store.record_stage(run.job.id, run.owner, f"store_{name}", time.perf_counter() - t0)
         # Deleted between the check above and now? Our outputs would have re-created the study
         # around themselves: the source series tell.
         if not all(orthanc.series_exists(c.series.series_id) for c in roles):
             raise BadInput("the study was deleted while the job ran; nothing was stored")
     except (OrthancError, JobAborted, BadInput):
         # All or nothing: an SR must never be left without its SEG, nor a SEG alone.
-        for done in stored.values():
+        for instance in done:
             with contextlib.suppress(OrthancError):
-                if done.orthanc_id:
-                    orthanc.delete_instance(done.orthanc_id)
+                if instance.orthanc_id:
+                    orthanc.delete_instance(instance.orthanc_id)
         raise
     return stored
 
@@ -483,6 +582,12 @@ def check_plausible(p: PipelineConfig, labels: Labels, volume: Volume, present: 
                 f"the segment '{seg.name}' is not {what}: mean {mean:.0f}{unit} inside, expected {low:g} to "
                 f"{high:g}{unit}; is this the kind of study the pipeline is for? Nothing was stored"
             )
+
+
+def stored_ids(stored: dict[str, StoredInstance | tuple[StoredInstance, ...]]) -> list[str]:
+    """Orthanc ids of the stored outputs, in store order."""
+    flat = [x for v in stored.values() for x in (v if isinstance(v, tuple) else (v,))]
+    return [s.orthanc_id for s in flat if s.orthanc_id]
 
 
 def classification_output(c: ClassificationResult) -> ClassificationOutput:

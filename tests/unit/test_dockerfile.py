@@ -32,7 +32,7 @@ IMAGE_REQUIREMENTS = ROOT / "docker" / "orthanc" / "requirements.txt"
 BASE_IMAGE = "orthancteam/orthanc:25.2.0"
 BASE_PYTHON = (3, 11)
 #: Import names whose distribution is named otherwise.
-DISTRIBUTION = {"yaml": "pyyaml", "fhir": "fhir.resources", "skimage": "scikit-image"}
+DISTRIBUTION = {"yaml": "pyyaml", "fhir": "fhir.resources", "skimage": "scikit-image", "PIL": "pillow"}
 #: Imports that are not installed from PyPI: Orthanc's plugin module.
 PROVIDED = {"orthanc"}
 #: Modules that do not run in the image: the offline model tools (ONNX Runtime, run at build time

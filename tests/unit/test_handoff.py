@@ -25,7 +25,7 @@ def test_job_input_round_trips_through_json() -> None:
 def test_job_outputs_round_trip_keeps_dicom_names() -> None:
     original = outputs(seg="1.2.3.4", sr="1.2.3.5")
     data = original.to_json()
-    assert data["stored"]["seg"]["SOPInstanceUID"] == "1.2.3.4" and data["version"] == 1
+    assert data["stored"]["seg"]["SOPInstanceUID"] == "1.2.3.4" and data["version"] == 2
     assert JobOutputs.from_json(json.loads(json.dumps(data))) == original
 
 
@@ -58,3 +58,24 @@ def test_outputs_of_the_earlier_layout_are_read() -> None:
     read = JobOutputs.from_json(earlier)
     assert list(read.stored) == ["seg", "sr"] and read.instance_ids() == ["o1", "o2"]
     assert read.measurements[0].volume_ml == 2000.5
+
+
+def _stored(uid: str) -> dict[str, str]:
+    return {"SOPInstanceUID": uid, "SeriesInstanceUID": uid + ".0", "ID": "o" + uid, "ParentSeries": "p"}
+
+
+def test_outputs_version_1_are_read_and_version_2_holds_several_key_images() -> None:
+    v1 = outputs(seg="1.1", sr="1.2").to_json() | {"version": 1}
+    read = JobOutputs.from_json(v1)
+    assert read.version == 1 and [k for k, _ in read.instances()] == ["seg", "sr"]
+    v2 = v1 | {
+        "version": 2,
+        "stored": v1["stored"] | {"key_images": [_stored("1.3"), _stored("1.4")], "pdf": _stored("1.5")},
+    }
+    read = JobOutputs.from_json(json.loads(json.dumps(v2)))
+    assert isinstance(read.stored["key_images"], tuple) and len(read.stored["key_images"]) == 2
+    assert [k for k, _ in read.instances()] == ["seg", "sr", "key_images", "key_images", "pdf"]
+    assert read.instance_ids()[-3:] == ["o1.3", "o1.4", "o1.5"]
+    assert JobOutputs.from_json(read.to_json()) == read
+    with pytest.raises(HandoffError, match="field 'version'"):
+        JobOutputs.from_json(v2 | {"version": 3})  # a newer writer: refuse, do not guess

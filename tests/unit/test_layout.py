@@ -27,9 +27,10 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"core"},
     "outputs": {"core", "imaging"},
     "fhir": {"core", "jobs"},
+    "hl7": {"core", "jobs"},
     "orthanc_rest": {"core", "jobs", "imaging"},
     "intake": {"core", "jobs"},
-    "worker": {"core", "jobs", "imaging", "inference", "outputs", "fhir", "orthanc_rest"},
+    "worker": {"core", "jobs", "imaging", "inference", "outputs", "fhir", "hl7", "orthanc_rest"},
     "server": {"core", "jobs", "intake", "fhir", "orthanc_rest", "inference", "worker"},
 }
 #: never imported by the product

@@ -231,3 +231,54 @@ def test_enqueue_checks_its_arguments(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         outbox.enqueue(job_id, payload, destination)
+
+
+# --------------------------------------------------------------------------- HL7 ORU (hl7_outbox)
+
+ORU = "MSH|^~\\&|ORTHANC-AI||RIS||20240101||ORU^R01^ORU_R01|abc|P|2.5\rPID|1||123"
+
+
+def test_a_job_success_queues_its_hl7_messages_in_the_same_transaction(db_target: Any) -> None:
+    from orthanc_plugin.core.handoff import JobInput
+    from orthanc_plugin.jobs.outbox import HL7
+
+    from .jobs_helpers import outputs
+
+    store = JobStore(db_target)
+    hl7 = Outbox(db_target, first_backoff_s=1, max_backoff_s=8, table=HL7)
+    fhir = Outbox(db_target)
+    try:
+        job, _ = store.enqueue("1.2|p|1|f", "1.2", "s", "p", "1", "f", JobInput())
+        assert store.claim("w", 30) is not None
+        assert store.succeed(job.id, "w", outputs(seg="1.3"), None, hl7={"ris": ORU, "lab": ORU})
+        assert [s["destination"] for s in hl7.statuses_for_job(job.id)] == ["lab", "ris"]
+        assert fhir.status_for_job(job.id) is None  # the FHIR outbox is untouched
+        assert {e["kind"] for e in store.events(job.id)} >= {"hl7_queued"}
+        d = hl7.claim("w/hl7", 30, destination="ris")
+        assert d is not None and d.bundle["message"] == ORU
+        assert hl7.refused(d, "RIS answered an error (AE): unknown patient")
+        (ris,) = [s for s in hl7.statuses_for_job(job.id) if s["destination"] == "ris"]
+        assert ris["state"] == "failed" and "unknown patient" in ris["last_error"]
+        assert hl7.claim("w/hl7", 30, destination="ris") is None, "a refused message is never sent again"
+        assert hl7.backlog() == 1 and hl7.list("failed")[0]["destination"] == "ris"
+        d = hl7.claim("w/hl7", 30, destination="lab")
+        assert d is not None and hl7.failed_attempt(d, "cannot reach lab") == 1
+        assert hl7.list("failing")[0]["destination"] == "lab"
+    finally:
+        store.close(), hl7.close(), fhir.close()
+
+
+def test_fhir_rows_are_never_given_up_and_hl7_rows_must_be_messages(outbox: Outbox, db_target: Any) -> None:
+    from orthanc_plugin.jobs.outbox import HL7
+
+    outbox.enqueue("j1", bundle(), URL)
+    d = outbox.claim("w", 30)
+    assert d is not None
+    with pytest.raises(ValueError, match="never given up"):
+        outbox.refused(d, "no")
+    hl7 = Outbox(db_target, table=HL7)
+    try:
+        with pytest.raises(ValueError, match="ER7"):
+            hl7.enqueue("j1", bundle(), "ris")
+    finally:
+        hl7.close()
