@@ -53,6 +53,8 @@ bench: install $(MODEL)
 	@$(PY) bench/throughput.py --studies 50 --workers 1 2 4
 	@bash bench/setup_monai_deploy.sh
 	@$(PY) bench/monai_deploy_compare.py --runs 9
+	@$(PY) bench/compare.py
+	@$(PY) bench/report.py
 
 clean: down
 	rm -rf var test-artifacts

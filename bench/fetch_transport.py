@@ -15,6 +15,7 @@ N-slice series from it by resampling along z), then times, median of ``--runs``:
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pydicom
-from pipeline_stages import machine  # a sibling script: bench/ is sys.path[0]
+from record import describe, machine, record  # a sibling script: bench/ is sys.path[0]
 
 from devstack.common import ROOT
 from devstack.stack import OrthancServer, free_port  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> int:
                 client.close()
         finally:
             orthanc.stop()
-    print(f"machine: {machine()}")
+    print(f"machine: {describe(machine())}")
     print(
         f"series: {len(files)} instances, {size:.0f} MB, from {args.study}{' (derived)' if args.slices else ''}"
     )
@@ -105,6 +106,11 @@ def main() -> int:
     print(f"|{'-' * 46}|---------:|------:|")
     for name, med, low in results:
         print(f"| {name:<44} | {med:8.3f} | {low:5.3f} |")
+    record(
+        f"fetch_transport_{len(files)}_slices",
+        {f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}_median_s": med for name, med, _ in results},
+        {"instances": len(files), "megabytes": round(size, 1), "runs": args.runs},
+    )
     return 0
 
 

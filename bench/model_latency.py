@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import record  # a sibling script: bench/ is sys.path[0]
 
 from devstack.common import ROOT
 from devstack.stack import free_port  # noqa: E402
@@ -95,6 +96,11 @@ def main() -> int:
             f"{r['model']:<18}{r['version']:>8}  {r['input']:<30}{r['runs']:>5}"
             f"{statistics.median(t):>12.1f}{min(t):>10.1f}{max(t):>10.1f}"
         )
+    record(
+        "model_latency" if args.url is None else "model_latency_remote",
+        {f"{r['model']}_median_ms": statistics.median([x * 1000 for x in r["times"]]) for r in rows},  # type: ignore[union-attr]
+        {"served_by": label, "runs": {str(r["model"]): r["runs"] for r in rows}},
+    )
     return 0
 
 

@@ -224,7 +224,7 @@ def main() -> int:
     # highdicom warns about the source's PatientName format and quotes it: keep it off the console.
     warnings.filterwarnings("ignore", category=UserWarning, module="highdicom")
     import numpy as np
-    from pipeline_stages import machine  # a sibling script: bench/ is sys.path[0]
+    from record import describe, machine, record  # a sibling script: bench/ is sys.path[0]
 
     folder = args.study.resolve()
     labels, order = model_labels(folder)
@@ -273,7 +273,7 @@ def main() -> int:
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r["load"] + r["seg"] if key == "both" else r[key] for r in runs)
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe(machine())}")
     shape = runs["ours", False][0]["volume_shape"]
     print(f"study: {folder}: {len(order)} slices, volume {shape} (ours, z y x)")
     print(f"runs: {args.runs} of each, interleaved, after one warm-up each; medians in seconds")
@@ -284,6 +284,16 @@ def main() -> int:
         for paused in (False, True):
             m, o = med(runs["monai", paused], key), med(runs["ours", paused], key)
             print(f"{label:<22} {'paused' if paused else 'on':<7} {m:12.3f} {o:8.3f} {m / o:6.1f}x")
+    figures = {}
+    for key in ("load", "seg", "both"):
+        for paused in (False, True):
+            gc_state = "gc_paused" if paused else "gc_on"
+            m, o = med(runs["monai", paused], key), med(runs["ours", paused], key)
+            figures[f"{key}_{gc_state}_monai_s"], figures[f"{key}_{gc_state}_ours_s"] = m, o
+            figures[f"{key}_{gc_state}_ratio"] = m / o
+    record(
+        "monai_deploy_compare", figures, {"study": str(folder.name), "slices": len(order), "runs": args.runs}
+    )
     print(f"\nset voxels per segment: MONAI Deploy {counts_monai}, ours {counts_ours}")
     if counts_monai != counts_ours:
         print("MISMATCH: the two SEGs do not encode the same mask")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from record import describe, machine, record  # a sibling script: bench/ is sys.path[0]
 
 from devstack.common import ROOT
 from devstack.stack import OrthancServer, free_port  # noqa: E402
@@ -37,18 +37,6 @@ OUTPUT_KINDS = {
     "PDF summary": ("pdf_encode", "store_pdf"),
     "HL7 ORU": ("hl7_build",),
 }
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {os.cpu_count()} CPU(s), {cpu}, Python {platform.python_version()}"
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -152,7 +140,7 @@ def main() -> int:
             triton.stop()
 
     shape = runs[0]["outputs"]["volume"]["shape"]
-    print(f"machine: {machine()}")
+    print(f"machine: {describe(machine())}")
     what = (
         f"derived from {args.study[0] if args.study else 'A0001-5mm'} by resampling along z"
         if args.slices
@@ -186,6 +174,31 @@ def main() -> int:
     )
     if rss is not None:
         print(f"\nworker peak memory (VmHWM): {rss:.0f} MB")
+    figures = {
+        f"{stage}_median_s": statistics.median(vals)
+        for stage in STAGES
+        if (vals := [r["timings"][stage] for r in runs if stage in r["timings"]])
+    }
+    figures["all_but_inference_median_s"] = statistics.median(non_inf)
+    figures["all_but_inference_min_s"] = min(non_inf)
+    for kind, stages in OUTPUT_KINDS.items():
+        figures[f"added_{kind}_median_s"] = statistics.median(
+            [sum(r["timings"].get(st, 0.0) for st in stages) for r in runs]
+        )
+    figures["added_all_output_kinds_median_s"] = statistics.median(added_all)
+    figures["intake_delay_s"] = intake_delay
+    if rss is not None:
+        figures["worker_peak_memory_mb"] = rss
+    record(
+        f"pipeline_stages_{shape[0]}_slices",
+        figures,
+        {
+            "study": what or ", ".join(f.name for f in folders),
+            "instances": n_files,
+            "volume_zyx": shape,
+            "runs": len(runs),
+        },
+    )
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pipeline_stages import machine  # a sibling script: bench/ is sys.path[0]
+from record import describe, machine, record  # a sibling script: bench/ is sys.path[0]
 
 from devstack.common import ROOT
 from devstack.derive import copy_study, sorted_slices
@@ -113,7 +113,7 @@ def main() -> int:
             for i in range(args.studies)
         ]
         rows = [run(w, studies, tmp, args.timeout) for w in args.workers]
-    print(f"machine: {machine()}")
+    print(f"machine: {describe(machine())}")
     print(
         f"studies: {args.studies} copies of {args.series.name} ({len(slices)} slices each, new UIDs), posted at once\n"
     )
@@ -122,6 +122,11 @@ def main() -> int:
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    record(
+        "throughput",
+        {f"studies_per_hour_{r['workers']}_workers": float(r["per_hour"]) for r in rows},
+        {"studies": args.studies, "series": args.series.name, "rows": rows},
+    )
     return (
         0
         if all(r["failed"] == 0 and r["exactly_once"] == f"{r['studies']}/{r['studies']}" for r in rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import tritonclient.http as httpclient
+from record import record  # a sibling script: bench/ is sys.path[0]
 
 from devstack.common import ROOT
 from devstack.small_models import conv_segmentation_onnx, free_ports  # noqa: E402
@@ -166,6 +168,10 @@ def main() -> int:
     for name, times in results.items():
         median = statistics.median(times)
         print(f"| {name:<26} | {median:9.1f} | {min(times):8.1f} | {median / base:12.2f}x |")
+    key = {name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") for name in results}
+    figures = {f"{key[n]}_median_ms": statistics.median(t) for n, t in results.items()}
+    figures |= {f"{key[n]}_vs_in_process": statistics.median(t) / base for n, t in results.items()}
+    record("triton_transport", figures, {"model": label, "input_shape": list(shape), "runs": args.runs})
     return 0
 
 

@@ -323,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m devstack.stack", description="local Orthanc + Triton")
     p.add_argument("action", choices=("up", "down"))
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--stable-age", type=int, default=5)
+    p.add_argument(
+        "--stable-age",
+        type=int,
+        default=int(os.environ.get("ORTHANC_AI_STABLE_AGE") or 5),
+        help="Orthanc's StableAge in seconds (default $ORTHANC_AI_STABLE_AGE, else 5): try a site's own value",
+    )
     args = p.parse_args(argv)
     return up(args.workers, args.stable_age) if args.action == "up" else down()
 

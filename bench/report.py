@@ -1,0 +1,140 @@
+"""Write the tables of docs/performance.md from the committed benchmark records.
+
+    python bench/report.py           # rewrite the generated blocks of docs/performance.md
+    python bench/report.py --check   # exit 1 if the page differs from what the records give
+
+Each block between ``<!-- bench:NAME -->`` and ``<!-- /bench -->`` is generated; the text
+around the blocks is written by hand and quotes no figure. A unit test runs ``--check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from record import RESULTS, describe  # a sibling script: bench/ is sys.path[0]
+
+PAGE = RESULTS.parent.parent / "docs" / "performance.md"
+BLOCK = re.compile(r"(<!-- bench:([a-z_]+) -->\n)(.*?)(<!-- /bench -->)", re.S)
+STAGES = (
+    ("fetch", "fetch from Orthanc"),
+    ("volume", "volume assembly"),
+    ("preprocess", "preprocessing"),
+    ("inference", "inference (Triton, CPU)"),
+    ("postprocess", "post-processing"),
+    ("seg_encode", "SEG encode"),
+    ("sr_encode", "SR encode"),
+    ("rtstruct_encode", "RTSTRUCT encode"),
+    ("key_images_encode", "key images encode"),
+    ("pdf_encode", "PDF encode"),
+    ("fhir_build", "FHIR build"),
+    ("hl7_build", "HL7 build"),
+    ("store", "store in Orthanc"),
+    ("total", "**total**"),
+    ("all_but_inference", "**everything except inference**"),
+)
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _source(*records: dict[str, Any] | None) -> str:
+    lines = []
+    for r in records:
+        if r is not None:
+            lines.append(f"`{r['command']}`, {r['date'][:10]}: {describe(r['machine'])}.")
+    return "Measured with " + " ".join(lines) if lines else ""
+
+
+def _missing(name: str) -> str:
+    return f"Not measured yet: `make bench` writes `bench/results/{name}.json`.\n"
+
+
+def pipeline_stages() -> str:
+    runs = [load("pipeline_stages_64_slices"), load("pipeline_stages_320_slices")]
+    if not any(runs):
+        return _missing("pipeline_stages_64_slices")
+    head = "| stage | 64 slices, median s | 320 slices, median s |\n|---|---:|---:|\n"
+    rows = []
+    for key, label in STAGES:
+        values = [r["figures"].get(f"{key}_median_s") if r else None for r in runs]
+        if all(v is None for v in values):
+            continue
+        rows.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+    extra = []
+    for key, label in (
+        ("worker_peak_memory_mb", "worker peak memory, MB"),
+        ("intake_delay_s", "intake delay, s"),
+    ):
+        values = [r["figures"].get(key) if r else None for r in runs]
+        if any(v is not None for v in values):
+            extra.append(
+                f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values) + " |"
+            )
+    added = [
+        (k.removeprefix("added_").removesuffix("_median_s"), v)
+        for k, v in (runs[0] or {"figures": {}})["figures"].items()
+        if k.startswith("added_")
+    ]
+    text = head + "\n".join(rows + extra) + "\n"
+    if added:
+        text += "\nAdded to a 64-slice job per output kind (its encoding and storing), median s: "
+        text += ", ".join(f"{kind.replace('_', ' ')} {v:.3f}" for kind, v in added) + ".\n"
+    return text + "\n" + _source(*runs) + "\n"
+
+
+def figures_table(name: str, unit_note: str = "") -> Callable[[], str]:
+    def render() -> str:
+        r = load(name)
+        if r is None:
+            return _missing(name)
+        rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in r["figures"].items())
+        return f"| figure{unit_note} | value |\n|---|---:|\n{rows}\n\n{_source(r)}\n"
+
+    return render
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "pipeline_stages": pipeline_stages,
+    "triton_transport": figures_table("triton_transport"),
+    "model_latency": figures_table("model_latency"),
+    "fetch_transport": figures_table("fetch_transport_320_slices"),
+    "throughput": figures_table("throughput"),
+    "monai_deploy_compare": figures_table("monai_deploy_compare", " (s; ratio = MONAI Deploy / ours)"),
+}
+
+
+def render(page: str) -> str:
+    def block(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise SystemExit(f"docs/performance.md: no renderer for block '{name}'")
+        return m.group(1) + RENDERERS[name]() + m.group(4)
+
+    return BLOCK.sub(block, page)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if the page is not what the records give")
+    args = p.parse_args()
+    page = PAGE.read_text()
+    wanted = render(page)
+    if args.check:
+        if wanted != page:
+            print("docs/performance.md differs from bench/results/: run python bench/report.py")
+            return 1
+        return 0
+    PAGE.write_text(wanted)
+    print(f"wrote {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
