@@ -53,7 +53,7 @@ def test_the_study_gets_seg_sr_key_images_and_pdf_all_conformant(
     processed: dict[str, Any], api: httpx.Client, tmp_path: Path
 ) -> None:
     stored = processed["job"]["outputs"]["stored"]
-    assert list(stored) == ["seg", "sr", "key_images", "pdf"]
+    assert list(stored) == ["seg", "sr", "rtstruct", "key_images", "pdf"]
     assert len(stored["key_images"]) == 3
     instances = [stored["seg"], stored["sr"], *stored["key_images"], stored["pdf"]]
     for s in instances:
@@ -63,8 +63,8 @@ def test_the_study_gets_seg_sr_key_images_and_pdf_all_conformant(
     series = {s["SeriesInstanceUID"] for s in stored["key_images"]}
     assert len(series) == 1
     keys = [_read(api, s) for s in stored["key_images"]]
-    assert {k.SeriesNumber for k in keys} == {9903} and keys[0].SeriesDescription.endswith("key images")
-    assert _read(api, stored["pdf"]).SeriesNumber == 9904
+    assert {k.SeriesNumber for k in keys} == {9904} and keys[0].SeriesDescription.endswith("key images")
+    assert _read(api, stored["pdf"]).SeriesNumber == 9905
     assert {"key_images_encode", "pdf_encode"} <= set(processed["job"]["timings"])
     kinds = {e["kind"] for e in processed["job"]["events"]}
     assert "succeeded" in kinds
