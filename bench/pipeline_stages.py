@@ -187,6 +187,13 @@ def main() -> int:
         )
     figures["added_all_output_kinds_median_s"] = statistics.median(added_all)
     figures["intake_delay_s"] = intake_delay
+    if len(runs) > 1:
+        # a fresh worker warms up before its first claim: its first job should cost what a warm one does
+        warm = statistics.median(r["timings"]["total"] for r in runs[1:])
+        figures["first_job_vs_warm_ratio"] = runs[0]["timings"]["total"] / warm
+        print(
+            f"\nfirst job of a fresh worker / median of the later ones: {figures['first_job_vs_warm_ratio']:.2f}x"
+        )
     if rss is not None:
         figures["worker_peak_memory_mb"] = rss
     record(

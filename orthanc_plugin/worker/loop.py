@@ -29,6 +29,7 @@ from orthanc_plugin.jobs.store import Job, JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
 from orthanc_plugin.worker.pipeline import BadInput, JobAborted, Run, run_pipeline
+from orthanc_plugin.worker.warmup import warm_up
 
 log = logging.getLogger("orthanc_ai.worker")
 T = TypeVar("T")
@@ -63,7 +64,7 @@ class Worker:
                 # Orthanc died without stopping us: a new Orthanc starts its own workers.
                 log.warning("worker %s: parent process %d is gone, exiting", self.owner, parent_pid)
                 break
-            if not self._triton_ready():
+            if not self.triton_ready():
                 # Claiming now would only burn an attempt: wait for Triton to come back.
                 self.stop.wait(max(poll_s, 1.0))
                 continue
@@ -74,7 +75,7 @@ class Worker:
             self.run_job(job)
         log.info("worker %s stopped", self.owner)
 
-    def _triton_ready(self) -> bool:
+    def triton_ready(self) -> bool:
         now = time.monotonic()
         if now - self._ready_checked < 2.0 and self._ready:
             return True
@@ -217,6 +218,8 @@ def main(settings_path: str, owner: str | None = None, parent_pid: int | None = 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     # Deliveries run beside the jobs, in every worker: the outbox lease keeps them apart.
+    # Before the first claim: a fresh worker's first job costs what a warm one does.
+    warm_up(pipelines, settings, triton if worker.triton_ready() else None)
     delivery = start_delivery_thread(settings, worker.owner, worker.stop)
     hl7 = start_hl7_threads(settings, worker.owner, worker.stop)
     try:
