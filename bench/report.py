@@ -71,11 +71,12 @@ def pipeline_stages() -> str:
     for key, label in (
         ("worker_peak_memory_mb", "worker peak memory, MB"),
         ("intake_delay_s", "intake delay, s"),
+        ("first_job_vs_warm_ratio", "first job of a fresh worker / a warm one"),
     ):
         values = [r["figures"].get(key) if r else None for r in runs]
         if any(v is not None for v in values):
             extra.append(
-                f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values) + " |"
+                f"| {label} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |"
             )
     added = [
         (k.removeprefix("added_").removesuffix("_median_s"), v)
