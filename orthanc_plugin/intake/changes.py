@@ -19,6 +19,7 @@ from orthanc_plugin.core.config import PipelineConfig
 from orthanc_plugin.core.errors import NotFound
 from orthanc_plugin.core.handoff import JobInput, RoleInput
 from orthanc_plugin.core.uids import fingerprint, job_key
+from orthanc_plugin.intake.revisions import revised_job
 from orthanc_plugin.intake.routing import (
     OWN_MANUFACTURER,
     RouteDecision,
@@ -26,6 +27,7 @@ from orthanc_plugin.intake.routing import (
     StudyInfo,
     route,
 )
+from orthanc_plugin.jobs.reviews import Reviews
 from orthanc_plugin.jobs.store import Job, JobStore
 
 log = logging.getLogger("orthanc_ai.intake")
@@ -65,8 +67,13 @@ class Intake:
         max_attempts: int = 3,
         catch_up_delay_s: float = 10.0,
         wait_for_gaps: bool = False,
+        may_review: Callable[[str | None], bool] = lambda user: True,
+        authentication: bool = False,
     ) -> None:
         self.rest_get = rest_get
+        self.may_review = may_review
+        self.authentication = authentication
+        self.reviews = Reviews(store.path)
         self.wait_for_gaps = wait_for_gaps
         self.store = store
         self.pipelines = pipelines
@@ -185,7 +192,60 @@ class Intake:
                 extra={"job_id": job.id, "study_uid": study.study_instance_uid, "pipeline": p.name},
             )
             results.append(Enqueued(decision, job, created))
+        try:
+            self.detect_revisions(study)
+        except Exception:
+            log.exception("looking for revised SEGs in study %s failed", orthanc_study_id)
         return results
+
+    def detect_revisions(self, study: StudyInfo) -> int:
+        """Record an edit review for every SEG in the study that revises one of our SEGs
+        (rule: :mod:`orthanc_plugin.intake.revisions`); returns how many were new."""
+        candidates = [
+            s for s in study.series
+            if s.tags.get("Modality", "").upper() == "SEG" and s.tags.get("Manufacturer", "") != OWN_MANUFACTURER
+        ]  # fmt: skip
+        if not candidates:
+            return 0
+        jobs = self.store.list_jobs(state="succeeded", study_uid=study.study_instance_uid)
+        if not jobs:
+            return 0
+        pipelines = {p.name: p for p in self.pipelines()}
+        new = 0
+        for s in candidates:
+            for iid in s.instance_ids:
+                try:
+                    tags = self.rest_get(f"/instances/{iid}/simplified-tags")
+                    meta = self.rest_get(f"/instances/{iid}/metadata?expand")
+                except LookupError:
+                    continue
+                revision = revised_job(tags, iid, jobs, pipelines)
+                if revision is None:
+                    continue
+                user = str(meta.get("HttpUsername") or "") if isinstance(meta, dict) else ""
+                if self.authentication and not self.may_review(user or None):
+                    self.store.add_event(
+                        revision.job.id, "review_refused",
+                        f"revised SEG stored by {user or 'an unknown user'}, who is not in ReviewerUsers",
+                    )  # fmt: skip
+                    continue
+                reviewer = user or str(tags.get("ContentCreatorName") or "") or "unknown reviewer"
+                review, created = self.reviews.record(
+                    revision.job.id, "edit", reviewer, "revised SEG", seg_uid=revision.seg_uid, seg_id=iid
+                )
+                new += created
+                if not created:
+                    # Stored again (a second export, a resend): the trail says so, nothing else happens.
+                    self.store.add_event(
+                        revision.job.id, "review_repeated", f"revised SEG stored again; review {review.n} has it"
+                    )
+                if created:
+                    log.info(
+                        "study %s: revised SEG recorded as an edit of job %s",
+                        study.orthanc_id,
+                        revision.job.id,
+                    )
+        return new
 
     # ------------------------------------------------------------------ change log
 
