@@ -222,23 +222,22 @@ class Intake:
                 revision = revised_job(tags, iid, jobs, pipelines)
                 if revision is None:
                     continue
+                # Orthanc records the storing user for REST uploads (HttpUsername); a STOW-RS
+                # through the DICOMweb plugin (1.7) leaves it empty, and then the SEG's
+                # ContentCreatorName names the reviewer (storing at all needed an Orthanc login).
                 user = str(meta.get("HttpUsername") or "") if isinstance(meta, dict) else ""
-                if self.authentication and not self.may_review(user or None):
+                reviewer = user or str(tags.get("ContentCreatorName") or "").replace("^", " ").strip()
+                if self.authentication and not self.may_review(reviewer or None):
                     self.store.add_event(
                         revision.job.id, "review_refused",
-                        f"revised SEG stored by {user or 'an unknown user'}, who is not in ReviewerUsers",
+                        f"revised SEG from {reviewer or 'an unknown user'}, who is not in ReviewerUsers",
                     )  # fmt: skip
                     continue
-                reviewer = user or str(tags.get("ContentCreatorName") or "") or "unknown reviewer"
+                reviewer = reviewer or "unknown reviewer"
                 review, created = self.reviews.record(
                     revision.job.id, "edit", reviewer, "revised SEG", seg_uid=revision.seg_uid, seg_id=iid
                 )
                 new += created
-                if not created:
-                    # Stored again (a second export, a resend): the trail says so, nothing else happens.
-                    self.store.add_event(
-                        revision.job.id, "review_repeated", f"revised SEG stored again; review {review.n} has it"
-                    )
                 if created:
                     log.info(
                         "study %s: revised SEG recorded as an edit of job %s",
@@ -257,6 +256,11 @@ class Intake:
         last = int(self.rest_get("/changes?last").get("Last", 0))
         self.store.set_kv(SEQ_KEY, str(last))
         return last
+
+    @property
+    def position(self) -> int | None:
+        """The last change of Orthanc's log the intake has handled (None before the first read)."""
+        return self._cursor
 
     def process_changes(self, limit: int = 200) -> int:
         """Handle every change after the persisted sequence number; returns how many were read."""

@@ -273,6 +273,7 @@ class Plugin:
             "workers": {"expected": len(workers), "alive": alive, "detail": workers},
             "queue": queue,
             "fhir_backlog": self.outbox.backlog(),
+            "intake": {"last_change": self.intake.position},
         }
 
     # ------------------------------------------------------------------ REST
