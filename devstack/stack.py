@@ -108,6 +108,7 @@ class OrthancServer:
             ("ORTHANC_AI_AUTH", "false"),
             ("ORTHANC_AI_USERS", "{}"),
             ("ORTHANC_AI_ADMINS", "null"),
+            ("ORTHANC_AI_REVIEWERS", "null"),
             ("ORTHANC_AI_WORKER_USER", ""),
             ("ORTHANC_AI_WORKER_PASSWORD", ""),
         ):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.db_target import DatabaseTarget, PostgresTarget, check_postgres_url
-from orthanc_plugin.core.results import check_identifier_system
+from orthanc_plugin.core.results import SegmentSpec, check_identifier_system
 
 
 class ConfigError(ValueError):
@@ -468,6 +468,19 @@ class Settings(_Strict):
         description="with Orthanc authentication on: the users allowed to change state under /ai/ "
         "(retry, cancel, run, reload); null: every authenticated user",
     )
+    reviewer_users: list[str] | None = Field(
+        default=None,
+        alias="ReviewerUsers",
+        description="with Orthanc authentication on: the users allowed to review AI results "
+        "(accept, edit, reject); null: nobody (the list must name them)",
+    )
+    reviewer_organization: str = Field(
+        default="orthanc-ai",
+        min_length=1,
+        max_length=64,
+        alias="ReviewerOrganization",
+        description="VerifyingOrganization of the SRs that reviews verify",
+    )
     lease_seconds: float = Field(default=30.0, gt=1, alias="LeaseSeconds")
     max_attempts: int = Field(default=3, ge=1, le=20, alias="MaxAttempts")
     retry_backoff_seconds: float = Field(default=5.0, ge=0, alias="RetryBackoffSeconds")
@@ -651,3 +664,20 @@ def load_settings(orthanc_config: dict[str, Any], source: str = "Orthanc configu
 def settings_to_json(settings: Settings) -> str:
     """Serialise settings for a worker process (aliases kept, so the worker validates them the same way)."""
     return json.dumps({"OrthancAI": settings.model_dump(mode="json", by_alias=True)})
+
+
+def segment_specs(p: PipelineConfig) -> list[SegmentSpec]:
+    """The pipeline's configured segments as the output writers take them."""
+    return [
+        SegmentSpec(
+            label=s.label,
+            name=s.name,
+            category=s.category.to_code(),
+            type=s.type.to_code(),
+            anatomic_region=s.anatomic_region.to_code() if s.anatomic_region else None,
+            color_rgb=s.color,
+            tracking_id=s.tracking_id or s.name,
+            rt_roi_type=s.rt_roi_type,
+        )
+        for s in p.segments
+    ]

@@ -162,6 +162,11 @@ class JobOutputs(_Record):
         result: JobOutputs = super().from_json(data)
         return result
 
+    def one(self, kind: str) -> StoredInstance | None:
+        """The stored object of a kind that has one instance (``seg``, ``sr``, ``pdf``...), else None."""
+        value = self.stored.get(kind)
+        return value if isinstance(value, StoredInstance) else None
+
     def instances(self) -> list[tuple[str, StoredInstance]]:
         """(kind, instance) of every stored output object, in store order."""
         out: list[tuple[str, StoredInstance]] = []

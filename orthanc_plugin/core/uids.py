@@ -26,9 +26,13 @@ def job_key(study_instance_uid: str, pipeline: str, pipeline_version: str, input
     return f"{study_instance_uid}|{pipeline}|{pipeline_version}|{input_fingerprint}"
 
 
+#: Characters in a job id.
+JOB_ID_LENGTH = 20
+
+
 def job_id(key: str) -> str:
     """Short stable id for URLs and logs (no patient data in it)."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:JOB_ID_LENGTH]
 
 
 def derived_uid(key: str, purpose: str) -> str:

@@ -19,6 +19,7 @@ from orthanc_plugin.core.config import PipelineConfig
 from orthanc_plugin.core.errors import NotFound
 from orthanc_plugin.core.handoff import JobInput, RoleInput
 from orthanc_plugin.core.uids import fingerprint, job_key
+from orthanc_plugin.intake.revisions import revised_job
 from orthanc_plugin.intake.routing import (
     OWN_MANUFACTURER,
     RouteDecision,
@@ -26,6 +27,7 @@ from orthanc_plugin.intake.routing import (
     StudyInfo,
     route,
 )
+from orthanc_plugin.jobs.reviews import Reviews
 from orthanc_plugin.jobs.store import Job, JobStore
 
 log = logging.getLogger("orthanc_ai.intake")
@@ -65,8 +67,13 @@ class Intake:
         max_attempts: int = 3,
         catch_up_delay_s: float = 10.0,
         wait_for_gaps: bool = False,
+        may_review: Callable[[str | None], bool] = lambda user: True,
+        authentication: bool = False,
     ) -> None:
         self.rest_get = rest_get
+        self.may_review = may_review
+        self.authentication = authentication
+        self.reviews = Reviews(store.path)
         self.wait_for_gaps = wait_for_gaps
         self.store = store
         self.pipelines = pipelines
@@ -78,11 +85,6 @@ class Intake:
         self._gaps: dict[int, float] = {}  # missing change number -> when first noticed
         self._first_pass = True
         self._cursor: int | None = None  # read position; the persisted one may lag behind it
-
-    @property
-    def position(self) -> int | None:
-        """The last change of Orthanc's log this intake has handled (None before its first pass)."""
-        return self._cursor
 
     # ------------------------------------------------------------------ study description
 
@@ -190,7 +192,59 @@ class Intake:
                 extra={"job_id": job.id, "study_uid": study.study_instance_uid, "pipeline": p.name},
             )
             results.append(Enqueued(decision, job, created))
+        try:
+            self.detect_revisions(study)
+        except Exception:
+            log.exception("looking for revised SEGs in study %s failed", orthanc_study_id)
         return results
+
+    def detect_revisions(self, study: StudyInfo) -> int:
+        """Record an edit review for every SEG in the study that revises one of our SEGs
+        (rule: :mod:`orthanc_plugin.intake.revisions`); returns how many were new."""
+        candidates = [
+            s for s in study.series
+            if s.tags.get("Modality", "").upper() == "SEG" and s.tags.get("Manufacturer", "") != OWN_MANUFACTURER
+        ]  # fmt: skip
+        if not candidates:
+            return 0
+        jobs = self.store.list_jobs(state="succeeded", study_uid=study.study_instance_uid)
+        if not jobs:
+            return 0
+        pipelines = {p.name: p for p in self.pipelines()}
+        new = 0
+        for s in candidates:
+            for iid in s.instance_ids:
+                try:
+                    tags = self.rest_get(f"/instances/{iid}/simplified-tags")
+                    meta = self.rest_get(f"/instances/{iid}/metadata?expand")
+                except LookupError:
+                    continue
+                revision = revised_job(tags, iid, jobs, pipelines)
+                if revision is None:
+                    continue
+                # Orthanc records the storing user for REST uploads (HttpUsername); a STOW-RS
+                # through the DICOMweb plugin (1.7) leaves it empty, and then the SEG's
+                # ContentCreatorName names the reviewer (storing at all needed an Orthanc login).
+                user = str(meta.get("HttpUsername") or "") if isinstance(meta, dict) else ""
+                reviewer = user or str(tags.get("ContentCreatorName") or "").replace("^", " ").strip()
+                if self.authentication and not self.may_review(reviewer or None):
+                    self.store.add_event(
+                        revision.job.id, "review_refused",
+                        f"revised SEG from {reviewer or 'an unknown user'}, who is not in ReviewerUsers",
+                    )  # fmt: skip
+                    continue
+                reviewer = reviewer or "unknown reviewer"
+                review, created = self.reviews.record(
+                    revision.job.id, "edit", reviewer, "revised SEG", seg_uid=revision.seg_uid, seg_id=iid
+                )
+                new += created
+                if created:
+                    log.info(
+                        "study %s: revised SEG recorded as an edit of job %s",
+                        study.orthanc_id,
+                        revision.job.id,
+                    )
+        return new
 
     # ------------------------------------------------------------------ change log
 
@@ -202,6 +256,11 @@ class Intake:
         last = int(self.rest_get("/changes?last").get("Last", 0))
         self.store.set_kv(SEQ_KEY, str(last))
         return last
+
+    @property
+    def position(self) -> int | None:
+        """The last change of Orthanc's log the intake has handled (None before the first read)."""
+        return self._cursor
 
     def process_changes(self, limit: int = 200) -> int:
         """Handle every change after the persisted sequence number; returns how many were read."""

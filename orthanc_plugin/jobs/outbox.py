@@ -16,7 +16,10 @@ the same row at once.
 The outbox never gives up on a row by itself: an EHR that is down for an hour gets everything
 once it is back. What it does with a failure is choose when to try again (exponential
 backoff, capped) and keep the last error in words an admin can act on. Re-delivering is
-harmless because every entry of our bundles is a conditional create on its identifier.
+harmless because every entry of our bundles is a conditional create or a conditional update on
+its identifier. A job's rows (its report, then one per review, see
+:func:`orthanc_plugin.jobs.reviews.outbox_key`) go out in the order they were queued: a
+review's update never overtakes the report it updates, nor an earlier review.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from orthanc_plugin.core.uids import JOB_ID_LENGTH
 from orthanc_plugin.jobs.database import Database, DatabaseTarget, Row, open_with_schema
 
 #: Stored states. ``failing`` is never stored: it is a pending row whose last attempt failed.
@@ -197,9 +201,14 @@ class Outbox:
         its token) to a URL other than the one it is configured for.
         """
         now = time.time()
+        # In order per job: a row waits while an earlier row of the same job (the job's own
+        # report, then its review updates, keyed "<job id>~r<n>") is not delivered.
         sql = (
             f"SELECT id FROM {self.table} WHERE ((state='pending' AND not_before<=?)"
             " OR (state='delivering' AND lease_expires<?))"
+            f" AND NOT EXISTS (SELECT 1 FROM {self.table} e WHERE e.destination={self.table}.destination"
+            f" AND e.state!='delivered' AND e.id<{self.table}.id"
+            f" AND substr(e.job_id, 1, {JOB_ID_LENGTH})=substr({self.table}.job_id, 1, {JOB_ID_LENGTH}))"
         )
         args: list[Any] = [now, now]
         if destination is not None:

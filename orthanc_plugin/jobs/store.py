@@ -35,6 +35,15 @@ class JobNotFound(NotFound):
 
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+#: Review states of a succeeded job (see :mod:`orthanc_plugin.jobs.reviews`): ``pending`` until
+#: someone reviews it, then the decision of its latest review.
+REVIEW_STATES = ("pending", "accepted", "edited", "rejected")
+#: SQL for a job row's review state, for filters.
+REVIEW_STATE_SQL = (
+    "(CASE (SELECT decision FROM reviews r WHERE r.job_id=jobs.id ORDER BY n DESC LIMIT 1)"
+    " WHEN 'accept' THEN 'accepted' WHEN 'edit' THEN 'edited' WHEN 'reject' THEN 'rejected'"
+    " ELSE 'pending' END)"
+)
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 _SCHEMA = """
@@ -75,6 +84,27 @@ CREATE TABLE IF NOT EXISTS job_events (
 );
 CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job_id, seq);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS reviews (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    decision TEXT NOT NULL CHECK (decision IN ('accept','edit','reject')),
+    reason TEXT,
+    reviewer TEXT NOT NULL,
+    via TEXT NOT NULL,
+    seg_uid TEXT,
+    seg_id TEXT,
+    state TEXT NOT NULL CHECK (state IN ('queued','applying','applied','failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_expires REAL,
+    error TEXT,
+    result TEXT,
+    created REAL NOT NULL,
+    applied REAL,
+    UNIQUE (job_id, n)
+);
+CREATE INDEX IF NOT EXISTS reviews_state ON reviews(state, id);
 """
 
 
@@ -394,9 +424,20 @@ class JobStore:
         return None if row is None else Job.from_row(row)
 
     def list_jobs(
-        self, state: str | None = None, study_uid: str | None = None, limit: int = 200
+        self,
+        state: str | None = None,
+        study_uid: str | None = None,
+        limit: int = 200,
+        review: str | None = None,
+        oldest_first: bool = False,
     ) -> list[Job]:
+        """Jobs, newest first; ``review`` keeps succeeded jobs in that review state."""
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if review:
+            if review not in REVIEW_STATES:
+                raise BadRequest(f"unknown review state {review!r}; one of {', '.join(REVIEW_STATES)}")
+            sql += f" AND state='succeeded' AND {REVIEW_STATE_SQL}=?"
+            args.append(review)
         if state:
             if state not in STATES:
                 raise BadRequest(f"unknown state {state!r}; one of {', '.join(STATES)}")
@@ -405,7 +446,7 @@ class JobStore:
         if study_uid:
             sql += " AND study_uid=?"
             args.append(study_uid)
-        sql += " ORDER BY created DESC LIMIT ?"
+        sql += f" ORDER BY {'finished, created' if oldest_first else 'created DESC'} LIMIT ?"
         return [Job.from_row(r) for r in self._db.execute(sql, (*args, limit)).fetchall()]
 
     def events(self, jid: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from orthanc_plugin.core.errors import BadRequest, NotFound
 from orthanc_plugin.fhir.read_api import FhirReports
 from orthanc_plugin.intake.changes import Intake, StudyGone
 from orthanc_plugin.jobs.outbox import HL7, Outbox
+from orthanc_plugin.jobs.reviews import Review, Reviews, outbox_key
 from orthanc_plugin.jobs.store import Job, JobStateError, JobStore
 from orthanc_plugin.orthanc_rest import forwarding
 from orthanc_plugin.server.audit import build_audit
@@ -118,6 +119,10 @@ def pipeline_json(p: PipelineConfig) -> dict[str, Any]:
 # they may call routes that change state: every method but GET, except the POSTs listed here,
 # which only read. New routes are thus admin-only unless marked read-only on purpose.
 READ_ONLY_POSTS: frozenset[str] = frozenset({r"/routes/dry-run"})
+# Routes a reviewer (OrthancAI.ReviewerUsers) calls instead of an admin.
+REVIEW_ROUTES: frozenset[str] = frozenset({r"/jobs/([0-9a-f]+)/review"})
+#: Who reviewed when Orthanc authentication is off (nobody is known).
+ANONYMOUS_REVIEWER = "anonymous"
 
 
 def cross_site(headers: Mapping[str, str]) -> str | None:
@@ -161,6 +166,8 @@ class Api:
     # Orthanc's "AuthenticationEnabled" and the OrthancAI "AdminUsers" list.
     authentication: bool = False
     admin_users: list[str] | None = None
+    # Who may review (accept, reject): with authentication on, only the users listed here.
+    reviewer_users: list[str] | None = None
     # POST /ai/jobs/{id}/forward: (job id, every destination?) -> new forwarding status (plugin.py).
     forward: Callable[[str, bool], dict[str, Any]] | None = None
 
@@ -168,16 +175,31 @@ class Api:
         self.reports = FhirReports(self.store.path)
         self.outbox = Outbox(self.store.path)
         self.hl7_outbox = Outbox(self.store.path, table=HL7)
+        self.reviews = Reviews(self.store.path)
 
     def _job(self, job: Job, detail: bool = False) -> dict[str, Any]:
         events = self.store.events(job.id) if detail else None
         out = job_json(job, detail, events, self.outbox.status_for_job(job.id))
         # HL7 ORU deliveries, one per destination ([] when the pipeline sends none).
         out["hl7"] = self.hl7_outbox.statuses_for_job(job.id)
+        if job.state == "succeeded":
+            trail = self.reviews.for_job(job.id)
+            out["review"] = self._review_json(trail[-1]) if trail else {"state": "pending"}
+            if detail:
+                out["reviews"] = [self._review_json(r) for r in trail]
         if events is not None:
             # The current state of forwarding (attempts made after the job ended included).
             out["forwarding"] = forwarding.status_from_events(events)
         return out
+
+    def _review_json(self, r: Review) -> dict[str, Any]:
+        return r.to_json() | {"delivery": self.outbox.status_for_job(outbox_key(r.job_id, r.n))}
+
+    def may_review(self, user: str | None) -> bool:
+        """Without authentication anyone reaching Orthanc may; with it, only ``ReviewerUsers``."""
+        if not self.authentication:
+            return True
+        return user is not None and user in (self.reviewer_users or [])
 
     def may_change_state(self, user: str | None) -> bool:
         """Without authentication anyone reaching Orthanc may; with it, an admin user (or any user
@@ -209,6 +231,15 @@ class Api:
                         return 403, {
                             "error": f"forbidden: {refused}; state-changing routes accept only same-origin requests"
                         }
+                    if pattern in REVIEW_ROUTES:
+                        if not self.may_review(user):
+                            return 403, {
+                                "error": f"forbidden: user {user!r} may not review; reviewers are listed in"
+                                " OrthancAI.ReviewerUsers",
+                                "user": user,
+                                "required": "reviewer",
+                            }
+                        return fn(query, body, *m.groups(), user=user)
                     if changes_state(pattern, verb) and not self.may_change_state(user):
                         return 403, {
                             "error": f"forbidden: user {user!r} may not {method} /ai{path}; "
@@ -239,6 +270,8 @@ class Api:
             (r"/jobs/([0-9a-f]+)/audit", "GET", self.job_audit),
             (r"/jobs/([0-9a-f]+)/forward", "POST", self.forward_job),
             (r"/jobs/([0-9a-f]+)/features", "GET", self.job_features),
+            (r"/jobs/([0-9a-f]+)/review", "POST", self.review_job),
+            (r"/jobs/([0-9a-f]+)/reviews", "GET", self.job_reviews),
             (r"/studies/([0-9A-Za-z._-]+)/run", "POST", self.run_study),
             (r"/studies/([0-9A-Za-z._-]+)/dry-run", "GET", self.dry_run),
             (r"/routes/dry-run", "POST", self.dry_run_body),
@@ -252,8 +285,39 @@ class Api:
 
     def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
         limit = query_limit(query)
-        jobs = self.store.list_jobs(query.get("state") or None, query.get("study") or None, limit)
+        review = query.get("review") or None
+        jobs = self.store.list_jobs(
+            query.get("state") or None, query.get("study") or None, limit, review=review,
+            # The review queue is worked oldest first.
+            oldest_first=review == "pending",
+        )  # fmt: skip
         return 200, [self._job(j) for j in jobs]
+
+    def review_job(
+        self, query: Mapping[str, str], body: bytes, jid: str, user: str | None = None
+    ) -> Response:
+        """``{"decision": "accept"|"reject", "reason": ...}``; edits arrive as revised SEGs."""
+        data = _json_object(body)
+        decision = data.get("decision")
+        if decision not in ("accept", "reject"):
+            raise BadRequest(
+                'decision must be "accept" or "reject" (an edit is a revised SEG stored from the viewer)'
+            )
+        reason = data.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise BadRequest("reason must be a string")
+        reviewer = user if self.authentication else ANONYMOUS_REVIEWER
+        assert reviewer is not None
+        review, created = self.reviews.record(jid, decision, reviewer, "api", reason)
+        return (202 if created else 200), {
+            "created": created,
+            "review": self._review_json(review),
+            "job": self._job(self.store.get(jid)),
+        }
+
+    def job_reviews(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
+        self.store.get(jid)
+        return 200, [self._review_json(r) for r in self.reviews.for_job(jid)]
 
     def get_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
         return 200, self._job(self.store.get(jid), detail=True)

@@ -156,6 +156,9 @@ class Plugin:
             # Several Orthancs can share a PostgreSQL index: change numbers may then appear out
             # of order. A SQLite index has one writer and its gaps are deleted resources.
             wait_for_gaps=bool((config.get("PostgreSQL") or {}).get("EnableIndex", False)),
+            # A revised SEG counts as a review only from a reviewer (the API's rule).
+            may_review=lambda user: self.api.may_review(user),
+            authentication=self.authentication,
         )
         self.api = Api(
             JobStore(database),
@@ -165,6 +168,7 @@ class Plugin:
             self.reload_pipelines,
             authentication=self.authentication,
             admin_users=self.settings.admin_users,
+            reviewer_users=self.settings.reviewer_users,
             forward=self.forward_job,
         )
         self._api_lock = threading.Lock()

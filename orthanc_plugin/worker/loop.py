@@ -25,9 +25,11 @@ from orthanc_plugin.fhir.delivery import start_delivery_thread
 from orthanc_plugin.hl7.delivery import start_hl7_threads
 from orthanc_plugin.imaging.volume import VolumeError
 from orthanc_plugin.inference.triton import InferenceError, TritonClient
+from orthanc_plugin.jobs.reviews import Reviews
 from orthanc_plugin.jobs.store import Job, JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
+from orthanc_plugin.review.apply import ReviewContext, ReviewProblem, apply_review
 from orthanc_plugin.worker.pipeline import BadInput, JobAborted, Run, run_pipeline
 from orthanc_plugin.worker.warmup import warm_up
 
@@ -54,6 +56,7 @@ class Worker:
         self.stop = threading.Event()
         self._ready = False
         self._ready_checked = 0.0
+        self.reviews = Reviews(store.path)
 
     # ------------------------------------------------------------------ loop
 
@@ -64,6 +67,9 @@ class Worker:
                 # Orthanc died without stopping us: a new Orthanc starts its own workers.
                 log.warning("worker %s: parent process %d is gone, exiting", self.owner, parent_pid)
                 break
+            # Reviews first: they need no Triton, and a person is waiting for them.
+            if self.apply_one_review():
+                continue
             if not self.triton_ready():
                 # Claiming now would only burn an attempt: wait for Triton to come back.
                 self.stop.wait(max(poll_s, 1.0))
@@ -74,6 +80,35 @@ class Worker:
                 continue
             self.run_job(job)
         log.info("worker %s stopped", self.owner)
+
+    def apply_one_review(self) -> bool:
+        """Claim and apply one recorded review; False when none was waiting."""
+        review = self.reviews.claim(self.owner, self.settings.lease_seconds * 4)
+        if review is None:
+            return False
+        ctx = ReviewContext(self.settings, self.pipelines, self.store, self.reviews, self.orthanc)
+        with log_context(job_id=review.job_id), _collect_after():
+            try:
+                result, fhir = apply_review(ctx, review)
+            except (ReviewProblem, VolumeError) as e:
+                self.reviews.failed(review, self.owner, str(e), retry=False)
+                log.warning("job %s: review %d cannot be applied: %s", review.job_id, review.n, e)
+                return True
+            except OrthancError as e:
+                state = self.reviews.failed(
+                    review, self.owner, str(e), retry=e.status is None or e.status >= 500
+                )
+                log.warning("job %s: review %d failed (%s): %s", review.job_id, review.n, state, e)
+                return True
+            except Exception as e:  # noqa: BLE001 - a bug must not stop the worker
+                log.exception("job %s: applying review %d crashed", review.job_id, review.n)
+                self.reviews.failed(
+                    review, self.owner, f"internal error: {type(e).__name__}: {e}", retry=True
+                )
+                return True
+        if self.reviews.applied(review, self.owner, result, fhir, self.settings.fhir_base_url):
+            log.info("job %s: review %d applied (%s)", review.job_id, review.n, review.review_state)
+        return True
 
     def triton_ready(self) -> bool:
         now = time.monotonic()

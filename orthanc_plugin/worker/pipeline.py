@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from orthanc_plugin.core.config import InputRole, PipelineConfig, Settings
+from orthanc_plugin.core.config import InputRole, PipelineConfig, Settings, segment_specs
 from orthanc_plugin.core.handoff import (
     ClassificationOutput,
     FeaturesOutput,
@@ -541,23 +541,6 @@ def store_outputs(
 
 
 # --------------------------------------------------------------------------- helpers of the stages
-
-
-def segment_specs(p: PipelineConfig) -> list[SegmentSpec]:
-    """The pipeline's configured segments as the output writers take them."""
-    return [
-        SegmentSpec(
-            label=s.label,
-            name=s.name,
-            category=s.category.to_code(),
-            type=s.type.to_code(),
-            anatomic_region=s.anatomic_region.to_code() if s.anatomic_region else None,
-            color_rgb=s.color,
-            tracking_id=s.tracking_id or s.name,
-            rt_roi_type=s.rt_roi_type,
-        )
-        for s in p.segments
-    ]
 
 
 def check_plausible(p: PipelineConfig, labels: Labels, volume: Volume, present: list[SegmentSpec]) -> None:

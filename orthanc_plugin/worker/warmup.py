@@ -22,7 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
-from orthanc_plugin.core.config import PipelineConfig, Settings
+from orthanc_plugin.core.config import PipelineConfig, Settings, segment_specs
 from orthanc_plugin.core.handoff import JobInput
 from orthanc_plugin.core.results import AlgorithmInfo, VolumeMeasurement
 from orthanc_plugin.core.uids import derived_uid
@@ -30,7 +30,7 @@ from orthanc_plugin.imaging.volume import build_volume
 from orthanc_plugin.inference.triton import TritonClient
 from orthanc_plugin.jobs.store import Job
 from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
-from orthanc_plugin.worker.pipeline import Findings, Run, encode, prepare_tensor, radiomics, segment_specs
+from orthanc_plugin.worker.pipeline import Findings, Run, encode, prepare_tensor, radiomics
 
 log = logging.getLogger("orthanc_ai.worker")
 

@@ -132,6 +132,7 @@ def test_which_routes_change_state(api):
         (r"/jobs/([0-9a-f]+)/retry", "POST"),
         (r"/jobs/([0-9a-f]+)/cancel", "POST"),
         (r"/jobs/([0-9a-f]+)/forward", "POST"),
+        (r"/jobs/([0-9a-f]+)/review", "POST"),  # a reviewer's, not an admin's (REVIEW_ROUTES)
         (r"/studies/([0-9A-Za-z._-]+)/run", "POST"),
         (r"/routes/reload", "POST"),
     }
@@ -209,3 +210,33 @@ def test_a_cross_site_request_cannot_change_state(api, headers):
 def test_same_origin_and_non_browser_requests_change_state(api, headers):
     status, body = api.handle("POST", "/studies/s1/run", {}, b'{"pipeline": "ct-lung"}', None, headers)
     assert status == 200 and body[0]["queued"], body
+
+
+def test_only_reviewers_may_review_and_a_repeat_is_not_recorded(api):
+    from .jobs_helpers import NO_INPUT, outputs
+
+    job, _ = api.store.enqueue("k-review", "1.2.3", "s1", "ct-lung", "1.0.0", "fp", NO_INPUT)
+    assert api.store.claim("w", 30) is not None
+    assert api.store.succeed(job.id, "w", outputs(seg="1.2", sr="1.3"), None)
+    api.authentication, api.admin_users, api.reviewer_users = True, ["admin"], ["rad"]
+    body = b'{"decision": "accept"}'
+    for user in ("clerk", "admin", None):
+        status, answer = api.handle("POST", f"/jobs/{job.id}/review", {}, body, user=user)
+        assert status == 403 and answer["required"] == "reviewer", user
+    status, answer = api.handle("POST", f"/jobs/{job.id}/review", {}, body, user="rad")
+    assert (
+        status == 202
+        and answer["review"]["reviewer"] == "rad"
+        and answer["job"]["review"]["state"] == "accepted"
+    )
+    status, answer = api.handle("POST", f"/jobs/{job.id}/review", {}, body, user="rad")
+    assert status == 200 and answer["created"] is False
+    status, answer = api.handle("POST", f"/jobs/{job.id}/review", {}, b'{"decision": "reject"}', user="rad")
+    assert status == 400 and "reason" in answer["error"]
+    status, answer = api.handle(
+        "POST", f"/jobs/{job.id}/review", {}, body, user="rad", headers={"sec-fetch-site": "cross-site"}
+    )
+    assert status == 403 and "same-origin" in answer["error"]
+    status, jobs = api.handle("GET", "/jobs", {"review": "accepted"}, b"")
+    assert [j["id"] for j in jobs] == [job.id]
+    assert api.handle("GET", "/jobs", {"review": "maybe"}, b"")[0] == 400

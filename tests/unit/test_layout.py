@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "hl7": {"core", "jobs"},
     "orthanc_rest": {"core", "jobs", "imaging"},
     "intake": {"core", "jobs"},
-    "worker": {"core", "jobs", "imaging", "inference", "outputs", "fhir", "hl7", "orthanc_rest"},
+    "review": {"core", "jobs", "imaging", "outputs", "fhir", "orthanc_rest"},
+    "worker": {"core", "jobs", "imaging", "inference", "outputs", "fhir", "hl7", "orthanc_rest", "review"},
     "server": {"core", "jobs", "intake", "fhir", "orthanc_rest", "inference", "worker"},
 }
 #: never imported by the product
