@@ -343,11 +343,49 @@ class Outputs(_Strict):
     )
 
 
+class Urgency(_Strict):
+    """When a study is urgent for this pipeline: any one rule whose conditions all hold. A rule's
+    keywords are the study's (``StudyDescription``, ``CallingAETitle``, ``Origin``...) or, for a
+    series-level keyword (``SeriesDescription``, ``ProtocolName``), any series of the study."""
+
+    rules: list[dict[str, Condition]] = Field(min_length=1)
+    priority: int = Field(default=100, description="the job's priority when urgent (routine: the pipeline's)")
+
+
+_CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+class Schedule(_Strict):
+    """Routine jobs of this pipeline run only inside a daily window (the host's local time), e.g.
+    ``["19:00", "07:00"]`` for nights; a job queued outside it waits for the window. Urgent
+    jobs run at once."""
+
+    run_between: tuple[str, str]
+
+    @field_validator("run_between")
+    @classmethod
+    def _clock(cls, v: tuple[str, str]) -> tuple[str, str]:
+        for t in v:
+            if not _CLOCK.match(t):
+                raise ValueError(f"{t!r} is not a time of day HH:MM (00:00-23:59)")
+        if v[0] == v[1]:
+            raise ValueError(
+                "the window's start and end are the same: leave 'schedule' out to run at any time"
+            )
+        return v
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     version: str = Field(pattern=r"^[0-9A-Za-z.+-]+$")
     enabled: bool = True
     priority: int = 0
+    urgent: Urgency | None = Field(
+        default=None, description="rules that make a study urgent, and its priority then"
+    )
+    schedule: Schedule | None = Field(
+        default=None, description="a daily window for routine jobs (off-hours mode)"
+    )
     description: str = ""
     algorithm_name: str
     task: Literal["segmentation"] = "segmentation"

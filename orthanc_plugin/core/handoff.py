@@ -56,6 +56,8 @@ class JobInput(_Record):
     #: routing found the pipeline applies but a role is missing or ambiguous: the worker fails the
     #: job with this text, so the admin sees it in the job list
     problem: str | None = None
+    #: why the study is urgent for the pipeline (its ``urgent`` rule that held), None when routine
+    urgent: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> JobInput:

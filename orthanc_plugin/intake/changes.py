@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from orthanc_plugin.core.config import PipelineConfig
 from orthanc_plugin.core.errors import NotFound
 from orthanc_plugin.core.handoff import JobInput, RoleInput
 from orthanc_plugin.core.uids import fingerprint, job_key
+from orthanc_plugin.intake.priority import plan
 from orthanc_plugin.intake.revisions import revised_job
 from orthanc_plugin.intake.routing import (
     OWN_MANUFACTURER,
@@ -162,6 +164,7 @@ class Intake:
             tied = [s for r in decision.roles for s in r.ambiguous]
             fp = fingerprint(i for s in [*chosen.values(), *tied] for i in s.instance_ids)
             key = job_key(study.study_instance_uid, p.name, p.version, fp)
+            priority, not_before, urgent = plan(p, study, datetime.now().astimezone())
             job_input = JobInput(
                 roles={
                     r.role: RoleInput(
@@ -175,10 +178,11 @@ class Intake:
                     if r.chosen is not None
                 },
                 problem=decision.problem,
+                urgent=urgent,
             )
             job, created = self.store.enqueue(
                 key, study.study_instance_uid, orthanc_study_id, p.name, p.version, fp, job_input,
-                priority=p.priority, max_attempts=self.max_attempts,
+                priority=priority, max_attempts=self.max_attempts, not_before=not_before,
             )  # fmt: skip
             if not created and rerun and job.state in ("succeeded", "failed", "cancelled"):
                 job = self.store.retry(job.id, "run requested through the API")

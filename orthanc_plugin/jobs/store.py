@@ -188,8 +188,10 @@ class JobStore:
         input: JobInput,
         priority: int = 0,
         max_attempts: int = 3,
+        not_before: float = 0.0,
     ) -> tuple[Job, bool]:
-        """Insert a job unless its key exists; returns (job, created)."""
+        """Insert a job unless its key exists; returns (job, created). No worker claims it before
+        ``not_before`` (a Unix time; a scheduled pipeline's window)."""
         jid = job_id(key)
         now = time.time()
         with self._tx() as db:
@@ -202,16 +204,20 @@ class JobStore:
             # forgives conflicts on the target's index.
             cur = db.execute(
                 "INSERT INTO jobs(id, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,"
-                " state, priority, max_attempts, input, created, updated) VALUES (?,?,?,?,?,?,?,'queued',?,?,?,?,?)"
+                " state, priority, max_attempts, not_before, input, created, updated)"
+                " VALUES (?,?,?,?,?,?,?,'queued',?,?,?,?,?,?)"
                 " ON CONFLICT DO NOTHING",
                 (
                     jid, key, study_uid, orthanc_study_id, pipeline, pipeline_version, fingerprint,
-                    priority, max_attempts, json.dumps(input.to_json()), now, now,
+                    priority, max_attempts, not_before, json.dumps(input.to_json()), now, now,
                 ),
             )  # fmt: skip
             created = cur.rowcount == 1
             if created:
                 self._event(db, jid, "queued", "new job")
+                if not_before > now:
+                    when = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(not_before))
+                    self._event(db, jid, "deferred", f"routine job: waits for the pipeline's window, {when}")
             row = db.execute("SELECT * FROM jobs WHERE key=?", (key,)).fetchone()
         assert row is not None
         return Job.from_row(row), created
@@ -457,6 +463,20 @@ class JobStore:
         out = dict.fromkeys(STATES, 0)
         for r in self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall():
             out[r["state"]] = r["n"]
+        return out
+
+    def waiting(self, now: float | None = None) -> dict[str, int]:
+        """Queued jobs by how they wait: ``deferred`` (until a pipeline's window), ``urgent`` (a
+        priority above 0) and ``routine``."""
+        now = time.time() if now is None else now
+        out = {"urgent": 0, "routine": 0, "deferred": 0}
+        rows = self._db.execute(
+            "SELECT CASE WHEN not_before>? THEN 'deferred' WHEN priority>0 THEN 'urgent' ELSE 'routine' END AS kind,"
+            " COUNT(*) AS n FROM jobs WHERE state='queued' GROUP BY kind",
+            (now,),
+        ).fetchall()
+        for r in rows:
+            out[str(r["kind"])] = int(r["n"])
         return out
 
     def get_kv(self, key: str) -> str | None:

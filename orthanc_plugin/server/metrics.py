@@ -172,6 +172,14 @@ def render_metrics(
     for state in STATES:
         w.sample("orthanc_ai_jobs", counts.get(state, 0), state=state)
 
+    w.family(
+        "orthanc_ai_jobs_waiting",
+        "gauge",
+        "Queued AI jobs by kind: urgent (priority above 0), routine, deferred (until a pipeline's window).",
+    )
+    for kind, n in store.waiting().items():
+        w.sample("orthanc_ai_jobs_waiting", n, kind=kind)
+
     timings = _stage_timings(store, window)
     w.family(
         "orthanc_ai_job_stage_seconds",

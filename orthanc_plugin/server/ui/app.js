@@ -86,7 +86,11 @@ function jobRow(job) {
     `${role}: ${s.series_description || '(no description)'} — ${s.instances} images`, el('br'), s.series_uid || ''));
   const finished = ['succeeded', 'failed', 'cancelled'].includes(job.state);
   return el('tr', { 'data-job-id': job.id, 'data-state': job.state, 'data-pipeline': job.pipeline },
-    el('td', {}, el('span', { class: `state state-${job.state}`, text: job.state })),
+    el('td', {}, el('span', { class: `state state-${job.state}`, text: job.state }),
+      job.urgent ? el('span', { class: 'badge urgent', title: job.urgent, text: 'urgent' }) : '',
+      job.deferred_until
+        ? el('span', { class: 'badge deferred', text: `waits until ${new Date(job.deferred_until * 1000).toLocaleString()}` })
+        : ''),
     el('td', {}, `${job.pipeline} `, el('span', { class: 'muted', text: job.pipeline_version })),
     el('td', { class: 'uid', text: job.study.StudyInstanceUID }),
     el('td', { class: 'uid' }, ...series),
