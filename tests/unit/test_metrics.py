@@ -180,13 +180,18 @@ def test_render_metrics_exposition(store: JobStore, tmp_path: Path) -> None:
     for secret in SECRET_TEXT:
         assert secret not in text, secret
     for _, labels, _ in samples:
-        assert set(labels) <= {"state", "pipeline", "stage", "reason", "quantile"}
+        assert set(labels) <= {"state", "pipeline", "stage", "reason", "quantile", "kind"}
     outbox.close()
 
 
 def test_render_metrics_empty_store_without_health(store: JobStore) -> None:
     families, samples = parse(render_metrics(store, None, None))
-    assert {n for n, _, _ in samples} == {"orthanc_ai_jobs"}
+    assert {n for n, _, _ in samples} == {"orthanc_ai_jobs", "orthanc_ai_jobs_waiting"}
+    assert [value(samples, "orthanc_ai_jobs_waiting", kind=k) for k in ("urgent", "routine", "deferred")] == [
+        0,
+        0,
+        0,
+    ]
     assert "orthanc_ai_triton_ready" not in families and "orthanc_ai_fhir_backlog" not in families
     health = {"workers": {"alive": 0, "expected": 1}, "triton": {"ready": False}, "fhir_backlog": 3}
     _, samples = parse(render_metrics(store, None, health))
