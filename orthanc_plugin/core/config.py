@@ -319,6 +319,16 @@ class Outputs(_Strict):
     )
 
 
+class VolumeOptions(_Strict):
+    """How a pipeline makes a volume of a real-world series (docs/pipelines.md, "Volume")."""
+
+    duplicates: Literal["refuse", "drop_identical"] = Field(
+        default="drop_identical",
+        description="instances repeating another's position and pixel data: drop them (said in the "
+        "job's notes) or refuse the series; differing instances at one position are always refused",
+    )
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     version: str = Field(pattern=r"^[0-9A-Za-z.+-]+$")
@@ -331,6 +341,7 @@ class PipelineConfig(_Strict):
     inputs: list[InputRole] = Field(min_length=1)
     study_where: dict[str, Condition] = Field(default_factory=dict)
     preprocess: Preprocess
+    volume: VolumeOptions = VolumeOptions()
     inference: Inference = Inference()
     classify: Classifier | None = None
     largest_component: bool = True

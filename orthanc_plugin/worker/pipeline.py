@@ -127,7 +127,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, dict[str, Any] | None]:
     p = run.pipeline
     roles = check_input(run)
     datasets = run.stage("fetch", lambda: fetch(run.orthanc, roles))
-    volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels))
+    volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels, p.volume.duplicates))
     prepared = run.stage("preprocess", lambda: prepare_tensor(p, volumes))
     model = run.triton.model_info(p.model.name, p.model.version)
     probs = run.stage("inference", lambda: infer(run.triton, p, model, prepared.tensor))
@@ -204,14 +204,16 @@ def fetch(orthanc: OrthancClient, roles: list[Chosen]) -> dict[str, list[Dataset
 
 
 def assemble(
-    roles: list[Chosen], datasets: dict[str, list[Dataset]], pixels: PixelReader
+    roles: list[Chosen], datasets: dict[str, list[Dataset]], pixels: PixelReader, duplicates: str = "refuse"
 ) -> dict[str, Volume]:
     """One correctly oriented volume per role (geometry is checked, see imaging.volume)."""
     volumes = {}
     for c in roles:
         name = c.role.role
         try:
-            volumes[name] = build_volume(datasets[name], pixels, temporal_position=c.role.temporal_position)
+            volumes[name] = build_volume(
+                datasets[name], pixels, temporal_position=c.role.temporal_position, duplicates=duplicates
+            )
         except VolumeError as e:
             raise VolumeError(f"role '{name}': {e}") from None
     return volumes
