@@ -140,3 +140,18 @@ def ibsi_feature(feature_id: str, name: str) -> Code:
 
 #: The code of an observation that groups the radiomics features of one segment.
 RADIOMICS_PANEL = Code("radiomics", IBSI_SCHEME, "Radiomics features (IBSI)", system=IBSI_SYSTEM)
+
+
+#: A segment cut by the first or last slice of its series: the volume is that of the covered
+#: part. No standard code says so; these are the product's own (a private scheme, "99" prefix).
+PRIVATE_SCHEME = "99ORTHANCAI"
+_PRIVATE_SYSTEM = "urn:orthanc-ai:codes"
+COVERAGE = Code("COVERAGE", PRIVATE_SCHEME, "Coverage of the segment by the series", _PRIVATE_SYSTEM)
+PARTIAL_COVERAGE = Code(
+    "PARTIAL", PRIVATE_SCHEME, "Partial: the segment extends beyond the series", _PRIVATE_SYSTEM
+)
+#: What the SR, the FHIR report and the job say about such a segment.
+PARTIAL_COVERAGE_TEXT = (
+    "partial coverage: the segment touches the first or last slice of the series, so it extends "
+    "beyond it and the volume is that of the covered part only"
+)

@@ -211,6 +211,47 @@ class CodeSpec(_Strict):
         return Code(self.value, self.scheme, self.meaning)
 
 
+class SegmentChecks(_Strict):
+    """Is the segment what it claims to be? Each given check must hold, or the job fails saying
+    which, by how much, and asking whether the study is the kind the pipeline is for; no report
+    reaches the EHR. What each measures: :mod:`orthanc_plugin.imaging.quality`."""
+
+    volume_ml: tuple[float, float] | None = Field(
+        default=None, description="[min, max] volume of the whole organ in mL"
+    )
+    organ_extent_mm: float | None = Field(
+        default=None,
+        gt=0,
+        description="typical extent of the organ along the slice normal: when the series cuts the "
+        "segment and covers less than this, the volume range is scaled by the share covered",
+    )
+    contrast: float | None = Field(
+        default=None, ge=0, le=1, description="minimum Michelson contrast inside vs a shell around it"
+    )
+    variation: float | None = Field(default=None, ge=0, description="minimum std / |mean| inside")
+    enclosed: float | None = Field(
+        default=None, ge=0, le=1, description="minimum share of the shell around the segment that is tissue"
+    )
+    tissue_above: float | None = Field(
+        default=None,
+        description="source value above which a shell voxel is tissue (HU on CT); default a tenth of "
+        "the image's 99.5th percentile",
+    )
+    compactness: float | None = Field(default=None, gt=0, le=1, description="minimum sphericity")
+    confidence: float | None = Field(
+        default=None, gt=0, le=1, description="minimum mean maximum probability of the model over the segment"
+    )
+    shell_mm: float = Field(default=10.0, gt=0, le=100, description="width of the shell around the segment")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SegmentChecks:
+        if self.volume_ml is not None and not 0 <= self.volume_ml[0] < self.volume_ml[1]:
+            raise ValueError(f"volume_ml {list(self.volume_ml)}: two values, 0 <= min < max")
+        if self.organ_extent_mm is not None and self.volume_ml is None:
+            raise ValueError("organ_extent_mm scales volume_ml: give volume_ml too")
+        return self
+
+
 class SegmentConfig(_Strict):
     label: int = Field(ge=1, le=255)
     name: str
@@ -228,6 +269,9 @@ class SegmentConfig(_Strict):
     rt_roi_type: Literal[
         "ORGAN", "OAR", "GTV", "CTV", "PTV", "EXTERNAL", "AVOIDANCE", "CAVITY", "TREATED_VOLUME", "MARKER"
     ] = Field(default="ORGAN", description="RT ROI Interpreted Type of the segment in the RTSTRUCT")
+    checks: SegmentChecks | None = Field(
+        default=None, description="quality checks of the segment (is this the organ it claims to be?)"
+    )
 
     @model_validator(mode="after")
     def _plausible(self) -> SegmentConfig:
@@ -375,6 +419,16 @@ class Schedule(_Strict):
         return v
 
 
+class VolumeOptions(_Strict):
+    """How a pipeline makes a volume of a real-world series (docs/pipelines.md, "Volume")."""
+
+    duplicates: Literal["refuse", "drop_identical"] = Field(
+        default="drop_identical",
+        description="instances repeating another's position and pixel data: drop them (said in the "
+        "job's notes) or refuse the series; differing instances at one position are always refused",
+    )
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
     version: str = Field(pattern=r"^[0-9A-Za-z.+-]+$")
@@ -393,6 +447,7 @@ class PipelineConfig(_Strict):
     inputs: list[InputRole] = Field(min_length=1)
     study_where: dict[str, Condition] = Field(default_factory=dict)
     preprocess: Preprocess
+    volume: VolumeOptions = VolumeOptions()
     inference: Inference = Inference()
     classify: Classifier | None = None
     largest_component: bool = True

@@ -81,6 +81,10 @@ class MeasurementOutput(_Record):
     segment: str
     label: int
     volume_ml: float
+    #: the series cuts the segment (it touches the first or last slice)
+    partial: bool = False
+    #: the quality measurements of the segment and the model's confidence (imaging.quality)
+    quality: dict[str, float] = Field(default_factory=dict)
 
 
 class ModelRef(_Record):

@@ -181,11 +181,16 @@ class VolumeMeasurement:
 
     segment_label: int
     volume_ml: float
+    #: the segment touches the first or last slice: the series covers only part of it, and the
+    #: volume is that of the covered part (said in the SR, the FHIR report and the job)
+    partial: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "segment_label", _label(self.segment_label, "VolumeMeasurement.segment_label")
         )
+        if not isinstance(self.partial, bool):
+            raise TypeError(f"VolumeMeasurement.partial must be a bool, got {self.partial!r}")
         vol = self.volume_ml
         if isinstance(vol, bool) or not isinstance(vol, numbers.Real) or not math.isfinite(vol) or vol < 0:
             raise ValueError(f"VolumeMeasurement.volume_ml must be a finite number >= 0, got {vol!r}")

@@ -33,6 +33,7 @@ from orthanc_plugin.core.codes import (
     ABSENT,
     MILLILITER_FHIR,
     NO_UNITS,
+    PARTIAL_COVERAGE_TEXT,
     PRESENT,
     PROBABILITY,
     RADIOMICS_PANEL,
@@ -198,7 +199,14 @@ def build_diagnostic_report(
         site = _body_site(spec)
         if site is not None:
             observation["bodySite"] = {"coding": [site.to_fhir()], "text": site.meaning}
-        rows.append((f"{spec.name} volume", f"{round(m.volume_ml, 1)} mL"))
+        if m.partial:
+            observation["note"] = [{"text": f"{spec.name}: {PARTIAL_COVERAGE_TEXT}"}]
+        rows.append(
+            (
+                f"{spec.name} volume",
+                f"{round(m.volume_ml, 1)} mL" + (" (partial coverage)" if m.partial else ""),
+            )
+        )
         observation = _with_text(observation, _observation_narrative(*rows[-1], algorithm))
         entries.append(_entry("Observation", obs_id, observation))
         observation_refs.append(_reference(obs_id) | {"display": f"{spec.name} volume"})

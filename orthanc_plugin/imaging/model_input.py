@@ -70,7 +70,7 @@ def source_channels(
         raise ValueError(f"the first role '{first}' has no volume")
     reference = volumes[first]
     channels: list[Float32Array] = []
-    notes: list[str] = []
+    notes: list[str] = [f"role '{r}': {n}" for r, v in volumes.items() for n in v.notes]
     for role in p.inputs:
         v = volumes.get(role.role)
         if v is None:

@@ -42,6 +42,8 @@ class Volume:
     column_direction: tuple[float, float, float]  # direction of increasing row index
     normal: tuple[float, float, float]
     temporal_positions: int = 1
+    #: what was done to make the series a volume (e.g. identical duplicates dropped), for the job
+    notes: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -195,8 +197,15 @@ def build_volume(
     pixels: PixelReader = default_pixels,
     temporal_position: int | None = None,
     min_slices: int = MIN_SLICES,
+    duplicates: str = "refuse",
 ) -> Volume:
-    """Assemble the volume; raises :class:`VolumeError` with the reason when it cannot."""
+    """Assemble the volume; raises :class:`VolumeError` with the reason when it cannot.
+
+    ``duplicates``: ``"refuse"`` any two instances at one position, or ``"drop_identical"``:
+    drop an instance whose position and pixel data repeat another's (the same image sent twice
+    under another SOP Instance UID), keeping the one with the lowest UID, and say so in the
+    volume's notes; differing ones are still refused.
+    """
     if not datasets:
         raise VolumeError("the series has no instances")
     for ds in datasets:
@@ -273,7 +282,17 @@ def build_volume(
     if len(spacings) > 1:
         raise VolumeError(f"slices with different PixelSpacing in one series: {sorted(spacings)}")
 
-    order = sorted(indices, key=lambda i: positions[i])
+    order = sorted(indices, key=lambda i: (positions[i], _sop(datasets[i])))
+    notes: list[str] = []
+    if duplicates == "drop_identical":
+        order, dropped = _drop_identical(datasets, order, positions)
+        if dropped:
+            notes.append(
+                f"{len(dropped)} instance(s) repeating another's position and pixel data dropped: "
+                + ", ".join(dropped)
+            )
+    elif duplicates != "refuse":
+        raise ValueError(f"duplicates must be 'refuse' or 'drop_identical', got {duplicates!r}")
     pos = positions[order]
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
@@ -349,7 +368,35 @@ def build_volume(
         column_direction=(float(col_dir[0]), float(col_dir[1]), float(col_dir[2])),
         normal=(float(normal[0]), float(normal[1]), float(normal[2])),
         temporal_positions=n_temporal,
+        notes=tuple(notes),
     )
+
+
+def _drop_identical(
+    datasets: Sequence[Dataset], order: list[int], positions: NDArray[np.float64]
+) -> tuple[list[int], list[str]]:
+    """``order`` without the instances whose position and stored pixels (and rescale) repeat the
+    instance kept before them; and the SOP Instance UIDs dropped."""
+    kept: list[int] = []
+    dropped: list[str] = []
+    for i in order:
+        if (
+            kept
+            and abs(positions[i] - positions[kept[-1]]) < 1e-3
+            and _same_image(datasets[i], datasets[kept[-1]])
+        ):
+            dropped.append(_sop(datasets[i]))
+            continue
+        kept.append(i)
+    return kept, dropped
+
+
+def _same_image(a: Dataset, b: Dataset) -> bool:
+    keys = ("Rows", "Columns", "BitsAllocated", "PixelRepresentation", "RescaleSlope", "RescaleIntercept")
+    if any(str(a.get(k, "")) != str(b.get(k, "")) for k in keys):
+        return False
+    pa, pb = a.get("PixelData"), b.get("PixelData")
+    return isinstance(pa, bytes) and pa == pb
 
 
 def axial_flips(volume: Volume) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ from orthanc_plugin.core.codes import PROCESSING_EQUIPMENT
 from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec, check_uid
 from orthanc_plugin.core.uids import derived_uid
 from orthanc_plugin.outputs import seg_binary
+from orthanc_plugin.outputs.source_attributes import clean_sources
 
 #: DeviceSerialNumber (Type 1 in the Enhanced General Equipment module): software has none.
 DEVICE_SERIAL_NUMBER = "n/a"
@@ -182,6 +183,8 @@ def build_seg(
     if encoder not in SEG_ENCODERS:
         raise ValueError(f"encoder must be one of {', '.join(SEG_ENCODERS)}, got {encoder!r}")
     rows, cols = check_source_images(source_images)
+    # The patient and study modules are copied from the first source: valid values only.
+    source_images, _ = clean_sources(source_images)
     check_segments(segments)
     if not isinstance(algorithm, AlgorithmInfo):
         raise TypeError("algorithm must be an AlgorithmInfo")

@@ -30,12 +30,14 @@ from pydicom.valuerep import DA, TM
 
 from orthanc_plugin.core.codes import (
     ABSENT,
+    COVERAGE,
     IBSI_SCHEME,
     IBSI_SCHEME_NAME,
     IMAGING_MEASUREMENT_REPORT,
     IMAGING_PROCEDURE,
     MILLILITER_DICOM,
     NO_UNITS,
+    PARTIAL_COVERAGE,
     PRESENT,
     PROBABILITY,
     PROCEDURES_BY_MODALITY,
@@ -61,6 +63,7 @@ from orthanc_plugin.outputs.seg import (
     check_series_description,
     check_source_images,
 )
+from orthanc_plugin.outputs.source_attributes import clean_sources
 
 #: Most vertices one outline may have (first == last included).
 MAX_POLYGON_POINTS = 64
@@ -114,6 +117,8 @@ def build_sr(
     scheme ``99IBSI`` (declared in the document's Coding Scheme Identification).
     """
     rows, cols = check_source_images(source_images)
+    # The patient and study modules are copied from the first source: valid values only.
+    source_images, _ = clean_sources(source_images)
     check_segments(segments)
     if not isinstance(algorithm, AlgorithmInfo):
         raise TypeError("algorithm must be an AlgorithmInfo")
@@ -334,6 +339,11 @@ def _group(
         ),
         algorithm_id=algorithm_id,
         measurements=[volume, *extra],
+        qualitative_evaluations=(
+            [hd.sr.QualitativeEvaluation(COVERAGE.to_highdicom(), PARTIAL_COVERAGE.to_highdicom())]
+            if measurement.partial
+            else None
+        ),
     )
     return group, more
 

@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from orthanc_plugin.core.config import InputRole, PipelineConfig, Settings, segment_specs
+from orthanc_plugin.core.config import InputRole, PipelineConfig, SegmentChecks, Settings, segment_specs
 from orthanc_plugin.core.handoff import (
     ClassificationOutput,
     FeaturesOutput,
@@ -54,6 +54,7 @@ from orthanc_plugin.fhir.report import build_diagnostic_report
 from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.postprocess import volumes_ml
+from orthanc_plugin.imaging.quality import SegmentQuality, confidence, measure_segment
 from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
     RadiomicsError,
@@ -146,13 +147,13 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
     p = run.pipeline
     roles = check_input(run)
     datasets = run.stage("fetch", lambda: fetch(run.orthanc, roles))
-    volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels))
+    volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels, p.volume.duplicates))
     prepared = run.stage("preprocess", lambda: prepare_tensor(p, volumes))
     model = run.triton.model_info(p.model.name, p.model.version)
     probs = run.stage("inference", lambda: infer(run.triton, p, model, prepared.tensor))
     labels = run.stage("postprocess", lambda: prepared.labels(probs[0], p.largest_component))
     volume = prepared.reference
-    present, measurements = measure(p, volume, labels)
+    present, measurements, quality = measure(p, volume, labels, probs[0])
     classifications = []
     if p.classify is not None:
         classifications.append(
@@ -183,7 +184,13 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
     outputs = JobOutputs(
         stored=stored,
         measurements=tuple(
-            MeasurementOutput(segment=s.name, label=s.label, volume_ml=m.volume_ml)
+            MeasurementOutput(
+                segment=s.name,
+                label=s.label,
+                volume_ml=m.volume_ml,
+                partial=m.partial,
+                quality=quality[s.label].recorded(),
+            )
             for s, m in zip(present, measurements, strict=True)
         ),
         model=ModelRef(name=model.name, version=model.version),
@@ -221,14 +228,16 @@ def fetch(orthanc: OrthancClient, roles: list[Chosen]) -> dict[str, list[Dataset
 
 
 def assemble(
-    roles: list[Chosen], datasets: dict[str, list[Dataset]], pixels: PixelReader
+    roles: list[Chosen], datasets: dict[str, list[Dataset]], pixels: PixelReader, duplicates: str = "refuse"
 ) -> dict[str, Volume]:
     """One correctly oriented volume per role (geometry is checked, see imaging.volume)."""
     volumes = {}
     for c in roles:
         name = c.role.role
         try:
-            volumes[name] = build_volume(datasets[name], pixels, temporal_position=c.role.temporal_position)
+            volumes[name] = build_volume(
+                datasets[name], pixels, temporal_position=c.role.temporal_position, duplicates=duplicates
+            )
         except VolumeError as e:
             raise VolumeError(f"role '{name}': {e}") from None
     return volumes
@@ -262,9 +271,10 @@ def infer(triton: TritonClient, p: PipelineConfig, model: ModelInfo, tensor: Flo
 
 
 def measure(
-    p: PipelineConfig, volume: Volume, labels: Labels
-) -> tuple[list[SegmentSpec], list[VolumeMeasurement]]:
-    """The segments found, each plausible for what it claims to be, and their volumes."""
+    p: PipelineConfig, volume: Volume, labels: Labels, probabilities: NDArray[np.floating[Any]] | None = None
+) -> tuple[list[SegmentSpec], list[VolumeMeasurement], dict[int, SegmentQuality]]:
+    """The segments found, each plausible for what it claims to be, their volumes and quality
+    measurements (with the model's confidence when its ``probabilities`` [K, *grid] are given)."""
     specs = segment_specs(p)
     vols = volumes_ml(labels, [s.label for s in specs], volume.voxel_volume_ml)
     present = [s for s in specs if vols[s.label] > 0]
@@ -273,7 +283,12 @@ def measure(
             f"the model found none of the segments ({', '.join(s.name for s in specs)}) in this series"
         )
     check_plausible(p, labels, volume, present)
-    return present, [VolumeMeasurement(s.label, round(vols[s.label], 2)) for s in present]
+    quality = check_quality(p, labels, volume, present, probabilities)
+    return (
+        present,
+        [VolumeMeasurement(s.label, round(vols[s.label], 2), quality[s.label].partial) for s in present],
+        quality,
+    )
 
 
 def radiomics(
@@ -546,7 +561,8 @@ def store_outputs(
 def check_plausible(p: PipelineConfig, labels: Labels, volume: Volume, present: list[SegmentSpec]) -> None:
     """A model run on the wrong kind of image still outputs something: refuse segments whose
     mean source value is outside the configured range (e.g. 'lungs' that are not aerated)."""
-    unit = " HU" if str(volume.datasets[0].get("Modality", "")) == "CT" else ""
+    modality = str(volume.datasets[0].get("Modality", "")) if volume.datasets else ""
+    unit = " HU" if modality == "CT" else ""
     configured = {s.label: s for s in p.segments}
     for spec in present:
         seg = configured[spec.label]
@@ -571,6 +587,68 @@ def stored_ids(stored: dict[str, StoredInstance | tuple[StoredInstance, ...]]) -
     """Orthanc ids of the stored outputs, in store order."""
     flat = [x for v in stored.values() for x in (v if isinstance(v, tuple) else (v,))]
     return [s.orthanc_id for s in flat if s.orthanc_id]
+
+
+def check_quality(
+    p: PipelineConfig,
+    labels: Labels,
+    volume: Volume,
+    present: list[SegmentSpec],
+    probabilities: NDArray[np.floating[Any]] | None,
+) -> dict[int, SegmentQuality]:
+    """Measure each segment (imaging.quality) and hold it to its configured checks; a segment
+    failing one fails the job with the measured value and the range, before anything is stored."""
+    configured = {s.label: s for s in p.segments}
+    scores = confidence(probabilities, [s.label for s in present]) if probabilities is not None else {}
+    out: dict[int, SegmentQuality] = {}
+    for spec in present:
+        seg = configured[spec.label]
+        checks = seg.checks
+        mask = labels == spec.label
+        q = measure_segment(
+            volume, mask,
+            shell_mm=checks.shell_mm if checks else 10.0,
+            tissue_above=checks.tissue_above if checks else None,
+            shape_and_surroundings=checks is not None,
+        )  # fmt: skip
+        if spec.label in scores:
+            q = replace(q, confidence=scores[spec.label][0], entropy=scores[spec.label][1])
+        out[spec.label] = q
+        if checks is None:
+            continue
+        failures = quality_failures(checks, q)
+        if failures:
+            raise BadInput(
+                f"the segment '{seg.name}' does not look like {seg.plausible_as or 'a ' + seg.name.lower()}: "
+                f"{'; '.join(failures)}. Is this the kind of study the pipeline is for? Nothing was stored"
+            )
+    return out
+
+
+def quality_failures(checks: SegmentChecks, q: SegmentQuality) -> list[str]:
+    """The checks ``q`` fails, each with the measured value and what was expected."""
+    failures = []
+    if checks.volume_ml is not None:
+        low, high = checks.volume_ml
+        share = 1.0
+        if q.partial and checks.organ_extent_mm is not None:
+            share = min(1.0, q.covered_mm / checks.organ_extent_mm)
+        if not low * share <= q.volume_ml <= high * share:
+            scaled = f" (scaled to the {q.covered_mm:.0f} mm the series covers)" if share < 1 else ""
+            failures.append(
+                f"volume {q.volume_ml:.0f} mL, expected {low * share:.0f} to {high * share:.0f} mL{scaled}"
+            )
+    minimums = (
+        ("contrast", checks.contrast, q.contrast, "contrast against its surroundings"),
+        ("variation", checks.variation, q.variation, "intensity variation inside (std/mean)"),
+        ("enclosed", checks.enclosed, q.enclosed, "share of its surroundings that is tissue"),
+        ("compactness", checks.compactness, q.compactness, "compactness (sphericity)"),
+        ("confidence", checks.confidence, q.confidence, "model confidence (mean maximum probability)"),
+    )
+    for _, minimum, value, words in minimums:
+        if minimum is not None and value is not None and value < minimum:
+            failures.append(f"{words} {value:.2f}, expected at least {minimum:g}")
+    return failures
 
 
 def classification_output(c: ClassificationResult) -> ClassificationOutput:

@@ -261,6 +261,13 @@ def _duplicate(s: Series) -> Series:
     return [*s, dup]
 
 
+def _duplicate_other_pixels(s: Series) -> Series:
+    dup = copy.deepcopy(s[12])
+    dup.InstanceNumber = 99
+    dup.PixelData = s[13].PixelData  # the same position, another image
+    return [*s, dup]
+
+
 def _shift(s: Series, k: int, mm: float) -> None:
     ipp = [float(v) for v in s[k].ImagePositionPatient]
     s[k].ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + mm]
@@ -432,7 +439,20 @@ KINDS: tuple[Kind, ...] = (
         ("no valid ImageOrientationPatient",),
         _one(lambda s: _drop(s, 9, "ImageOrientationPatient")),
     ),
-    Kind("duplicated slice", "failed", ("duplicated slices", "same position"), _one(_duplicate)),
+    # The same image sent twice under another SOP Instance UID: dropped, said in the job's notes.
+    Kind(
+        "duplicated slice",
+        "succeeded",
+        ("repeating another's position and pixel data dropped",),
+        _one(_duplicate),
+        True,
+    ),
+    Kind(
+        "duplicated position, other pixel data",
+        "failed",
+        ("duplicated slices", "same position"),
+        _one(_duplicate_other_pixels),
+    ),
     Kind(
         "missing slice",
         "failed",

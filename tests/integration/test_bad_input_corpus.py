@@ -173,6 +173,9 @@ def test_kind_ends_processed_or_refused_clearly(corpus: dict[str, Outcome], kind
         volumes = {m["segment"]: m["volume_ml"] for m in o.job["outputs"]["measurements"]}
         assert set(volumes) == {"Right lung", "Left lung"}, volumes
         assert all(v > 500 for v in volumes.values()), volumes  # an adult lung, not a speck
+        notes = " ".join(o.job["outputs"]["inputs"]["notes"])
+        for words in kind.words:  # what was done to make a volume of it
+            assert words in notes, f"{words!r} not in the job's notes: {notes!r}"
         if kind.same_as_reference:
             ref = corpus[REFERENCE].job
             assert ref is not None

@@ -316,7 +316,8 @@ def test_burst_with_kills_every_study_once(
         assert len(reports_with(ehr, our_id(j))) == 1, j["id"]
         assert len(ehr.search("/DiagnosticReport", study=j["study"]["StudyInstanceUID"])) == 1
     stats = ehr.get("/_stats")["resources"]
-    assert stats["DiagnosticReport"] == n and stats["Observation"] == 2 * n, stats
+    # per study: a volume and a panel of radiomics features per lung
+    assert stats["DiagnosticReport"] == n and stats["Observation"] == 4 * n, stats
     assert api.get("/ai/health").json()["queue"]["running"] == 0
     retried = sum(j["attempts"] > 1 or any(e["kind"] == "requeued" for e in j["events"]) for j in detail)
     print(f"burst of {n}: {retried} job(s) retried or requeued, {time.time() - started:.0f} s in all")
@@ -415,7 +416,7 @@ def test_fhir_down_during_burst_then_all_arrive_once(
     # The reports held back were retried, not lost: at least one needed more than one attempt.
     assert any(api.get(f"/ai/jobs/{j['id']}").json()["delivery"]["attempts"] > 1 for j in failing)
     stats = ehr.get("/_stats")["resources"]
-    assert stats["DiagnosticReport"] == n and stats["Observation"] == 2 * n, stats
+    assert stats["DiagnosticReport"] == n and stats["Observation"] == 4 * n, stats
     api.close()
 
 

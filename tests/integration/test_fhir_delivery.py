@@ -194,13 +194,21 @@ def test_report_arrives_once_with_resolvable_references(
     (report,) = reports_with(ehr, our_id(first_job))
     assert st["response"]["report"].startswith(f"DiagnosticReport/{report['id']}/")
     assert report["subject"]["identifier"]["value"]  # the patient, by identifier
+    kinds = []
     for ref in report["result"]:
         obs = ehr.get(f"/{ref['reference']}")
-        assert obs["resourceType"] == "Observation" and obs["valueQuantity"]["unit"] == "mL"
+        assert obs["resourceType"] == "Observation"
+        # a volume per lung (mL), and a panel of radiomics features per lung (ct-lung turns them on)
+        kinds.append("volume" if "valueQuantity" in obs else "features")
+        if "valueQuantity" in obs:
+            assert obs["valueQuantity"]["unit"] == "mL"
+        else:
+            assert obs["component"] and all(c["valueQuantity"]["value"] is not None for c in obs["component"])
         assert ehr.get(f"/{obs['device']['reference']}")["resourceType"] == "Device"
+    assert sorted(kinds) == ["features", "features", "volume", "volume"]
     (by_study,) = ehr.search("/DiagnosticReport", study=first_job["study"]["StudyInstanceUID"])
     assert by_study["id"] == report["id"]
-    assert ehr.get("/_stats")["resources"] == {"Device": 1, "DiagnosticReport": 1, "Observation": 2}
+    assert ehr.get("/_stats")["resources"] == {"Device": 1, "DiagnosticReport": 1, "Observation": 4}
     # Orthanc's read API serves the same report under our own id.
     ours = api.get("/ai/fhir/DiagnosticReport", params={"study": first_job["study"]["StudyInstanceUID"]})
     assert ours.status_code == 200 and ours.json()["total"] == 1
@@ -241,7 +249,7 @@ def test_ehr_down_during_three_jobs_then_each_report_arrives_once(
     for j in jobs:
         assert len(reports_with(ehr, our_id(j))) == 1
         assert len(ehr.search("/DiagnosticReport", study=j["study"]["StudyInstanceUID"])) == 1
-    assert ehr.get("/_stats")["resources"] == {"Device": 1, "DiagnosticReport": 4, "Observation": 8}
+    assert ehr.get("/_stats")["resources"] == {"Device": 1, "DiagnosticReport": 4, "Observation": 16}
     assert api.get("/ai/health").json()["fhir_backlog"] == 0
 
 

@@ -16,12 +16,14 @@ times that outside) and covers 10-30% of the field of view.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import highdicom as hd
 import httpx
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from devstack.stack import OrthancServer
 from orthanc_plugin.imaging.volume import build_volume
@@ -122,3 +124,43 @@ def test_mr_brain_sr_and_fhir_carry_the_volume(api: httpx.Client, processed: dic
     assert [o["code"]["text"] for o in observations] == ["Brain volume"]
     assert observations[0]["valueQuantity"]["value"] == pytest.approx(m["volume_ml"], abs=1e-3)
     assert observations[0]["bodySite"]["coding"][0]["code"] == "12738006"
+
+
+def water_bottle_study(dest: Path) -> Path:
+    """The MR series as a new study of a water bottle the scanner still labels a head: a uniform
+    160 mm cylinder of the brain's brightness with noise, air around it, same geometry."""
+    rng = np.random.default_rng(5)
+    study, series = generate_uid(), generate_uid()
+    dest.mkdir(parents=True)
+    for f in sorted(MR_A.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        pixels = ds.pixel_array
+        rows, cols = pixels.shape
+        dy, dx = (float(v) for v in ds.PixelSpacing)
+        yy, xx = np.mgrid[0:rows, 0:cols]
+        r = np.hypot((yy - (rows - 1) / 2) * dy, (xx - (cols - 1) / 2) * dx)
+        level = float(np.percentile(pixels, 99)) * 0.7
+        image = np.where(r <= 80, level, 0.0) + rng.normal(0, 0.02 * level, pixels.shape)
+        ds.PixelData = np.clip(image, 0, np.iinfo(pixels.dtype).max).astype(pixels.dtype).tobytes()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(dest / f.name, enforce_file_format=True)
+    return dest
+
+
+def test_a_water_bottle_labelled_brain_is_refused_and_nothing_reaches_the_ehr(
+    orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    require_data(MR_A)
+    folder = water_bottle_study(tmp_path / "bottle")
+    with httpx.Client(base_url=orthanc.url, timeout=60) as c:
+        sid = upload_folder(c, folder)
+        job = wait_job_done(c, study_uid(c, sid), timeout=900, orthanc=orthanc)
+        assert job["pipeline"] == "mr-brain"
+        assert job["state"] == "failed", job
+        print(f"water bottle: {job['error']}")
+        assert "does not look like a brain" in job["error"]
+        assert "Is this the kind of study the pipeline is for?" in job["error"]
+        assert job.get("fhir") is None
+        assert series_by_modality(c, sid, "SEG") == [] and series_by_modality(c, sid, "SR") == []

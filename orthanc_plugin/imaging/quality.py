@@ -1,0 +1,179 @@
+"""Is a segment what it claims to be? Measurements that tell a brain from a water bottle.
+
+A network run on the wrong kind of image still answers something, often with high confidence:
+a brain network given an MR of a water-filled phantom outlines a "brain" of a litre and a
+half. These are measurements of a segment, each cheap and independent of the network, that
+a pipeline's checks (:class:`~orthanc_plugin.core.config.SegmentChecks`) compare with the range
+its anatomy allows:
+
+* ``mean``: the mean source value inside (HU on CT);
+* ``volume_ml`` and ``covered_fraction``: the volume, and how much of the organ's typical
+  extent along the slice normal the series covers when the segment is cut by its first or
+  last slice (``partial``): a 75 mm slab holds only part of a brain;
+* ``contrast``: Michelson contrast |a - b| / (|a| + |b|) between the mean inside and the mean
+  in a shell around the segment (in-plane, ``shell_mm`` wide): an organ differs from what
+  surrounds it, the inside of a bottle from more of the bottle does not;
+* ``variation``: standard deviation / |mean| inside: grey and white matter, vessels in lung,
+  against the flat signal of a phantom;
+* ``enclosed``: the share of that shell that is tissue (above ``tissue_above``, by default a
+  tenth of the image's 99.5th percentile): a brain lies inside a head, a bottle in air;
+* ``compactness``: sphericity pi^(1/3) (6 V)^(2/3) / A (1 for a ball): an organ is one
+  compact body, a network answering noise gives ragged shapes;
+* ``confidence`` and ``entropy``: the network's own mean maximum probability and mean
+  normalised entropy over the segment's voxels on its grid (recorded, checked if asked).
+
+Computation only; the worker's pipeline decides what a failed check means.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from orthanc_plugin.imaging.volume import Volume
+
+#: Sub-sampling step for means over big segments (every other voxel along each axis is plenty).
+_STEP = 2
+
+
+@dataclass(frozen=True)
+class SegmentQuality:
+    """What :func:`measure_segment` found for one segment (``None``: not measured)."""
+
+    volume_ml: float
+    partial: bool
+    covered_mm: float
+    mean: float | None = None
+    contrast: float | None = None
+    variation: float | None = None
+    enclosed: float | None = None
+    compactness: float | None = None
+    confidence: float | None = None
+    entropy: float | None = None
+
+    def recorded(self) -> dict[str, float]:
+        """The measured values, rounded, for the job's record."""
+        out: dict[str, float] = {}
+        for name in ("contrast", "variation", "enclosed", "compactness", "confidence", "entropy"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = round(float(value), 4)
+        return out
+
+
+def touches_ends(mask: NDArray[np.bool_]) -> bool:
+    """True when the segment has a voxel on the first or last slice: the series cuts it."""
+    return bool(mask[0].any() or mask[-1].any())
+
+
+def measure_segment(
+    volume: Volume,
+    mask: NDArray[np.bool_],
+    *,
+    shell_mm: float = 10.0,
+    tissue_above: float | None = None,
+    shape_and_surroundings: bool = True,
+) -> SegmentQuality:
+    """Measure the segment ``mask`` (on ``volume``'s grid) as the module docstring says."""
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask shaped {mask.shape}, the volume is {volume.shape}")
+    voxel_ml = volume.voxel_volume_ml
+    count = int(np.count_nonzero(mask))
+    covered = volume.shape[0] * volume.spacing[0]
+    if count == 0:
+        return SegmentQuality(0.0, False, covered)
+    voxels = volume.voxels
+    inside = _sampled(voxels, mask)
+    mean = float(inside.mean())
+    if not shape_and_surroundings:
+        return SegmentQuality(count * voxel_ml, touches_ends(mask), covered, mean=mean)
+    variation = float(inside.std() / abs(mean)) if mean != 0 else math.inf
+    shell = _shell(mask, volume.spacing, shell_mm)
+    if shell.any():
+        around = voxels[shell]
+        around_mean = float(around.mean())
+        denominator = abs(mean) + abs(around_mean)
+        contrast = abs(mean - around_mean) / denominator if denominator > 0 else 0.0
+        threshold = tissue_above if tissue_above is not None else 0.1 * float(np.percentile(voxels, 99.5))
+        enclosed = float(np.count_nonzero(around > threshold)) / around.size
+    else:  # the segment fills every slice: nothing around it to compare with
+        contrast, enclosed = 0.0, 0.0
+    return SegmentQuality(
+        volume_ml=count * voxel_ml,
+        partial=touches_ends(mask),
+        covered_mm=covered,
+        mean=mean,
+        contrast=contrast,
+        variation=variation,
+        enclosed=enclosed,
+        compactness=sphericity(mask, volume.spacing),
+    )
+
+
+def _sampled(voxels: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
+    sub = mask[::_STEP, ::_STEP, ::_STEP]
+    if np.count_nonzero(sub) >= 1000:
+        return np.asarray(voxels[::_STEP, ::_STEP, ::_STEP][sub], dtype=np.float32)
+    return np.asarray(voxels[mask], dtype=np.float32)
+
+
+def _shell(
+    mask: NDArray[np.bool_], spacing: tuple[float, float, float], shell_mm: float
+) -> NDArray[np.bool_]:
+    """The band up to ``shell_mm`` around the segment in each slice's plane (in-plane only, so a
+    slab's missing neighbours beyond its ends do not count as 'outside')."""
+    _, dy, dx = spacing
+    ry, rx = max(1, round(shell_mm / dy)), max(1, round(shell_mm / dx))
+    yy, xx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
+    disc = ((yy * dy) ** 2 + (xx * dx) ** 2) <= shell_mm**2 + 1e-9
+    structure = disc[np.newaxis]
+    z = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    box = (slice(int(z[0]), int(z[-1]) + 1),)
+    grown = ndimage.binary_dilation(mask[box], structure=structure)
+    shell = np.zeros_like(mask)
+    shell[box] = grown & ~mask[box]
+    return shell
+
+
+def sphericity(mask: NDArray[np.bool_], spacing: tuple[float, float, float]) -> float:
+    """pi^(1/3) (6 V)^(2/3) / A, the area counted as voxel faces between inside and outside.
+
+    Counting faces overestimates a smooth surface (by up to 3/2 for a ball), so a voxelised
+    ball scores about 0.67, not 1; thresholds are set against such values.
+    """
+    dz, dy, dx = spacing
+    padded = np.pad(mask, 1).astype(np.int8)
+    area = 0.0
+    for axis, face in ((0, dy * dx), (1, dz * dx), (2, dz * dy)):
+        area += float(np.count_nonzero(np.diff(padded, axis=axis))) * face
+    volume = float(np.count_nonzero(mask)) * dz * dy * dx
+    if area == 0:
+        return 0.0
+    return float(math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area)
+
+
+def confidence(probabilities: NDArray[np.floating[Any]], labels: list[int]) -> dict[int, tuple[float, float]]:
+    """Per label: mean maximum probability and mean normalised entropy over the voxels of the
+    model grid the network gave that label (channel ``label`` of ``probabilities[K, ...]``)."""
+    p = np.asarray(probabilities, dtype=np.float32)
+    k = p.shape[0]
+    if k < 2:
+        return {}
+    winner = np.argmax(p, axis=0)
+    top = np.max(p, axis=0)
+    out: dict[int, tuple[float, float]] = {}
+    for label in labels:
+        if label >= k:
+            continue
+        where = winner == label
+        if not where.any():
+            continue
+        q = np.clip(p[:, where], 1e-7, 1.0)
+        entropy = float((-(q * np.log(q)).sum(axis=0) / math.log(k)).mean())
+        out[label] = (float(top[where].mean()), entropy)
+    return out
