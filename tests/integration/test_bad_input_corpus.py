@@ -166,7 +166,11 @@ def test_kind_ends_processed_or_refused_clearly(corpus: dict[str, Outcome], kind
         assert o.job["state"] == "succeeded", o.job["error"]
         assert o.job["attempts"] == 1
         assert o.job["series"]["ct"]["series_uid"] == first_series, o.job["series"]
+        # what the shipped ct-lung stores: PDF summary, 3 key images, RTSTRUCT, SEG, SR
         assert sorted((s["MainDicomTags"]["Modality"], len(s["Instances"])) for s in ours) == [
+            ("DOC", 1),
+            ("OT", 3),
+            ("RTSTRUCT", 1),
             ("SEG", 1),
             ("SR", 1),
         ], ours
