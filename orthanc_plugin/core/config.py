@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.db_target import DatabaseTarget, PostgresTarget, check_postgres_url
+from orthanc_plugin.core.features import FEATURES_BY_ID
 from orthanc_plugin.core.results import SegmentSpec, check_identifier_system
 
 
@@ -165,19 +166,37 @@ class Costs(_Strict):
     false_positive: float = Field(gt=0)
 
 
+class FeatureRef(_Strict):
+    """One radiomics feature of one segment, as an element of a classifier's feature vector."""
+
+    segment: str = Field(min_length=1, description="the segment's tracking_id (or its name)")
+    feature: str = Field(description="IBSI feature identifier, e.g. stat.mean (docs/radiomics.md)")
+
+    @field_validator("feature")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in FEATURES_BY_ID:
+            raise ValueError(
+                f"unknown radiomics feature {v!r}; the features computed are listed in docs/radiomics.md"
+            )
+        return v
+
+
 class Classifier(_Strict):
     """A classification model chained after the segmentation, in the same job.
 
-    Its inputs are named tensors of the first step: ``image`` (what the segmentation model
-    saw) and ``segmentation`` (its output probabilities). Its output is one probability per
-    class, in the order of ``classes``. The finding is ``positive`` when its probability is
-    at least ``threshold``, or, given ``costs``, at least the Bayes operating point
+    Each of its inputs is a named tensor of the first step, ``image`` (what the segmentation
+    model saw) or ``segmentation`` (its output probabilities), or a feature vector: a list of
+    radiomics features of the segments found (``outputs.radiomics`` computes them), fed as a
+    float32 tensor [1, n] in the order listed. Its output is one probability per class, in the
+    order of ``classes``. The finding is ``positive`` when its probability is at least
+    ``threshold``, or, given ``costs``, at least the Bayes operating point
     false_positive / (false_positive + false_negative) for calibrated probabilities.
     """
 
     name: str = Field(description="what is classified, shown in the SR and the FHIR Observation")
     model: ModelRef
-    inputs: dict[str, Literal["image", "segmentation"]] = Field(min_length=1)
+    inputs: dict[str, Literal["image", "segmentation"] | list[FeatureRef]] = Field(min_length=1)
     classes: list[str] = Field(min_length=2)
     positive: str
     threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -192,7 +211,15 @@ class Classifier(_Strict):
             raise ValueError(f"positive class {self.positive!r} is not one of classes {self.classes}")
         if (self.threshold is None) == (self.costs is None):
             raise ValueError("give exactly one of 'threshold' or 'costs'")
+        for name, source in self.inputs.items():
+            if isinstance(source, list) and not source:
+                raise ValueError(f"classify input {name!r}: the feature list is empty")
         return self
+
+    @property
+    def features(self) -> list[FeatureRef]:
+        """Every feature the inputs name (in input order, then list order)."""
+        return [f for source in self.inputs.values() if isinstance(source, list) for f in source]
 
     @property
     def operating_point(self) -> float:
@@ -471,6 +498,16 @@ class PipelineConfig(_Strict):
         labels = [s.label for s in self.segments]
         if len(set(labels)) != len(labels):
             raise ValueError(f"segment labels must be unique, got {labels}")
+        if self.classify is not None and self.classify.features:
+            if self.outputs.radiomics is None:
+                raise ValueError("classify takes radiomics features: turn on outputs.radiomics")
+            known = {s.tracking_id or s.name for s in self.segments} | {s.name for s in self.segments}
+            for f in self.classify.features:
+                if f.segment not in known:
+                    raise ValueError(
+                        f"classify feature {f.feature} of segment {f.segment!r}: no such segment "
+                        f"(tracking_id or name; known: {sorted(known)})"
+                    )
         return self
 
 

@@ -26,7 +26,14 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from orthanc_plugin.core.config import InputRole, PipelineConfig, SegmentChecks, Settings, segment_specs
+from orthanc_plugin.core.config import (
+    FeatureRef,
+    InputRole,
+    PipelineConfig,
+    SegmentChecks,
+    Settings,
+    segment_specs,
+)
 from orthanc_plugin.core.handoff import (
     ClassificationOutput,
     FeaturesOutput,
@@ -154,14 +161,15 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
     labels = run.stage("postprocess", lambda: prepared.labels(probs[0], p.largest_component))
     volume = prepared.reference
     present, measurements, quality = measure(p, volume, labels, probs[0])
+    features = []
+    if p.outputs.radiomics is not None:
+        # Before classify: a classifier may take features as its input.
+        features = run.stage("radiomics", lambda: radiomics(p, volume, labels, present))
     classifications = []
     if p.classify is not None:
         classifications.append(
-            run.stage("classify", lambda: classify(run.triton, p, prepared.tensor, probs, present))
+            run.stage("classify", lambda: classify(run.triton, p, prepared.tensor, probs, present, features))
         )
-    features = []
-    if p.outputs.radiomics is not None:
-        features = run.stage("radiomics", lambda: radiomics(p, volume, labels, present))
     findings = Findings(present, measurements, classifications, features)
     algorithm = AlgorithmInfo(
         name=p.algorithm_name, version=p.version, model_name=model.name, model_version=model.version
@@ -344,12 +352,19 @@ def classify(
     tensor: Float32Array,
     probs: Float32Array,
     present: list[SegmentSpec],
+    features: list[SegmentFeatures] | None = None,
 ) -> ClassificationResult:
-    """Run the chained classifier on the first model's input and output."""
+    """Run the chained classifier on the first model's input and output, or on radiomics
+    features of the segments found (a float32 vector [1, n] per feature-list input)."""
     c = p.classify
     assert c is not None
     model = triton.model_info(c.model.name, c.model.version)
-    feeds = {name: (tensor if source == "image" else probs) for name, source in c.inputs.items()}
+    feeds: dict[str, Float32Array] = {}
+    for name, source in c.inputs.items():
+        if isinstance(source, list):
+            feeds[name] = feature_vector(source, present, features or [])
+        else:
+            feeds[name] = tensor if source == "image" else probs
     out = triton.infer(model.name, feeds, [c.model.output], model.version)[c.model.output]
     scores = np.asarray(out, dtype=np.float64).reshape(-1)
     if scores.size != len(c.classes) or not np.all(np.isfinite(scores)):
@@ -379,6 +394,29 @@ def classify(
         absent=c.absent.to_code() if c.absent is not None else None,
         validated_for=c.validated_for,
     )
+
+
+def feature_vector(
+    refs: list[FeatureRef], present: list[SegmentSpec], features: list[SegmentFeatures]
+) -> Float32Array:
+    """The listed features of the segments found, as a float32 tensor [1, len(refs)]."""
+    label_of = {s.tracking_id: s.label for s in present} | {s.name: s.label for s in present}
+    values = {(f.segment_label, v.id): v.value for f in features for v in f.features}
+    out = []
+    for ref in refs:
+        label = label_of.get(ref.segment)
+        if label is None:
+            raise BadInput(
+                f"the classifier takes {ref.feature} of the segment '{ref.segment}', which the model did not "
+                "find in this series"
+            )
+        value = values.get((label, ref.feature))
+        if value is None or not np.isfinite(value):
+            raise BadInput(
+                f"the classifier takes {ref.feature} of the segment '{ref.segment}': it has no value"
+            )
+        out.append(value)
+    return np.asarray([out], dtype=np.float32)
 
 
 def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorithm: AlgorithmInfo) -> Encoded:

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: AGPL-3.0-or-later
 // Drives OHIF 3.13 in headless Debian Chromium (playwright-core, no bundled browser) for
-// tests/integration/test_ohif.py: opens one study, loads its SEG and its SR the way a user does
-// (double-click in the study browser, confirm), and reports what OHIF itself says it has loaded.
+// tests/integration/test_ohif.py: opens one study, loads its SEG, its SR and (when the study has
+// one) its RTSTRUCT the way a user does (double-click in the study browser, confirm), and reports
+// what OHIF itself says it has loaded.
 //
 //   node tests/integration/ohif_check.mjs --url <viewer url> --out <artefact dir> [--chromium PATH]
+//     [--expect SEG,SR,RTSTRUCT]
 //
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if OHIF misbehaved), 2 on a usage error.
@@ -72,9 +74,15 @@ try {
 
   report.step = 'open the study';
   await page.goto(args.url);
-  await page.waitForFunction(() => {
+  // --expect: the output modalities the study must show (default SEG,SR), besides the CT.
+  const expected = (args.expect ?? 'SEG,SR').split(',').filter(Boolean);
+  await page.waitForFunction((want) => {
     const sets = window.services?.displaySetService?.getActiveDisplaySets() ?? [];
-    return ['SEG', 'SR'].every((m) => sets.some((d) => d.Modality === m)) && sets.some((d) => d.Modality === 'CT');
+    window.__ohifCheckModalities = sets.map((d) => d.Modality);
+    return want.every((m) => sets.some((d) => d.Modality === m)) && sets.some((d) => d.Modality === 'CT');
+  }, expected).catch(async (err) => {
+    const seen = await page.evaluate(() => window.__ohifCheckModalities ?? []);
+    throw new Error(`display sets ${JSON.stringify(seen)}, expected CT and ${expected.join(', ')}: ${err.message}`);
   });
   report.displaySets = await page.evaluate(() => window.services.displaySetService.getActiveDisplaySets().map((d) => ({
     uid: d.displaySetInstanceUID, modality: d.Modality, description: d.SeriesDescription,
@@ -157,6 +165,69 @@ try {
   mark('sr_screenshot');
   await page.waitForTimeout(500);
   report.ok = true;
+
+  // The RT Structure Set, when the study has one: its own try, so that a failure here is reported
+  // as report.rtstruct.error and does not hide what the SEG and SR steps found.
+  const rt = report.displaySets.find((d) => d.modality === 'RTSTRUCT');
+  report.rtstruct = rt ? { error: null } : null;
+  if (rt) {
+    try {
+      report.step = 'load the RTSTRUCT';
+      await page.locator(`#thumbnail-${rt.uid}`).dblclick();
+      // OHIF asks as for a SEG ("open this Segmentation?"), then shows the referenced CT with the
+      // contours. Answer the prompt whenever it shows; done once the viewport has stayed the same
+      // (CT on screen, a contour segmentation represented in it) for a second.
+      await page.waitForFunction(() => {
+        const yes = [...document.querySelectorAll('button')].find((b) => b.textContent.trim() === 'Yes');
+        if (yes && /open this/i.test(document.body.innerText)) yes.click();
+        const { segmentationService, viewportGridService, displaySetService } = window.services;
+        const id = viewportGridService.getActiveViewportId();
+        const shown = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
+        const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
+        const contour = segmentationService.getSegmentations().find((s) => s.representationData?.Contour);
+        const ready = contour
+          && segmentationService.getSegmentationRepresentations(id)
+            .some((r) => r.segmentationId === contour.segmentationId)
+          && shown.some((uid) => displaySetService.getDisplaySetByUID(uid)?.Modality === 'CT')
+          && viewport?.getCurrentImageId?.();
+        const now = performance.now();
+        if (!ready || window.__ohifCheckViewport !== viewport) {
+          window.__ohifCheckViewport = ready ? viewport : null;
+          window.__ohifCheckSince = now;
+          return false;
+        }
+        return now - window.__ohifCheckSince > 1000;
+      }, null, { polling: 200 });
+      mark('rtstruct_loaded');
+      // Show the middle of the first ROI, where both lungs are drawn.
+      await page.evaluate(() => {
+        const { segmentationService, viewportGridService } = window.services;
+        const contour = segmentationService.getSegmentations().find((s) => s.representationData?.Contour);
+        const first = Math.min(...Object.keys(contour.segments).map(Number).filter((k) => contour.segments[k]));
+        segmentationService.jumpToSegmentCenter(
+          contour.segmentationId, first, viewportGridService.getActiveViewportId(), 0.9, false, 0,
+        );
+      });
+      // Done once the slice on screen carries contour annotations of the structure set.
+      await page.waitForFunction(() => {
+        const { viewportGridService } = window.services;
+        const id = viewportGridService.getActiveViewportId();
+        const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
+        const imageId = viewport?.getCurrentImageId?.();
+        return window.cornerstoneTools.annotation.state.getAllAnnotations()
+          .some((a) => a.metadata?.referencedImageId === imageId && a.data?.segmentation);
+      }, null, { polling: 200 }).catch(() => {});
+      await page.waitForTimeout(1000); // the contours are drawn (SVG) on the next render
+      report.rtstruct = await page.evaluate(inspectContours, rt.uid);
+      report.rtstruct.error = null;
+      await shot('ohif-rtstruct.png');
+      mark('rtstruct_screenshot');
+    } catch (err) {
+      report.rtstruct = { ...(report.rtstruct ?? {}), error: String(err && err.message ? err.message : err) };
+      const file = path.join(args.out, 'ohif-rtstruct-failure.png');
+      await page.screenshot({ path: file }).then(() => report.screenshots.push(file)).catch(() => {});
+    }
+  }
   report.step = 'done';
 } catch (err) {
   report.error = String(err && err.message ? err.message : err);
@@ -228,4 +299,46 @@ function inspectSegmentation() {
     };
   }
   return out;
+}
+
+// Runs in the page: the RT Structure Set as OHIF parsed it (its display set's ROIs), the contour
+// segmentation made of it, and the contours on the CT slice on screen (annotations, SVG paths).
+function inspectContours(rtUid) {
+  const { segmentationService, viewportGridService, displaySetService } = window.services;
+  const ds = displaySetService.getDisplaySetByUID(rtUid);
+  const viewportId = viewportGridService.getActiveViewportId();
+  const vpState = viewportGridService.getState().viewports.get(viewportId);
+  const shownSet = displaySetService.getDisplaySetByUID(vpState.displaySetInstanceUIDs[0]);
+  const contour = segmentationService.getSegmentations().find((s) => s.representationData?.Contour);
+  const rep = contour && segmentationService.getSegmentationRepresentations(viewportId)
+    .find((r) => r.segmentationId === contour.segmentationId);
+  const enabled = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === viewportId);
+  const imageId = enabled.viewport.getCurrentImageId();
+  const onSlice = window.cornerstoneTools.annotation.state.getAllAnnotations()
+    .filter((a) => a.metadata?.referencedImageId === imageId && a.data?.segmentation);
+  const element = enabled.viewport.element;
+  return {
+    modality: ds?.Modality,
+    isLoaded: Boolean(ds?.isLoaded),
+    roiNames: (ds?.structureSet?.ROIContours ?? []).map((r) => r.ROIName),
+    segmentation: contour ? {
+      label: contour.label,
+      representations: Object.keys(contour.representationData ?? {}),
+      segments: Object.values(contour.segments).filter(Boolean)
+        .map((s) => ({ index: s.segmentIndex, label: s.label })),
+    } : null,
+    representation: rep ? {
+      type: rep.type, visible: rep.visible,
+      segments: Object.fromEntries(Object.entries(rep.segments ?? {})
+        .map(([k, v]) => [k, { visible: v.visible, color: v.color }])),
+    } : null,
+    viewportSeries: { modality: shownSet?.Modality, description: shownSet?.SeriesDescription },
+    imageIndex: enabled.viewport.getCurrentImageIdIndex(),
+    slice: {
+      annotations: onSlice.length,
+      segments: [...new Set(onSlice.map((a) => a.data.segmentation.segmentIndex))].sort(),
+      points: onSlice.reduce((n, a) => n + (a.data?.contour?.polyline?.length ?? 0), 0),
+      svgShapes: element ? element.querySelectorAll('svg path, svg polyline').length : 0,
+    },
+  };
 }

@@ -1,9 +1,10 @@
-"""OHIF 3.13 shows what the plugin stored: the SEG as an overlay on the CT, the SR's measurements.
+"""OHIF 3.13 shows what the plugin stored: the SEG as an overlay on the CT, the SR's measurements
+(volumes, radiomics features in further measurements), the RTSTRUCT's contours on the CT.
 
 Real Orthanc + real Triton (the session fixtures), the viewer proxy of ``devstack.viewer``,
 and headless Debian Chromium driven by ``ohif_check.mjs`` (playwright-core). The assertions are on
 what OHIF itself reports through ``window.services`` and Cornerstone, not only on pixels; the
-screenshots ``test-artifacts/ohif-seg.png`` and ``ohif-sr.png`` are kept for a person to look at.
+screenshots ``test-artifacts/ohif-seg.png``, ``ohif-sr.png`` and ``ohif-rtstruct.png`` are kept for a person to look at.
 """
 
 from __future__ import annotations
@@ -48,10 +49,18 @@ def ohif(viewer_tools: None, orthanc: OrthancServer, artifacts: Path) -> dict[st
         uid = study_uid(c, upload_folder(c, CT_B40))
         job = wait_job_done(c, uid, orthanc=orthanc)
     assert job["state"] == "succeeded", f"the AI job did not succeed, nothing to show: {job['error']}"
-    for name in ("ohif-seg.png", "ohif-sr.png", "ohif-failure.png", "ohif-report.json"):
+    for name in (
+        "ohif-seg.png", "ohif-sr.png", "ohif-rtstruct.png", "ohif-failure.png", "ohif-rtstruct-failure.png",
+        "ohif-report.json",
+    ):  # fmt: skip
         (artifacts / name).unlink(missing_ok=True)
     with ViewerServer(orthanc.url, free_port()) as viewer:
-        report = run_check(CHECK_SCRIPT, ["--url", viewer.viewer_url(uid)], artifacts, "ohif-report.json")
+        report = run_check(
+            CHECK_SCRIPT,
+            ["--url", viewer.viewer_url(uid), "--expect", "SEG,SR,RTSTRUCT"],
+            artifacts,
+            "ohif-report.json",
+        )
     report["job"] = job
     return report
 
@@ -69,7 +78,7 @@ def test_ohif_loads_the_study_without_crashing(ohif: dict[str, Any]) -> None:
     crashes = json.dumps(ohif["errorBoundary"])
     assert not ohif["errorBoundary"], f"OHIF caught a crash (Error Boundary): {crashes}"
     modalities = sorted(d["modality"] for d in ohif["displaySets"])
-    assert {"CT", "SEG", "SR"} <= set(modalities), f"OHIF's display sets: {modalities}"
+    assert {"CT", "SEG", "SR", "RTSTRUCT"} <= set(modalities), f"OHIF's display sets: {modalities}"
 
 
 def test_seg_is_a_visible_overlay_on_the_ct_with_segment_names(ohif: dict[str, Any]) -> None:
@@ -116,3 +125,25 @@ def test_sr_measurements_are_listed_with_their_volumes(ohif: dict[str, Any]) -> 
     text = " ".join(sr["svgText"])
     drawn = "Volume:" in text and re.search(r"\d+\.\d\d (ml|mL)", text)
     assert drawn, f"no volume drawn on the image: {text!r}"
+
+
+def test_rtstruct_contours_are_drawn_on_the_ct_with_roi_names(ohif: dict[str, Any], artifacts: Path) -> None:
+    """The RT Structure Set loads as OHIF's contour segmentation; its ROIs are drawn on the CT."""
+    assert ohif["ok"], _failure(ohif)
+    rt = ohif["rtstruct"]
+    assert rt is not None, "the study has no RTSTRUCT display set"
+    assert rt["error"] is None, f"{rt['error']} (screenshots: {ohif['screenshots']})\n{_failure(ohif)}"
+    assert not ohif["errorBoundary"], f"OHIF caught a crash: {json.dumps(ohif['errorBoundary'])}"
+    assert rt["isLoaded"] and rt["roiNames"] == ["Right lung", "Left lung"], rt
+    seg = rt["segmentation"]
+    assert seg is not None and "Contour" in seg["representations"], f"no contour segmentation: {seg}"
+    assert [s["label"] for s in seg["segments"]] == ["Right lung", "Left lung"], seg
+    rep = rt["representation"]
+    assert rep is not None and rep["type"] == "Contour" and rep["visible"], f"no visible contours: {rep}"
+    assert rt["viewportSeries"]["modality"] == "CT", f"the contours are not on the CT: {rt['viewportSeries']}"
+    on_slice = rt["slice"]
+    assert on_slice["segments"] == [1, 2], (
+        f"both lungs should be contoured on slice {rt['imageIndex']}: {on_slice}"
+    )
+    assert on_slice["points"] > 20 and on_slice["svgShapes"] >= 2, f"no contour drawn: {on_slice}"
+    assert (artifacts / "ohif-rtstruct.png").is_file()
