@@ -9,6 +9,7 @@ monitoring orders jobs by when they finished and measures the time to review.
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from orthanc_plugin.core.handoff import (
@@ -54,7 +55,7 @@ def write_jobs(store: JobStore, reviews: Reviews, specs: list[Spec], start: floa
     ids = []
     for i, spec in enumerate(specs):
         key = f"{prefix}{i}"
-        job, _ = store.enqueue(key, f"2.25.{abs(hash(key)) % 10**12}", f"study-{key}", "ct-lung", "1.0.0",
+        job, _ = store.enqueue(key, f"2.25.{zlib.crc32(key.encode())}", f"study-{key}", "ct-lung", "1.0.0",
                                "fp", JobInput(), max_attempts=1)  # fmt: skip
         claimed = store.claim("w-monitor", lease_s=60)
         assert claimed is not None and claimed.id == job.id
