@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from scipy import stats
 
-from orthanc_plugin.core.handoff import AcquisitionInfo
+from orthanc_plugin.core.handoff import AcquisitionInfo, JobOutputs
 from orthanc_plugin.imaging.acquisition import acquisition_of, age_band
 from orthanc_plugin.jobs.reviews import Reviews
 from orthanc_plugin.jobs.store import JobStore
@@ -31,6 +31,7 @@ from orthanc_plugin.server.api import Api
 from orthanc_plugin.server.metrics import render_metrics
 
 from ..monitoring_jobs import GE, SIEMENS, Spec, write_jobs
+from .jobs_helpers import outputs
 from .test_metrics import parse, value
 
 # --------------------------------------------------------------------------- statistics
@@ -196,3 +197,10 @@ def test_the_api_answers_monitoring_and_refuses_bad_windows(db: tuple[JobStore, 
     assert status == 400 and "recent must be" in body["error"]
     assert api.handle("GET", "/models/nope/monitoring", {}, b"")[0] == 404
     assert api.handle("GET", "/viewer", {}, b"") == (200, {"url": "http://ohif.example"})
+
+
+def test_outputs_written_before_the_acquisition_existed_still_read() -> None:
+    older = outputs().to_json()
+    del older["acquisition"]
+    assert JobOutputs.from_json(older).acquisition is None
+    assert input_categories(JobOutputs.from_json(older).acquisition)["manufacturer"] == "unknown"
