@@ -95,6 +95,8 @@ class OrthancServer:
         for name, default in (
             ("ORTHANC_AI_PIPELINES", str(ROOT / "config" / "pipelines.yaml")),
             ("ORTHANC_AI_FHIR_URL", ""),
+            # The OHIF viewer the admin page links studies to (devstack/viewer.py), empty: none.
+            ("ORTHANC_AI_VIEWER_URL", ""),
             ("ORTHANC_AI_FHIR_TOKEN", ""),
             ("ORTHANC_AI_DELIVERY_MAX_BACKOFF", "300"),
             ("ORTHANC_AI_PATIENT_ID_SYSTEM", ""),
@@ -285,7 +287,8 @@ def up(workers: int, stable_age: int) -> int:
     if orthanc_pid is None:
         server = OrthancServer(
             VAR / "orthanc-storage", workers=workers, stable_age=stable_age,
-            extra_env={"ORTHANC_AI_FHIR_URL": fhir_url},
+            extra_env={"ORTHANC_AI_FHIR_URL": fhir_url,
+                       "ORTHANC_AI_VIEWER_URL": os.environ.get("ORTHANC_AI_VIEWER_URL", f"http://127.0.0.1:{VIEWER_PORT}")},
         )  # fmt: skip
         try:
             server.start(timeout=60, detach=True)

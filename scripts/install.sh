@@ -22,4 +22,13 @@ if [ ! -x .venv/bin/python ] || ! cmp -s requirements-dev.txt .venv/.installed-d
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
   cp requirements.txt .venv/.installed; cp requirements-stack.txt .venv/.installed-stack; cp requirements-dev.txt .venv/.installed-dev
 fi
+# Chart.js (MIT) for the admin page's Models view: npm ci from the committed lock file into
+# orthanc_plugin/server/ui/vendor/node_modules (served by the plugin, never committed); redone only
+# when the lock file changed.
+VENDOR=orthanc_plugin/server/ui/vendor
+if ! cmp -s "$VENDOR/package-lock.json" "$VENDOR/node_modules/.installed-lock" 2>/dev/null; then
+  command -v npm >/dev/null 2>&1 || { echo "error: 'npm' not found: install Node.js >= 20 (the admin page's charts)" >&2; exit 1; }
+  (cd "$VENDOR" && npm ci --silent --no-audit --no-fund)
+  cp "$VENDOR/package-lock.json" "$VENDOR/node_modules/.installed-lock"
+fi
 echo "install: ok"

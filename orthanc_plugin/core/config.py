@@ -611,6 +611,12 @@ class Settings(_Strict):
         alias="ReviewerOrganization",
         description="VerifyingOrganization of the SRs that reviews verify",
     )
+    viewer_url: str | None = Field(
+        default=None,
+        alias="ViewerUrl",
+        description="base URL of the OHIF viewer (its /viewer?StudyInstanceUIDs= route) that the admin "
+        "page's review view links studies to; unset or empty: no link",
+    )
     lease_seconds: float = Field(default=30.0, gt=1, alias="LeaseSeconds")
     max_attempts: int = Field(default=3, ge=1, le=20, alias="MaxAttempts")
     retry_backoff_seconds: float = Field(default=5.0, ge=0, alias="RetryBackoffSeconds")

@@ -105,6 +105,18 @@ class InputsInfo(_Record):
     notes: tuple[str, ...] = ()
 
 
+class AcquisitionInfo(_Record):
+    """How the reference series was acquired, for input-drift monitoring: the scanner, its
+    reconstruction and the patient's age band (a band of years, never the age or birth date)."""
+
+    manufacturer: str | None = None
+    model: str | None = None  # ManufacturerModelName
+    kernel: str | None = None  # ConvolutionKernel, values joined by "\\"
+    slice_thickness_mm: float | None = None
+    pixel_spacing_mm: float | None = None  # the row spacing (PixelSpacing[0])
+    age_band: str | None = None  # e.g. "40-59"; see imaging.acquisition.AGE_BANDS
+
+
 class ClassificationOutput(_Record):
     name: str
     finding: str
@@ -152,6 +164,8 @@ class JobOutputs(_Record):
     forward: dict[str, Any] | None = None
     classifications: tuple[ClassificationOutput, ...] = ()
     features: FeaturesOutput | None = None
+    #: the reference series' acquisition (monitoring); None in records written before it existed
+    acquisition: AcquisitionInfo | None = None
 
     @model_validator(mode="before")
     @classmethod

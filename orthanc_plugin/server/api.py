@@ -20,6 +20,13 @@ from orthanc_plugin.intake.changes import Intake, StudyGone
 from orthanc_plugin.jobs.outbox import HL7, Outbox
 from orthanc_plugin.jobs.reviews import Review, Reviews, outbox_key
 from orthanc_plugin.jobs.store import Job, JobStateError, JobStore
+from orthanc_plugin.monitoring.report import (
+    RECENT_JOBS,
+    REFERENCE_JOBS,
+    load_records,
+    model_report,
+    models_summary,
+)
 from orthanc_plugin.orthanc_rest import forwarding
 from orthanc_plugin.server.audit import build_audit
 
@@ -173,6 +180,8 @@ class Api:
     reviewer_users: list[str] | None = None
     # POST /ai/jobs/{id}/forward: (job id, every destination?) -> new forwarding status (plugin.py).
     forward: Callable[[str, bool], dict[str, Any]] | None = None
+    # The OHIF viewer's base URL (OrthancAI.ViewerUrl) the admin page links studies to; None: no link.
+    viewer_url: str | None = None
 
     def __post_init__(self) -> None:
         self.reports = FhirReports(self.store.path)
@@ -284,7 +293,36 @@ class Api:
             (r"/fhir/DiagnosticReport", "GET", self.search_reports),
             (r"/fhir/(DiagnosticReport|Observation|Device)/([0-9A-Fa-f-]+)", "GET", self.read_fhir),
             (r"/deliveries", "GET", self.list_deliveries),
+            (r"/models", "GET", self.list_models),
+            (r"/models/([0-9A-Za-z._-]+)/monitoring", "GET", self.model_monitoring),
+            (r"/viewer", "GET", self.get_viewer),
         ]
+
+    def list_models(self, query: Mapping[str, str], body: bytes) -> Response:
+        """Every model that produced succeeded jobs, with the job count of each version."""
+        return 200, models_summary(load_records(self.store, self.reviews))
+
+    def model_monitoring(self, query: Mapping[str, str], body: bytes, name: str) -> Response:
+        """Reviews, edits and drift of a model per version (docs/monitoring.md); ``?reference=N``
+        and ``?recent=M`` size the windows in jobs."""
+        sizes = {}
+        for key, default in (("reference", REFERENCE_JOBS), ("recent", RECENT_JOBS)):
+            text = query.get(key, str(default))
+            if not text.isdigit() or not 2 <= int(text) <= MAX_LIMIT:
+                raise BadRequest(
+                    f"{key} must be a whole number of jobs from 2 to {MAX_LIMIT}, got {text[:20]!r}"
+                )
+            sizes[key] = int(text)
+        report = model_report(
+            load_records(self.store, self.reviews), name, sizes["reference"], sizes["recent"]
+        )
+        if not report["versions"] and name not in {p.model.name for p in self.pipelines()}:
+            raise NotFound(f"model {name}: no pipeline uses it and no job ran it")
+        return 200, report
+
+    def get_viewer(self, query: Mapping[str, str], body: bytes) -> Response:
+        """Where the admin page opens a study: OHIF's ``/viewer?StudyInstanceUIDs=`` under ``url``."""
+        return 200, {"url": self.viewer_url}
 
     def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
         limit = query_limit(query)

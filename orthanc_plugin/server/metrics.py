@@ -10,10 +10,16 @@ the work (the workers write the store, Orthanc serves the page):
   most recently finished first); ``inference`` is the Triton request (model call) alone;
 * ``orthanc_ai_job_failures_total{pipeline,reason}``: jobs that ended failed, counted from the
   append-only audit events, with a short reason class derived from the error text;
-* ``orthanc_ai_fhir_backlog``, ``orthanc_ai_workers_alive``/``_expected``, ``orthanc_ai_triton_ready``.
+* ``orthanc_ai_fhir_backlog``, ``orthanc_ai_workers_alive``/``_expected``, ``orthanc_ai_triton_ready``;
+* model monitoring per ``model`` and ``version`` (``monitoring.report``, docs/monitoring.md):
+  ``orthanc_ai_model_jobs{review}``, ``orthanc_ai_model_review_seconds``,
+  ``orthanc_ai_model_edit_dice``, ``orthanc_ai_model_edit_volume_diff_percent`` (summaries),
+  ``orthanc_ai_model_input_psi{attribute}``, ``orthanc_ai_model_output_ks{measurement}`` and
+  ``orthanc_ai_model_drift_alert{kind,check}`` (1 while the recent window departs).
 
 Labels never carry error text, UIDs or anything about a patient: only state, pipeline and stage
-names from the configuration, and the fixed reason classes of ``failure_reason``.
+names from the configuration, model names and versions, segment and attribute names, and the
+fixed reason classes of ``failure_reason``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from orthanc_plugin.jobs.outbox import Outbox
+from orthanc_plugin.jobs.reviews import Reviews
 from orthanc_plugin.jobs.store import STATES, JobStore
+from orthanc_plugin.monitoring.report import (
+    RECENT_JOBS,
+    REFERENCE_JOBS,
+    JobRecord,
+    by_version,
+    drift_report,
+    load_records,
+    review_values,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WINDOW_JOBS = 1000
@@ -161,8 +177,86 @@ def _forwarding(store: JobStore) -> tuple[dict[tuple[str, str, str], int], dict[
     return attempts, failing
 
 
+def _monitoring(w: _Writer, records: list[JobRecord]) -> None:
+    groups = by_version(records)
+    stats = {key: review_values(recs) for key, recs in groups.items()}
+    drift = {key: drift_report(recs, REFERENCE_JOBS, RECENT_JOBS) for key, recs in groups.items()}
+    w.family(
+        "orthanc_ai_model_jobs",
+        "gauge",
+        "Succeeded AI jobs per model version by their latest review (accepted, edited, rejected, unreviewed).",
+    )
+    for (model, version), st in stats.items():
+        for review, n in st.counts.items():
+            w.sample("orthanc_ai_model_jobs", n, model=model, version=version, review=review)
+    for family, key, what in (
+        (
+            "orthanc_ai_model_review_seconds",
+            "review_seconds",
+            "Seconds from a job's end to its latest review.",
+        ),
+        ("orthanc_ai_model_edit_dice", "edit_dice", "Dice of the AI segment and the reviewer's edit."),
+        (
+            "orthanc_ai_model_edit_volume_diff_percent",
+            "edit_volume_diff_pct",
+            "Volume change of an edited segment, edited minus AI, in % of the AI's volume.",
+        ),
+    ):
+        w.family(family, "summary", what + " Per model version.")
+        for (model, version), st in stats.items():
+            w.summary(family, getattr(st, key), model=model, version=version)
+    window = f"last {RECENT_JOBS} jobs against the first {REFERENCE_JOBS} of the version"
+    w.family(
+        "orthanc_ai_model_input_psi",
+        "gauge",
+        f"Population stability index of an input attribute, {window} (alert above 0.25).",
+    )
+    for (model, version), d in drift.items():
+        for x in d["input_drift"]:
+            w.sample(
+                "orthanc_ai_model_input_psi",
+                x["statistic"],
+                model=model,
+                version=version,
+                attribute=x["attribute"],
+            )
+    w.family(
+        "orthanc_ai_model_output_ks",
+        "gauge",
+        f"Kolmogorov-Smirnov distance of a measurement's distribution, {window} (alert when p < 0.01).",
+    )
+    for (model, version), d in drift.items():
+        for x in d["output_drift"]:
+            w.sample(
+                "orthanc_ai_model_output_ks",
+                x["statistic"],
+                model=model,
+                version=version,
+                measurement=x["measurement"],
+            )
+    w.family(
+        "orthanc_ai_model_drift_alert",
+        "gauge",
+        "1 while the recent window of a model version departs from its reference (kind input or output), else 0.",
+    )
+    for (model, version), d in drift.items():
+        for kind, name_key, items in (
+            ("input", "attribute", d["input_drift"]),
+            ("output", "measurement", d["output_drift"]),
+        ):
+            for x in items:
+                w.sample(
+                    "orthanc_ai_model_drift_alert", 1 if x["state"] == "alert" else 0,
+                    model=model, version=version, kind=kind, check=x[name_key],
+                )  # fmt: skip
+
+
 def render_metrics(
-    store: JobStore, outbox: Outbox | None, health: dict[str, Any] | None, window: int = WINDOW_JOBS
+    store: JobStore,
+    outbox: Outbox | None,
+    health: dict[str, Any] | None,
+    window: int = WINDOW_JOBS,
+    reviews: Reviews | None = None,
 ) -> str:
     """The whole exposition text (ends with a newline)."""
     w = _Writer()
@@ -240,5 +334,13 @@ def render_metrics(
         triton = health.get("triton") or {}
         w.family("orthanc_ai_triton_ready", "gauge", "1 when Triton answered ready at this scrape, else 0.")
         w.sample("orthanc_ai_triton_ready", 1 if triton.get("ready") else 0)
+
+    own = reviews is None
+    reviews = reviews or Reviews(store.path)
+    try:
+        _monitoring(w, load_records(store, reviews))
+    finally:
+        if own:
+            reviews.close()
 
     return "\n".join(w.lines) + "\n"

@@ -68,9 +68,17 @@ UI_ENTRY = (
 )
 
 
+#: third-party files the admin page loads, under /ai/ui/vendor/: installed by scripts/install.sh
+#: (npm ci in ui/vendor, from its committed lock file), never committed themselves
+VENDOR_FILES = {"chart.umd.js": UI_DIR / "vendor" / "node_modules" / "chart.js" / "dist" / "chart.umd.min.js"}
+
+
 def ui_file(rel: str) -> tuple[bytes, str] | None:
     """(content, MIME type) of a file of the admin page under ``UI_DIR``, else None (never outside it)."""
     rel = rel.lstrip("/")
+    if rel.startswith("vendor/") and rel[len("vendor/") :] in VENDOR_FILES:
+        vendor = VENDOR_FILES[rel[len("vendor/") :]]
+        return (vendor.read_bytes(), UI_TYPES[".js"]) if vendor.is_file() else None
     if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]+)", rel):  # one plain file name, no "..", no "/"
         return None
     path = UI_DIR / rel
@@ -170,6 +178,7 @@ class Plugin:
             admin_users=self.settings.admin_users,
             reviewer_users=self.settings.reviewer_users,
             forward=self.forward_job,
+            viewer_url=(self.settings.viewer_url or "").strip().rstrip("/") or None,
         )
         self._api_lock = threading.Lock()
         work_dir = self.settings.job_store.parent
@@ -315,7 +324,9 @@ class Plugin:
         """GET /ai/ui[/...] (the admin page's static files) and /ai/metrics (Prometheus)."""
         if path.rstrip("/") == "/metrics":
             with self._api_lock:
-                text = render_metrics(self.api.store, self.api.outbox, self.health())
+                text = render_metrics(
+                    self.api.store, self.api.outbox, self.health(), reviews=self.api.reviews
+                )
             output.AnswerBuffer(text.encode("utf-8"), METRICS_CONTENT_TYPE)
             return
         if path.rstrip("/") == "/ui":

@@ -59,6 +59,7 @@ from orthanc_plugin.core.results import (
 from orthanc_plugin.core.uids import derived_uid, key_image_uids, message_control_id, output_uids, pdf_uids
 from orthanc_plugin.fhir.report import build_diagnostic_report
 from orthanc_plugin.hl7.message import build_oru
+from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.postprocess import volumes_ml
 from orthanc_plugin.imaging.quality import SegmentQuality, confidence, measure_segment
@@ -211,6 +212,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
         forward=forwarded,
         classifications=tuple(classification_output(c) for c in classifications),
         features=features_output(p, present, features),
+        acquisition=acquisition_of(volume.datasets[0]) if volume.datasets else None,
     )
     return outputs, encoded
 

@@ -56,6 +56,10 @@ def processed(orthanc: OrthancServer) -> dict[str, Any]:
         uid = study_uid(c, upload_as_new_study(c, CT_B40))
         job = wait_job_done(c, uid, orthanc=orthanc)
     assert job["state"] == "succeeded", f"the AI job did not succeed: {job['error']}"
+    # The worker recorded the acquisition that model monitoring compares (docs/monitoring.md).
+    acquisition = job["outputs"]["acquisition"]
+    assert acquisition["manufacturer"] == "SIEMENS" and acquisition["kernel"] == "B40f", acquisition
+    assert acquisition["slice_thickness_mm"] == 8.0 and acquisition["age_band"], acquisition
     return job
 
 

@@ -69,13 +69,25 @@ def env_of(instr: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
+def stages(instr: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The build stages, each from its FROM."""
+    out: list[list[tuple[str, str]]] = []
+    for word, args in instr:
+        if word == "FROM":
+            out.append([])
+        out[-1].append((word, args))
+    return out
+
+
 def copies(instr: list[tuple[str, str]]) -> dict[PurePosixPath, Path]:
-    """{destination in the image: source in the repository} of the COPY instructions."""
+    """{destination in the image: source in the repository} of the COPY instructions that take
+    files from the build context (``COPY --from=stage`` takes another stage's files)."""
     out = {}
     for word, args in instr:
         if word == "COPY":
             *sources, dest = shlex.split(args)
-            assert not any(s.startswith("--from") for s in sources)
+            if any(s.startswith("--from") for s in sources):
+                continue
             for s in sources:
                 out[PurePosixPath(dest)] = ROOT / s
     return out
@@ -94,7 +106,30 @@ def in_image(path: str, files: dict[PurePosixPath, Path]) -> Path | None:
 
 @pytest.fixture(scope="module")
 def dockerfile() -> list[tuple[str, str]]:
-    return instructions(DOCKERFILE)
+    """The final stage: the image that runs."""
+    return stages(instructions(DOCKERFILE))[-1]
+
+
+def test_the_admin_page_charts_come_from_a_build_stage() -> None:
+    # Chart.js is installed by npm ci from the committed lock file in a stage of its own (the
+    # runtime image has no Node.js), and only its node_modules reach the image.
+    charts, final = stages(instructions(DOCKERFILE))
+    assert charts[0][1].endswith(" AS charts"), charts[0]
+    vendor = ROOT / "orthanc_plugin" / "server" / "ui" / "vendor"
+    sources = [ROOT / x for w, a in charts if w == "COPY" for x in shlex.split(a)[:-1]]
+    assert sources == [vendor / "package.json", vendor / "package-lock.json"]
+    assert any(w == "RUN" and "npm ci" in a for w, a in charts)
+    from_charts = [shlex.split(a) for w, a in final if w == "COPY" and a.startswith("--from=charts")]
+    assert from_charts == [
+        [
+            "--from=charts",
+            "/vendor/node_modules/",
+            "/opt/orthanc-ai/orthanc_plugin/server/ui/vendor/node_modules/",
+        ]
+    ]
+    # the plugin serves Chart.js from that folder (server/plugin.py VENDOR_FILES)
+    plugin = (ROOT / "orthanc_plugin" / "server" / "plugin.py").read_text()
+    assert '"vendor" / "node_modules" / "chart.js"' in plugin
 
 
 def test_based_on_the_official_image_with_its_python(dockerfile: list[tuple[str, str]]) -> None:

@@ -30,9 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "hl7": {"core", "jobs"},
     "orthanc_rest": {"core", "jobs", "imaging"},
     "intake": {"core", "jobs"},
+    "monitoring": {"core", "jobs"},
     "review": {"core", "jobs", "imaging", "outputs", "fhir", "orthanc_rest"},
     "worker": {"core", "jobs", "imaging", "inference", "outputs", "fhir", "hl7", "orthanc_rest", "review"},
-    "server": {"core", "jobs", "intake", "fhir", "orthanc_rest", "inference", "worker"},
+    "server": {"core", "jobs", "intake", "monitoring", "fhir", "orthanc_rest", "inference", "worker"},
 }
 #: never imported by the product
 FOREIGN = ("devstack", "tests", "bench", "scripts", "triton_models")

@@ -180,7 +180,8 @@ def test_render_metrics_exposition(store: JobStore, tmp_path: Path) -> None:
     for secret in SECRET_TEXT:
         assert secret not in text, secret
     for _, labels, _ in samples:
-        assert set(labels) <= {"state", "pipeline", "stage", "reason", "quantile", "kind"}
+        assert set(labels) <= {"state", "pipeline", "stage", "reason", "quantile", "kind", "model", "version",
+                               "review", "attribute", "measurement", "check"}  # fmt: skip
     outbox.close()
 
 

@@ -145,8 +145,191 @@ async function loadHealth() {
   document.getElementById('health').dataset.ready = t.ready ? 'true' : 'false';
 }
 
+// ---------------------------------------------------------------- Review view
+
+let viewerUrl;  // undefined until asked; null when no viewer is configured (OrthancAI.ViewerUrl)
+
+async function loadViewer() {
+  if (viewerUrl !== undefined) return;
+  const r = await api('viewer');
+  viewerUrl = r.ok && r.body ? r.body.url : null;
+}
+
+function measurementsText(job) {
+  const ms = (job.outputs && job.outputs.measurements) || [];
+  return ms.map((m) => `${m.segment} ${m.volume_ml.toFixed(1)} mL`).join(', ') || 'no findings';
+}
+
+async function review(job, decision, reasonInput) {
+  const reason = reasonInput.value.trim();
+  const r = await api(`jobs/${encodeURIComponent(job.id)}/review`, {
+    method: 'POST',
+    headers: { Accept: 'application/json', 'Content-Type': 'application/json' },
+    body: JSON.stringify(reason ? { decision, reason } : { decision }),
+  });
+  if (r.ok) showMessage(`Job ${job.id}: ${r.body.review.state} (review ${r.body.review.n}).`, 'info');
+  else showMessage(`Job ${job.id}: ${decision} refused (HTTP ${r.status}): ${(r.body && r.body.error) || 'no detail'}`);
+  await refresh();
+}
+
+function reviewRow(job) {
+  const uid = job.study.StudyInstanceUID;
+  const reason = el('input', { type: 'text', class: 'reason', maxlength: 1000, placeholder: 'reason (needed to reject)',
+    'aria-label': `reason for job ${job.id}` });
+  const link = viewerUrl
+    ? el('a', { class: 'open-viewer', href: `${viewerUrl}/viewer?StudyInstanceUIDs=${encodeURIComponent(uid)}`,
+      target: '_blank', rel: 'noopener' }, 'Open in OHIF')
+    : el('span', { class: 'muted', title: 'set OrthancAI.ViewerUrl', text: 'no viewer configured' });
+  return el('tr', { 'data-job-id': job.id, 'data-pipeline': job.pipeline },
+    el('td', { text: job.finished ? new Date(job.finished * 1000).toLocaleString() : '' }),
+    el('td', {}, `${job.pipeline} `, el('span', { class: 'muted', text: job.pipeline_version })),
+    el('td', { class: 'uid', text: uid }),
+    el('td', { class: 'measurements', text: measurementsText(job) }),
+    el('td', {}, link),
+    el('td', {}, reason),
+    el('td', {},
+      el('button', { type: 'button', class: 'action accept', onclick: () => review(job, 'accept', reason) }, 'Accept'),
+      el('button', { type: 'button', class: 'action reject', onclick: () => review(job, 'reject', reason) }, 'Reject')));
+}
+
+async function loadReview() {
+  await loadViewer();
+  const r = await api('jobs?review=pending&limit=200');
+  if (!r.ok) throw new Error(`GET /ai/jobs?review=pending: HTTP ${r.status} ${(r.body && r.body.error) || ''}`);
+  // Keep what a reviewer is typing: a refresh must not wipe a half-written reason.
+  const typing = {};
+  for (const input of $('review-body').querySelectorAll('input.reason')) {
+    if (input.value) typing[input.closest('tr').dataset.jobId] = input.value;
+  }
+  const rows = r.body.map(reviewRow);
+  for (const row of rows) if (typing[row.dataset.jobId]) row.querySelector('input.reason').value = typing[row.dataset.jobId];
+  $('review-body').replaceChildren(...rows);
+  if (!r.body.length) $('review-body').append(el('tr', {}, el('td', { colspan: 7, class: 'muted', text: 'nothing waits for review' })));
+  $('review-count').textContent = `(${r.body.length})`;
+  $('review').dataset.loaded = 'true';
+}
+
+// ---------------------------------------------------------------- Models view
+
+const charts = [];
+const COLORS = { accepted: '#1e8a3c', edited: '#d68910', rejected: '#c0392b', unreviewed: '#95a5a6',
+  reference: '#5b7fa6', recent: '#e67e22' };
+const STATE_TEXT = { ok: 'stable', warn: 'shift worth a look', alert: 'ALERT: departs from the reference',
+  insufficient: 'too few jobs to compare' };
+
+function chart(canvas, config) {
+  config.options = { animation: false, responsive: false, plugins: { legend: { position: 'bottom' } }, ...config.options };
+  charts.push(new window.Chart(canvas, config));
+}
+
+function binLabels(h, digits) {
+  return h.counts.map((_, i) => `${h.edges[i].toFixed(digits)}–${h.edges[i + 1].toFixed(digits)}`);
+}
+
+function proportions(counts) {
+  const n = counts.reduce((a, b) => a + b, 0);
+  return counts.map((c) => (n ? c / n : 0));
+}
+
+function card(title, state, detail) {
+  const canvas = el('canvas', { width: 380, height: 220 });
+  const box = el('figure', { class: `chart${state ? ` drift-${state}` : ''}`, 'data-title': title },
+    el('figcaption', {}, el('strong', { text: title }), detail ? el('span', { class: 'muted', text: ` ${detail}` }) : '',
+      state ? el('span', { class: `badge drift ${state}`, text: STATE_TEXT[state] || state }) : ''),
+    canvas);
+  return [box, canvas];
+}
+
+function histogramCard(title, summary, label, digits, color) {
+  const detail = summary.n ? `n ${summary.n}, median ${summary.median.toFixed(digits)}` : 'no values yet';
+  const [box, canvas] = card(title, null, detail);
+  chart(canvas, { type: 'bar', data: { labels: binLabels(summary.histogram, digits),
+    datasets: [{ label, data: summary.histogram.counts, backgroundColor: color }] } });
+  return box;
+}
+
+function versionSection(model, v) {
+  const drift = v.drift;
+  const section = el('section', { class: 'version', 'data-version': v.version, 'data-alert': drift.alert ? 'true' : 'false',
+    'data-state': drift.state });
+  const w = drift.windows;
+  section.append(el('h3', {}, `${model} version ${v.version} `, el('span', { class: 'muted', text: `${v.jobs} succeeded job(s)` }),
+    el('span', { class: `badge drift ${drift.state}`, text: STATE_TEXT[drift.state] })));
+  section.append(el('p', { class: 'muted', text: `Drift: the last ${w.recent.jobs} job(s) against the first ${w.reference.jobs}.` }));
+  const grid = el('div', { class: 'charts' });
+  section.append(grid);
+
+  const [reviews, c1] = card('Reviews', null, Object.entries(v.counts).map(([k, n]) => `${k} ${n}`).join(', '));
+  chart(c1, { type: 'bar', data: { labels: Object.keys(v.counts),
+    datasets: [{ label: 'jobs', data: Object.values(v.counts), backgroundColor: Object.keys(v.counts).map((k) => COLORS[k]) }] },
+  options: { plugins: { legend: { display: false } } } });
+  grid.append(reviews);
+  const hours = { ...v.review_seconds, median: v.review_seconds.median === null ? null : v.review_seconds.median / 3600,
+    histogram: { edges: v.review_seconds.histogram.edges.map((e) => e / 3600), counts: v.review_seconds.histogram.counts } };
+  grid.append(histogramCard('Time to review (hours)', hours, 'reviews', 1, '#5b7fa6'));
+  grid.append(histogramCard('Edits: Dice of AI and edited segment', v.edit_dice, 'edited segments', 2, '#d68910'));
+  grid.append(histogramCard('Edits: volume change (%)', v.edit_volume_diff_pct, 'edited segments', 0, '#8e44ad'));
+
+  for (const x of drift.input_drift) {
+    const [box, canvas] = card(`Input: ${x.attribute}`, x.state, `PSI ${x.statistic.toFixed(3)}`);
+    box.dataset.kind = 'input';
+    chart(canvas, { type: 'bar', data: { labels: x.categories, datasets: [
+      { label: `reference (${x.reference_n})`, data: proportions(x.reference), backgroundColor: COLORS.reference },
+      { label: `recent (${x.recent_n})`, data: proportions(x.recent), backgroundColor: COLORS.recent }] },
+    options: { scales: { y: { title: { display: true, text: 'share of jobs' } } } } });
+    grid.append(box);
+  }
+  for (const x of drift.output_drift) {
+    const p = x.p_value === null ? '' : `, p ${x.p_value < 0.001 ? x.p_value.toExponential(1) : x.p_value.toFixed(3)}`;
+    const [box, canvas] = card(`Output: ${x.measurement}`, x.state, `KS D ${x.statistic.toFixed(3)}${p}`);
+    box.dataset.kind = 'output';
+    chart(canvas, { type: 'bar', data: { labels: binLabels(x.reference, 1), datasets: [
+      { label: `reference (${x.reference_n})`, data: proportions(x.reference.counts), backgroundColor: COLORS.reference },
+      { label: `recent (${x.recent_n})`, data: proportions(x.recent.counts), backgroundColor: COLORS.recent }] },
+    options: { scales: { y: { title: { display: true, text: 'share of jobs' } } } } });
+    grid.append(box);
+  }
+  return section;
+}
+
+async function loadModels() {
+  if (!window.Chart) throw new Error('Chart.js did not load (vendor/chart.umd.js): run scripts/install.sh');
+  const select = $('model-select');
+  const list = await api('models');
+  if (!list.ok) throw new Error(`GET /ai/models: HTTP ${list.status}`);
+  const chosen = select.value || (list.body[0] && list.body[0].model) || '';
+  select.replaceChildren(...list.body.map((m) => el('option', { value: m.model, selected: m.model === chosen }, m.model)));
+  while (charts.length) charts.pop().destroy();
+  if (!chosen) {
+    $('models-body').replaceChildren(el('p', { class: 'muted', text: 'no succeeded jobs yet' }));
+  } else {
+    const r = await api(`models/${encodeURIComponent(chosen)}/monitoring`);
+    if (!r.ok) throw new Error(`GET /ai/models/${chosen}/monitoring: HTTP ${r.status} ${(r.body && r.body.error) || ''}`);
+    $('models-body').replaceChildren(...r.body.versions.map((v) => versionSection(chosen, v)));
+    $('models-note').textContent = r.body.alert ? 'a version drifts: see the alerts below' : '';
+  }
+  $('models').dataset.loaded = 'true';
+}
+
+// ---------------------------------------------------------------- views
+
+function currentView() {
+  const v = location.hash.replace('#', '');
+  return ['jobs', 'review', 'models'].includes(v) ? v : 'jobs';
+}
+
+function showView() {
+  const view = currentView();
+  for (const s of document.querySelectorAll('[data-view-of]')) s.hidden = s.dataset.viewOf !== view;
+  for (const a of document.querySelectorAll('#views a')) a.classList.toggle('current', a.dataset.view === view);
+}
+
 async function update() {
-  const results = await Promise.allSettled([loadJobs(), loadPipelines(), loadHealth()]);
+  const view = currentView();
+  // Models charts are drawn on demand (opening the view, Refresh), not on every tick.
+  const loaders = view === 'jobs' ? [loadJobs(), loadPipelines(), loadHealth()]
+    : view === 'review' ? [loadReview()] : [];
+  const results = await Promise.allSettled(loaders);
   const failed = results.filter((x) => x.status === 'rejected').map((x) => String(x.reason.message || x.reason));
   $('updated').textContent = failed.length ? `update failed: ${failed.join('; ')}` : `updated ${new Date().toLocaleTimeString()}`;
   document.body.dataset.loaded = 'true';
@@ -165,8 +348,22 @@ function schedule() {
   timer = $('auto-refresh').checked ? setInterval(refresh, REFRESH_MS) : null;
 }
 
+async function refreshModels() {
+  try {
+    await loadModels();
+    $('updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (e) {
+    showMessage(String(e.message || e));
+  }
+}
+
+window.addEventListener('hashchange', () => { showView(); if (currentView() === 'models') refreshModels(); else refresh(); });
+$('model-select').addEventListener('change', refreshModels);
+$('models-refresh').addEventListener('click', refreshModels);
 $('state-filter').addEventListener('change', refresh);
 $('refresh').addEventListener('click', refresh);
 $('auto-refresh').addEventListener('change', schedule);
+showView();
 schedule();
 refresh();
+if (currentView() === 'models') refreshModels();
