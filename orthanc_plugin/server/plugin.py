@@ -80,6 +80,29 @@ def ui_file(rel: str) -> tuple[bytes, str] | None:
     return path.read_bytes(), mime
 
 
+_send_status_form: int | None = None  # 3: plugin 4.x (status, body, length); 2: plugin 5+ (status, body)
+
+
+def send_http_status(output: Any, status: int, data: str) -> None:
+    """Answer a non-200 status with ``data`` as body on every Python plugin version.
+
+    Plugin 4.x takes ``SendHttpStatus(status, body, length)``, plugin 5.0 ``(status, body)``; the
+    wrong form raises TypeError before anything is sent, so the first answer finds out which
+    one this Orthanc has (no content type can be set through this call).
+    """
+    global _send_status_form
+    if _send_status_form != 2:
+        try:
+            output.SendHttpStatus(status, data, len(data.encode("utf-8")))
+            _send_status_form = 3
+            return
+        except TypeError:
+            if _send_status_form == 3:
+                raise
+    output.SendHttpStatus(status, data)
+    _send_status_form = 2
+
+
 class _OrthancLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = f"[orthanc-ai] {record.name}: {self.format(record)}"
@@ -300,8 +323,7 @@ class Plugin:
             # Orthanc refuses 401/405 through SendHttpStatus (it drops the connection instead).
             output.SendMethodNotAllowed(",".join(payload.get("allowed") or ["GET"]))
         else:
-            # Plugin 4.0 takes (status, body as str, length); no content type can be set here.
-            output.SendHttpStatus(status, data, len(data))
+            send_http_status(output, status, data)
 
     def _serve_extra(self, output: Any, path: str) -> None:
         """GET /ai/ui[/...] (the admin page's static files) and /ai/metrics (Prometheus)."""
@@ -315,8 +337,7 @@ class Plugin:
             return
         found = ui_file(path[len("/ui/") :])
         if found is None:
-            data = json.dumps({"error": f"no such file: /ai{path}"})
-            output.SendHttpStatus(404, data, len(data))
+            send_http_status(output, 404, json.dumps({"error": f"no such file: /ai{path}"}))
             return
         output.AnswerBuffer(found[0], found[1])
 

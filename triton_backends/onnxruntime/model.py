@@ -22,6 +22,12 @@ Behaviour
   of the group is retried alone so that one bad request cannot fail its neighbours.
 - Every failure is answered with a ``TritonError`` on the request concerned; ``execute``
   itself never raises.
+- Numeric tensors cross the boundary with Triton's stub through DLPack (``np.from_dlpack`` on
+  the request's tensors, ``Tensor.from_dlpack`` for the outputs), not through ``as_numpy()`` and
+  ``Tensor(name, array)``: the wheel's stubs were built against numpy 1.x, and with numpy 2
+  (the only numpy for Python 3.13) those two give zero-filled inputs and empty outputs without
+  any error. DLPack carries pointer, shape and type and works with numpy 1.26 and 2.x alike.
+  Strings (``TYPE_STRING``) cannot cross DLPack and keep the numpy path.
 """
 
 from __future__ import annotations
@@ -121,6 +127,20 @@ def _internal_error(message: str) -> Any:
     if code is None:
         return pb_utils.TritonError(message)
     return pb_utils.TritonError(message, code)
+
+
+def _input_array(tensor: Any, spec: _Spec) -> np.ndarray:
+    """The request tensor as a numpy array (see the module docstring: DLPack for numbers)."""
+    if spec.data_type == "TYPE_STRING":
+        return np.asarray(tensor.as_numpy())
+    return np.from_dlpack(tensor)
+
+
+def _output_tensor(name: str, array: np.ndarray, spec: _Spec) -> Any:
+    """A response tensor made from ``array`` (see the module docstring: DLPack for numbers)."""
+    if spec.data_type == "TYPE_STRING":
+        return pb_utils.Tensor(name, array)
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
 
 
 class TritonPythonModel:
@@ -265,7 +285,7 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is None:
                 raise ValueError(f"model '{self.model_name}': request has no input '{spec.name}'")
-            array = tensor.as_numpy()
+            array = _input_array(tensor, spec)
             if spec.data_type == "TYPE_STRING":
                 array = np.vectorize(
                     lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v), otypes=[object]
@@ -327,7 +347,7 @@ class TritonPythonModel:
                     if name not in wanted:
                         continue
                     part = value[offset : offset + batch] if batched else value
-                    tensors.append(pb_utils.Tensor(name, self._as_output(name, part)))
+                    tensors.append(_output_tensor(name, self._as_output(name, part), self.output_by_name[name]))
                 responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
             except Exception as exc:  # keep answering the other requests
                 responses[index] = pb_utils.InferenceResponse(

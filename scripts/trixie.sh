@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The Debian 13 (trixie) check, run from a Debian 12 (or 13) host: a trixie root file system made
+# with debootstrap under var/ (made once, kept), the repository and ../shared bound into it (shared
+# read-only), and inside it, as on a fresh Debian 13 machine: `scripts/install.sh`, `make demo` and
+# a set of integration tests. Used by `.ci/run` and `make test-trixie`.
+#
+#   bash scripts/trixie.sh            install + demo + tests (the CI check)
+#   bash scripts/trixie.sh shell      an interactive shell in the root (mounts removed on exit)
+#   bash scripts/trixie.sh run CMD    one command in the repository inside the root
+#
+# Environment: TRIXIE_ROOT (default var/trixie-root), TRIXIE_MIRROR (default: the first Debian
+# mirror of the host's apt sources), TRIXIE_TESTS (pytest arguments, default the list below).
+# Needs root (debootstrap, mount, chroot) and the Debian package debootstrap (installed if absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd -P)
+SHARED=$(cd .. && pwd -P)/shared
+ROOT=${TRIXIE_ROOT:-$REPO/var/trixie-root}
+VENV=.venv-trixie
+DEFAULT_TESTS="tests/integration/test_e2e_ct_lung.py tests/integration/test_bad_input_corpus.py
+  tests/integration/test_faults.py tests/integration/test_fhir_delivery.py tests/integration/test_ohif.py
+  tests/integration/test_triton.py tests/integration/test_labels.py tests/integration/test_tls.py"
+TESTS=${TRIXIE_TESTS:-$DEFAULT_TESTS}
+start=$SECONDS
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: the trixie check needs root (debootstrap, mount, chroot): run it with sudo" >&2
+  exit 1
+fi
+[ -d "$SHARED" ] || { echo "error: $SHARED not found: the shared data must sit beside the repository" >&2; exit 1; }
+
+mirror() {
+  if [ -n "${TRIXIE_MIRROR:-}" ]; then echo "$TRIXIE_MIRROR"; return; fi
+  local url
+  url=$(grep -hsE '^(URIs:|deb ) *https?://[^ ]*/debian/?( |$)' /etc/apt/sources.list.d/* /etc/apt/sources.list \
+        | grep -v security | head -n 1 | grep -oE 'https?://[^ ]*' || true)
+  echo "${url:-http://deb.debian.org/debian}"
+}
+
+# 1. The root file system: made once (into a temporary folder, renamed when complete).
+if [ ! -x "$ROOT/usr/bin/apt-get" ] || [ ! -f "$ROOT/.orthanc-ai-bootstrapped" ]; then
+  command -v debootstrap >/dev/null 2>&1 || {
+    echo "installing Debian package: debootstrap"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  }
+  url=$(mirror)
+  echo "trixie: debootstrap --variant=minbase trixie $ROOT $url"
+  rm -rf "$ROOT.tmp" "$ROOT"
+  mkdir -p "$(dirname "$ROOT")"
+  debootstrap --variant=minbase trixie "$ROOT.tmp" "$url" > "$(dirname "$ROOT")/trixie-debootstrap.log" 2>&1 || {
+    tail -n 20 "$(dirname "$ROOT")/trixie-debootstrap.log" >&2; exit 1; }
+  # What a fresh Debian 13 machine has besides minbase: make, sudo-less root, CA certificates.
+  touch "$ROOT.tmp/.orthanc-ai-bootstrapped"
+  mv "$ROOT.tmp" "$ROOT"
+  echo "trixie: root file system made ($((SECONDS - start)) s)"
+fi
+
+# 2. Mounts, always removed again (trap), with the processes still running in the root killed first.
+MOUNTS=()
+bind() {  # bind SRC DST [ro]
+  mkdir -p "$2"
+  mount --bind "$1" "$2"
+  MOUNTS+=("$2")
+  if [ "${3:-}" = ro ]; then mount -o remount,bind,ro "$2"; fi
+}
+kill_root_processes() {
+  local pids=() link
+  for p in /proc/[0-9]*; do
+    link=$(readlink "$p/root" 2>/dev/null) || continue
+    [ "$link" = "$ROOT" ] && pids+=("${p#/proc/}")
+  done
+  [ ${#pids[@]} -eq 0 ] && return 0
+  echo "trixie: stopping ${#pids[@]} process(es) left in the root"
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 50); do
+    local alive=()
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+    [ ${#alive[@]} -eq 0 ] && return 0
+    pids=("${alive[@]}")
+    sleep 0.2  # polling the processes' exit: nothing to wait on for non-children
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$?
+  kill_root_processes
+  local i
+  for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
+    umount "${MOUNTS[$i]}" 2>/dev/null || umount -l "${MOUNTS[$i]}" || true
+  done
+  if mount | grep -q " $ROOT/"; then echo "trixie: warning: mounts left under $ROOT" >&2; fi
+  exit $rc
+}
+trap cleanup EXIT INT TERM
+
+mkdir -p "$ROOT/proc" "$ROOT/sys" "$ROOT/dev"
+mount -t proc proc "$ROOT/proc"; MOUNTS+=("$ROOT/proc")
+bind /sys "$ROOT/sys" ro
+bind /dev "$ROOT/dev"
+bind /dev/pts "$ROOT/dev/pts"
+bind /dev/shm "$ROOT/dev/shm"
+bind "$REPO" "$ROOT$REPO"
+bind "$SHARED" "$ROOT$SHARED" ro
+cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
+cp -L /etc/hosts "$ROOT/etc/hosts" 2>/dev/null || true
+# This machine's own network settings go in with it: local CAs (added to the root's trust store
+# once ca-certificates is there) and pip/npm configuration.
+mkdir -p "$ROOT/usr/local/share/ca-certificates" "$ROOT/root/.config/pip"
+cp -L /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/" 2>/dev/null || true
+for f in /etc/pip.conf /root/.config/pip/pip.conf /root/.npmrc; do
+  [ -f "$f" ] && cp -L "$f" "$ROOT$f"
+done
+PASS_ENV=()
+for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY PIP_INDEX_URL PIP_EXTRA_INDEX_URL \
+         PIP_CERT PIP_DEFAULT_TIMEOUT SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE NODE_EXTRA_CA_CERTS \
+         npm_config_registry; do
+  [ -n "${!v:-}" ] && PASS_ENV+=("$v=${!v}")
+done
+mkdir -p "$ROOT/tmp" && chmod 1777 "$ROOT/tmp"
+
+in_root() {  # in_root 'shell command' : runs in the repository inside the root, clean environment
+  chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" PYTHONUNBUFFERED=1 \
+    DEBIAN_FRONTEND=noninteractive "${PASS_ENV[@]}" \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    ORTHANC_AI_VENV="$REPO/$VENV" ORTHANC_AI_VAR="$REPO/var/trixie" VENV="$VENV" \
+    /bin/bash -c "cd '$REPO' && $1"
+}
+
+case "${1:-check}" in
+  shell) in_root "exec bash -i"; exit ;;
+  run) shift; in_root "$*"; exit ;;
+  check) ;;
+  *) echo "usage: $0 [check|shell|run CMD]" >&2; exit 2 ;;
+esac
+
+# 3. The check, as on a fresh Debian 13 machine; make and the CA store are the only things added
+# by hand (the CA store so that this machine's local CAs are trusted inside as outside).
+in_root "dpkg -s make ca-certificates >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends make ca-certificates >/dev/null; }; update-ca-certificates >/dev/null"
+t=$SECONDS
+echo "== trixie: make install"
+in_root "make install"
+echo "trixie: install $((SECONDS - t)) s"
+t=$SECONDS
+echo "== trixie: make demo"
+in_root "make demo DEMO_PORTS=free; rc=\$?; make down; exit \$rc"
+echo "trixie: demo $((SECONDS - t)) s"
+t=$SECONDS
+echo "== trixie: integration tests"
+in_root "\$VENV/bin/python -m pytest -q -rfEs -p no:cacheprovider $(echo $TESTS)"
+echo "trixie: tests $((SECONDS - t)) s"
+echo "trixie: ok ($((SECONDS - start)) s in all)"
