@@ -5,6 +5,7 @@
 # a set of integration tests. Used by `.ci/run` and `make test-trixie`.
 #
 #   bash scripts/trixie.sh            install + demo + tests (the CI check)
+#   bash scripts/trixie.sh demo       install + demo only
 #   bash scripts/trixie.sh shell      an interactive shell in the root (mounts removed on exit)
 #   bash scripts/trixie.sh run CMD    one command in the repository inside the root
 #
@@ -129,7 +130,7 @@ in_root() {  # in_root 'shell command' : runs in the repository inside the root,
 case "${1:-check}" in
   shell) in_root "exec bash -i"; exit ;;
   run) shift; in_root "$*"; exit ;;
-  check) ;;
+  check|demo) ;;
   *) echo "usage: $0 [check|shell|run CMD]" >&2; exit 2 ;;
 esac
 
@@ -142,8 +143,17 @@ in_root "make install"
 echo "trixie: install $((SECONDS - t)) s"
 t=$SECONDS
 echo "== trixie: make demo"
-in_root "make demo DEMO_PORTS=free; rc=\$?; make down; exit \$rc"
+# On free ports (other services may hold the usual 8042/8000/...), stopped again whatever happens.
+ports=$(in_root "python3 -c 'import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks: s.bind((\"127.0.0.1\", 0))
+print(\" \".join(str(s.getsockname()[1]) for s in socks))'")
+read -r p_http p_dicom p_thttp p_tgrpc p_tmetrics p_ehr p_viewer <<< "$ports"
+in_root "export ORTHANC_AI_HTTP_PORT=$p_http ORTHANC_AI_DICOM_PORT=$p_dicom ORTHANC_AI_TRITON_HTTP_PORT=$p_thttp \
+  ORTHANC_AI_TRITON_GRPC_PORT=$p_tgrpc ORTHANC_AI_TRITON_METRICS_PORT=$p_tmetrics ORTHANC_AI_EHR_PORT=$p_ehr \
+  ORTHANC_AI_VIEWER_PORT=$p_viewer; make demo; rc=\$?; make down; exit \$rc"
 echo "trixie: demo $((SECONDS - t)) s"
+[ "${1:-check}" = demo ] && exit 0
 t=$SECONDS
 echo "== trixie: integration tests"
 in_root "\$VENV/bin/python -m pytest -q -rfEs -p no:cacheprovider $(echo $TESTS)"

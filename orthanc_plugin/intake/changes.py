@@ -63,8 +63,11 @@ class Intake:
         max_attempts: int = 3,
         catch_up_delay_s: float = 10.0,
         wait_for_gaps: bool = False,
+        on_queued: Callable[[Job], None] | None = None,
     ) -> None:
         self.rest_get = rest_get
+        # Called with each job this intake queues (or queues again): the plugin labels the study.
+        self.on_queued = on_queued
         self.wait_for_gaps = wait_for_gaps
         self.store = store
         self.pipelines = pipelines
@@ -184,6 +187,11 @@ class Intake:
                 extra={"job_id": job.id, "study_uid": study.study_instance_uid, "pipeline": p.name},
             )
             results.append(Enqueued(decision, job, created))
+        if self.on_queued is not None:
+            for item in results:
+                if item.created:
+                    self.on_queued(item.job)
+                    break  # the label is per study: one call covers all its new jobs
         return results
 
     # ------------------------------------------------------------------ change log

@@ -36,6 +36,7 @@ from orthanc_plugin.jobs.outbox import Outbox
 from orthanc_plugin.jobs.store import JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient
 from orthanc_plugin.orthanc_rest.forwarding import reforward
+from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.server.api import Api
 from orthanc_plugin.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from orthanc_plugin.server.metrics import render_metrics
@@ -123,6 +124,14 @@ def _rest_get(path: str) -> Any:
         raise
 
 
+def _rest_put(path: str) -> None:
+    orthanc.RestApiPut(path, b"")
+
+
+def _rest_delete(path: str) -> None:
+    orthanc.RestApiDelete(path)
+
+
 def basic_credentials(headers: dict[str, Any]) -> tuple[str, str] | None:
     """(user, password) from an ``Authorization: Basic`` header (keys lower-case), else None."""
     value = str(headers.get("authorization") or "")
@@ -168,6 +177,10 @@ class Plugin:
         database = self.settings.database()  # the SQLite file, or PostgreSQL when scaled out
         self.store = JobStore(database)
         self.outbox = Outbox(database)  # health reads the delivery backlog
+        # AI state as study labels where this Orthanc has them (found out in start()).
+        self.labels = StudyLabels(_rest_get, _rest_put, _rest_delete)
+        self._labels_store = JobStore(database)
+        self._labels_lock = threading.Lock()
         stable_age = float(config.get("StableAge", 60))
         delay = self.settings.catch_up_delay_seconds
         self.intake = Intake(
@@ -179,6 +192,7 @@ class Plugin:
             # Several Orthancs can share a PostgreSQL index: change numbers may then appear out
             # of order. A SQLite index has one writer and its gaps are deleted resources.
             wait_for_gaps=bool((config.get("PostgreSQL") or {}).get("EnableIndex", False)),
+            on_queued=self._label_queued,
         )
         self.api = Api(
             JobStore(database),
@@ -217,7 +231,15 @@ class Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.shutdown()
 
+    def _label_queued(self, job: Any) -> None:
+        with self._labels_lock:
+            self.labels.sync(self._labels_store, job.study_uid, job.orthanc_study_id)
+
     def start(self) -> None:
+        if self.labels.detect():
+            log.warning("study labels: on (%s)", ", ".join(self.labels.status()["labels"]))
+        else:
+            log.warning("study labels: skipped: %s", self.labels.reason)
         self.supervisor.start()
         for name, target in (("intake", lambda: self.intake.run(self.stop)), ("supervisor", self._supervise)):
             t = threading.Thread(target=target, name=f"orthanc-ai-{name}", daemon=True)
@@ -292,6 +314,7 @@ class Plugin:
             "workers": {"expected": len(workers), "alive": alive, "detail": workers},
             "queue": queue,
             "fhir_backlog": self.outbox.backlog(),
+            "labels": self.labels.status(),
         }
 
     # ------------------------------------------------------------------ REST

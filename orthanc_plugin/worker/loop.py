@@ -46,6 +46,7 @@ from orthanc_plugin.inference.triton import InferenceError, ModelInfo, TritonCli
 from orthanc_plugin.jobs.store import Job, JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.orthanc_rest.forwarding import forward
+from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.outputs import seg, sr
 
 log = logging.getLogger("orthanc_ai.worker")
@@ -100,6 +101,7 @@ class Worker:
         self.orthanc = orthanc
         self.triton = triton
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.labels = StudyLabels(orthanc.get_json, orthanc.put, orthanc.delete)
         self.stop = threading.Event()
         self._ready = False
         self._ready_checked = 0.0
@@ -121,7 +123,9 @@ class Worker:
             if job is None:
                 self.stop.wait(poll_s)
                 continue
+            self.labels.sync(self.store, job.study_uid, job.orthanc_study_id)  # ai-queued while running
             self.run_job(job)
+            self.labels.sync(self.store, job.study_uid, job.orthanc_study_id)  # ai-done / ai-failed
         log.info("worker %s stopped", self.owner)
 
     def _triton_ready(self) -> bool:
