@@ -125,7 +125,9 @@ def main() -> int:
 
     base = args.orthanc
     print("\n== Look at it")
-    print(f"   Viewer (OHIF):    http://127.0.0.1:{os.environ.get('ORTHANC_AI_VIEWER_PORT') or 3000}/viewer?StudyInstanceUIDs={study_uid}")
+    print(
+        f"   Viewer (OHIF):    http://127.0.0.1:{os.environ.get('ORTHANC_AI_VIEWER_PORT') or 3000}/viewer?StudyInstanceUIDs={study_uid}"
+    )
     print(
         "                     double-click the SEG (series 9901) for the overlay, the SR (9902) for the volumes"
     )

@@ -189,7 +189,7 @@ class Intake:
             results.append(Enqueued(decision, job, created))
         if self.on_queued is not None:
             for item in results:
-                if item.created:
+                if item.created and item.job is not None:
                     self.on_queued(item.job)
                     break  # the label is per study: one call covers all its new jobs
         return results

@@ -36,9 +36,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
-def test_processed_study_is_labelled_where_orthanc_has_labels(
-    orthanc: OrthancServer, tmp_path: Path
-) -> None:
+def test_processed_study_is_labelled_where_orthanc_has_labels(orthanc: OrthancServer, tmp_path: Path) -> None:
     with httpx.Client(base_url=orthanc.url, timeout=60) as api:
         system = api.get("/system").json()
         health = api.get("/ai/health").json()
@@ -55,10 +53,13 @@ def test_processed_study_is_labelled_where_orthanc_has_labels(
             labels = set(api.get(f"/studies/{study_id}/labels").json())
             assert labels & AI_LABELS == {"ai-done"}, labels
             found = api.post(
-                "/tools/find", json={"Level": "Study", "Query": {}, "Labels": ["ai-done"], "LabelsConstraint": "All"}
+                "/tools/find",
+                json={"Level": "Study", "Query": {}, "Labels": ["ai-done"], "LabelsConstraint": "All"},
             ).json()
             assert study_id in found
-            queued = api.post("/tools/find", json={"Level": "Study", "Query": {}, "Labels": ["ai-queued"]}).json()
+            queued = api.post(
+                "/tools/find", json={"Level": "Study", "Query": {}, "Labels": ["ai-queued"]}
+            ).json()
             assert study_id not in queued
         else:
             # No labels here: stated, not silent.

@@ -473,9 +473,9 @@ def test_shipped_ct_lung_through_triton_equals_in_process_onnxruntime(tmp_path: 
     image = volume[None, None] + np.random.default_rng(7).normal(0, 0.01, (1, 1, 64, 128, 128)).astype(
         np.float32
     )
-    expected = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        ["probabilities"], {"image": image}
-    )[0]
+    expected = ort.InferenceSession(
+        str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(["probabilities"], {"image": image})[0]
     with server:
         for use_shm in (True, False):
             with TritonClient(server.grpc_url, use_shared_memory=use_shm, timeout_s=60) as client:

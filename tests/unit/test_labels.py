@@ -81,7 +81,9 @@ def test_failed_job_labels_the_study_failed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("has_labels", [None, False])
-def test_without_labels_nothing_is_sent_and_the_reason_is_stated(tmp_path: Path, has_labels: bool | None) -> None:
+def test_without_labels_nothing_is_sent_and_the_reason_is_stated(
+    tmp_path: Path, has_labels: bool | None
+) -> None:
     orthanc, store = FakeOrthanc(has_labels), _store(tmp_path)
     labels = StudyLabels(orthanc.get_json, orthanc.put, orthanc.delete)
     assert labels.sync(store, "1.2.3", "s1") is None

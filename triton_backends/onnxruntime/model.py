@@ -347,7 +347,9 @@ class TritonPythonModel:
                     if name not in wanted:
                         continue
                     part = value[offset : offset + batch] if batched else value
-                    tensors.append(_output_tensor(name, self._as_output(name, part), self.output_by_name[name]))
+                    tensors.append(
+                        _output_tensor(name, self._as_output(name, part), self.output_by_name[name])
+                    )
                 responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
             except Exception as exc:  # keep answering the other requests
                 responses[index] = pb_utils.InferenceResponse(
