@@ -4,7 +4,7 @@
 # read-only), and inside it, as on a fresh Debian 13 machine: `scripts/install.sh`, `make demo` and
 # a set of integration tests. Used by `.ci/run` and `make test-trixie`.
 #
-#   bash scripts/trixie.sh            install + demo + tests (the CI check)
+#   bash scripts/trixie.sh            install, lint, unit tests, demo, integration tests (the CI check)
 #   bash scripts/trixie.sh demo       install + demo only
 #   bash scripts/trixie.sh shell      an interactive shell in the root (mounts removed on exit)
 #   bash scripts/trixie.sh run CMD    one command in the repository inside the root
@@ -20,7 +20,8 @@ ROOT=${TRIXIE_ROOT:-$REPO/var/trixie-root}
 VENV=.venv-trixie
 DEFAULT_TESTS="tests/integration/test_e2e_ct_lung.py tests/integration/test_bad_input_corpus.py
   tests/integration/test_faults.py tests/integration/test_fhir_delivery.py tests/integration/test_ohif.py
-  tests/integration/test_triton.py tests/integration/test_labels.py tests/integration/test_tls.py"
+  tests/integration/test_triton.py tests/integration/test_labels.py tests/integration/test_tls.py
+  tests/integration/test_load.py"
 TESTS=${TRIXIE_TESTS:-$DEFAULT_TESTS}
 start=$SECONDS
 
@@ -38,6 +39,14 @@ mirror() {
   echo "${url:-http://deb.debian.org/debian}"
 }
 
+# Mounts left under the root by a run that was killed outright (no trap ran): remove them first,
+# deepest first, so that nothing below can ever reach the repository or ../shared through them.
+mounted_under_root() { awk -v r="$ROOT" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/self/mounts | sort -r; }
+for m in $(mounted_under_root); do umount "$m" 2>/dev/null || umount -l "$m"; done
+if [ -n "$(mounted_under_root)" ]; then
+  echo "error: mounts left under $ROOT that cannot be removed:" >&2; mounted_under_root >&2; exit 1
+fi
+
 # 1. The root file system: made once (into a temporary folder, renamed when complete).
 if [ ! -x "$ROOT/usr/bin/apt-get" ] || [ ! -f "$ROOT/.orthanc-ai-bootstrapped" ]; then
   command -v debootstrap >/dev/null 2>&1 || {
@@ -46,7 +55,7 @@ if [ ! -x "$ROOT/usr/bin/apt-get" ] || [ ! -f "$ROOT/.orthanc-ai-bootstrapped" ]
   }
   url=$(mirror)
   echo "trixie: debootstrap --variant=minbase trixie $ROOT $url"
-  rm -rf "$ROOT.tmp" "$ROOT"
+  rm -rf --one-file-system "$ROOT.tmp" "$ROOT"
   mkdir -p "$(dirname "$ROOT")"
   debootstrap --variant=minbase trixie "$ROOT.tmp" "$url" > "$(dirname "$ROOT")/trixie-debootstrap.log" 2>&1 || {
     tail -n 20 "$(dirname "$ROOT")/trixie-debootstrap.log" >&2; exit 1; }
@@ -89,7 +98,7 @@ cleanup() {
   for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
     umount "${MOUNTS[$i]}" 2>/dev/null || umount -l "${MOUNTS[$i]}" || true
   done
-  if mount | grep -q " $ROOT/"; then echo "trixie: warning: mounts left under $ROOT" >&2; fi
+  if [ -n "$(mounted_under_root)" ]; then echo "trixie: warning: mounts left under $ROOT" >&2; fi
   exit $rc
 }
 trap cleanup EXIT INT TERM
@@ -141,6 +150,10 @@ t=$SECONDS
 echo "== trixie: make install"
 in_root "make install"
 echo "trixie: install $((SECONDS - t)) s"
+t=$SECONDS
+echo "== trixie: make lint, unit tests"
+in_root "make lint && \$VENV/bin/python -m pytest -q -p no:cacheprovider tests/unit"
+echo "trixie: lint + unit tests $((SECONDS - t)) s"
 t=$SECONDS
 echo "== trixie: make demo"
 # On free ports (other services may hold the usual 8042/8000/...), stopped again whatever happens.
