@@ -62,5 +62,6 @@ bench: install $(MODEL)
 	@bash bench/setup_monai_deploy.sh
 	@$(PY) bench/monai_deploy_compare.py --runs 9
 
+# Not all of var/: var/trixie-root is the Debian 13 root of `make test-trixie` (kept on purpose).
 clean: down
-	rm -rf var/log var/orthanc-storage var/triton-backends test-artifacts
+	rm -rf var/log var/orthanc-storage var/triton-backends-py* var/ehr-data.jsonl var/trixie test-artifacts
