@@ -79,21 +79,38 @@ class StudyLabels:
         return {"enabled": bool(self.enabled), "labels": list(MANAGED), "reason": self.reason}
 
     def sync(self, store: JobStore, study_uid: str, orthanc_study_id: str) -> str | None:
-        """Set the study's AI label from its jobs' states now; returns the label (None: none/skipped)."""
+        """Set the study's AI label from its jobs' states now; returns the label (None: none/skipped).
+
+        The plugin (a job queued) and a worker (a job ended) may sync the same study at once: after
+        setting a label the states are read again, and the label set again if they changed
+        meanwhile, so the last one to finish always leaves the label of the latest states.
+        """
         if self.enabled is None:
             self.detect()
         if not self.enabled or not orthanc_study_id:
             return None
         try:
-            jobs = [j for j in store.list_jobs(study_uid=study_uid) if j.orthanc_study_id == orthanc_study_id]
-            wanted = label_for(j.state for j in jobs)
-            current = set(self._get_json(f"/studies/{orthanc_study_id}/labels") or [])
-            for label in MANAGED:
-                if label != wanted and label in current:
-                    self._delete(f"/studies/{orthanc_study_id}/labels/{label}")
-            if wanted is not None and wanted not in current:
-                self._put(f"/studies/{orthanc_study_id}/labels/{wanted}")
+            wanted = self._wanted(store, study_uid, orthanc_study_id)
+            for _ in range(3):
+                self._apply(orthanc_study_id, wanted)
+                again = self._wanted(store, study_uid, orthanc_study_id)
+                if again == wanted:
+                    break
+                wanted = again
             return wanted
         except Exception as e:  # noqa: BLE001 - a label is a convenience; the job's state is the truth
             log.warning("study %s: AI label not updated: %s", orthanc_study_id, e)
             return None
+
+    @staticmethod
+    def _wanted(store: JobStore, study_uid: str, orthanc_study_id: str) -> str | None:
+        jobs = store.list_jobs(study_uid=study_uid)
+        return label_for(j.state for j in jobs if j.orthanc_study_id == orthanc_study_id)
+
+    def _apply(self, orthanc_study_id: str, wanted: str | None) -> None:
+        current = set(self._get_json(f"/studies/{orthanc_study_id}/labels") or [])
+        for label in MANAGED:
+            if label != wanted and label in current:
+                self._delete(f"/studies/{orthanc_study_id}/labels/{label}")
+        if wanted is not None and wanted not in current:
+            self._put(f"/studies/{orthanc_study_id}/labels/{wanted}")

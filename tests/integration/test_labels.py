@@ -16,7 +16,7 @@ import pytest
 from devstack.stack import OrthancServer
 
 from ..conftest import CT_B40
-from .conftest import copy_as_new_study, wait_job_done
+from .conftest import copy_as_new_study, wait_for, wait_job_done
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +49,13 @@ def test_processed_study_is_labelled_where_orthanc_has_labels(orthanc: OrthancSe
         if system.get("HasLabels") is True:
             assert health["labels"]["enabled"] is True, health["labels"]
             assert "study labels: on" in log
+
             # The worker labels the study right after it records the job's end.
-            labels = set(api.get(f"/studies/{study_id}/labels").json())
-            assert labels & AI_LABELS == {"ai-done"}, labels
+            def labelled_done() -> set[str] | None:
+                labels = set(api.get(f"/studies/{study_id}/labels").json())
+                return labels if labels & AI_LABELS == {"ai-done"} else None
+
+            wait_for(f"study {study_id} labelled ai-done only", labelled_done, timeout=30, period=0.2)
             found = api.post(
                 "/tools/find",
                 json={"Level": "Study", "Query": {}, "Labels": ["ai-done"], "LabelsConstraint": "All"},

@@ -136,3 +136,21 @@ def test_send_http_status_on_both_plugin_versions(plugin_module: Any, output_cla
         assert out.sent and out.sent[0][:2] == (404, '{"error": "é"}')
         if output_class is Output4:
             assert out.sent[0][2] == len('{"error": "é"}'.encode())
+
+
+def test_a_state_change_during_the_sync_is_caught_up(tmp_path: Path) -> None:
+    """The plugin syncs (job queued) while a worker finishes the job: the later states win."""
+    orthanc, store = FakeOrthanc(True), _store(tmp_path)
+    put = orthanc.put
+
+    def put_then_finish(path: str) -> None:  # both jobs end between the state read and the PUT
+        put(path)
+        for _ in range(2):
+            job = store.claim("w", 30)
+            if job is not None:
+                store.succeed(job.id, "w", {}, None)
+
+    orthanc.put = put_then_finish  # type: ignore[method-assign]
+    labels = StudyLabels(orthanc.get_json, orthanc.put, orthanc.delete)
+    assert labels.sync(store, "1.2.3", "s1") == DONE
+    assert orthanc.labels["s1"] == {"keep-me", DONE}
