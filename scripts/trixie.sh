@@ -59,7 +59,6 @@ if [ ! -x "$ROOT/usr/bin/apt-get" ] || [ ! -f "$ROOT/.orthanc-ai-bootstrapped" ]
   mkdir -p "$(dirname "$ROOT")"
   debootstrap --variant=minbase trixie "$ROOT.tmp" "$url" > "$(dirname "$ROOT")/trixie-debootstrap.log" 2>&1 || {
     tail -n 20 "$(dirname "$ROOT")/trixie-debootstrap.log" >&2; exit 1; }
-  # What a fresh Debian 13 machine has besides minbase: make, sudo-less root, CA certificates.
   touch "$ROOT.tmp/.orthanc-ai-bootstrapped"
   mv "$ROOT.tmp" "$ROOT"
   echo "trixie: root file system made ($((SECONDS - start)) s)"
