@@ -104,6 +104,8 @@ class Api:
     admin_users: list[str] | None = None
     # POST /ai/jobs/{id}/forward: (job id, every destination?) -> new forwarding status (plugin.py).
     forward: Callable[[str, bool], dict[str, Any]] | None = None
+    # Called with a job after a retry or cancel through the API (plugin.py: the study's label).
+    changed: Callable[[Job], None] | None = None
 
     def __post_init__(self) -> None:
         self.reports = FhirReports(self.store.path)
@@ -182,10 +184,15 @@ class Api:
         return 200, self._job(self.store.get(jid), detail=True)
 
     def retry_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
-        return 200, self._job(self.store.retry(jid))
+        return 200, self._job(self._changed(self.store.retry(jid)))
 
     def cancel_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
-        return 200, self._job(self.store.cancel(jid))
+        return 200, self._job(self._changed(self.store.cancel(jid)))
+
+    def _changed(self, job: Job) -> Job:
+        if self.changed is not None:
+            self.changed(job)
+        return job
 
     def job_audit(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
         job = self.store.get(jid)

@@ -192,7 +192,7 @@ class Plugin:
             # Several Orthancs can share a PostgreSQL index: change numbers may then appear out
             # of order. A SQLite index has one writer and its gaps are deleted resources.
             wait_for_gaps=bool((config.get("PostgreSQL") or {}).get("EnableIndex", False)),
-            on_queued=self._label_queued,
+            on_queued=self._label_study,
         )
         self.api = Api(
             JobStore(database),
@@ -203,6 +203,7 @@ class Plugin:
             authentication=self.authentication,
             admin_users=self.settings.admin_users,
             forward=self.forward_job,
+            changed=self._label_study,
         )
         self._api_lock = threading.Lock()
         work_dir = self.settings.job_store.parent
@@ -231,7 +232,8 @@ class Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.shutdown()
 
-    def _label_queued(self, job: Any) -> None:
+    def _label_study(self, job: Any) -> None:
+        """The study's AI label after its job was queued, retried or cancelled here."""
         with self._labels_lock:
             self.labels.sync(self._labels_store, job.study_uid, job.orthanc_study_id)
 

@@ -65,6 +65,10 @@ def test_processed_study_is_labelled_where_orthanc_has_labels(orthanc: OrthancSe
                 "/tools/find", json={"Level": "Study", "Query": {}, "Labels": ["ai-queued"]}
             ).json()
             assert study_id not in queued
+            # A retry through the API labels the study ai-queued before it answers; done again later.
+            assert api.post(f"/ai/jobs/{job['id']}/retry").status_code == 200
+            assert set(api.get(f"/studies/{study_id}/labels").json()) & AI_LABELS == {"ai-queued"}
+            wait_for(f"study {study_id} labelled ai-done again", labelled_done, timeout=120, period=0.2)
         else:
             # No labels here: stated, not silent.
             assert _version(str(system.get("Version", "0"))) < (1, 12), (
