@@ -20,6 +20,7 @@ from typing import IO
 
 import httpx
 
+from devstack import var_dir
 from devstack.triton_server import TritonServer, TritonServerError, terminate_process
 from orthanc_plugin.core.processes import read_pid_file
 
@@ -216,11 +217,24 @@ def _tail(path: Path, n: int = 30) -> str:
 # --------------------------------------------------------------------------- CLI for make up/down
 
 
-VAR = ROOT / "var"
+VAR = var_dir()
 
 
-EHR_PORT = 8090
-VIEWER_PORT = 3000
+def _port(name: str, default: int) -> int:
+    """A port of `make up`: the environment variable ``name`` or the usual default."""
+    text = os.environ.get(name, "").strip()
+    return int(text) if text else default
+
+
+# `make up` / `make demo` use the usual ports unless these variables say otherwise (the Debian 13
+# check runs its demo on free ports beside whatever else runs on the machine).
+ORTHANC_PORT = _port("ORTHANC_AI_HTTP_PORT", 8042)
+DICOM_PORT = _port("ORTHANC_AI_DICOM_PORT", 4242)
+TRITON_HTTP_PORT = _port("ORTHANC_AI_TRITON_HTTP_PORT", 8000)
+TRITON_GRPC_PORT = _port("ORTHANC_AI_TRITON_GRPC_PORT", 8001)
+TRITON_METRICS_PORT = _port("ORTHANC_AI_TRITON_METRICS_PORT", 8002)
+EHR_PORT = _port("ORTHANC_AI_EHR_PORT", 8090)
+VIEWER_PORT = _port("ORTHANC_AI_VIEWER_PORT", 3000)
 
 
 def start_detached(name: str, args: list[str], ready_url: str, timeout: float = 30.0) -> int:
@@ -270,8 +284,9 @@ def up(workers: int, stable_age: int) -> int:
     triton_pid = read_pid_file(VAR / "triton.pid")
     if triton_pid is None:
         triton = TritonServer(
-            ROOT / "triton_models", log_file=VAR / "log" / "triton.log", model_control="poll"
-        )
+            ROOT / "triton_models", log_file=VAR / "log" / "triton.log", model_control="poll",
+            http_port=TRITON_HTTP_PORT, grpc_port=TRITON_GRPC_PORT, metrics_port=TRITON_METRICS_PORT,
+        )  # fmt: skip
         try:
             triton.start(timeout=120)
         except TritonServerError as e:
@@ -279,7 +294,8 @@ def up(workers: int, stable_age: int) -> int:
             return 1
         (VAR / "triton.pid").write_text(f"{triton.detach()}\n")
         print(
-            f"Triton     ready   gRPC 127.0.0.1:8001, HTTP http://127.0.0.1:8000 (log {VAR / 'log/triton.log'})"
+            f"Triton     ready   gRPC 127.0.0.1:{TRITON_GRPC_PORT}, HTTP http://127.0.0.1:{TRITON_HTTP_PORT} "
+            f"(log {VAR / 'log/triton.log'})"
         )
     else:
         print(f"Triton     running (pid {triton_pid})")
@@ -287,6 +303,7 @@ def up(workers: int, stable_age: int) -> int:
     if orthanc_pid is None:
         server = OrthancServer(
             VAR / "orthanc-storage", workers=workers, stable_age=stable_age,
+            http_port=ORTHANC_PORT, dicom_port=DICOM_PORT, triton_grpc_port=TRITON_GRPC_PORT,
             extra_env={"ORTHANC_AI_FHIR_URL": fhir_url,
                        "ORTHANC_AI_VIEWER_URL": os.environ.get("ORTHANC_AI_VIEWER_URL", f"http://127.0.0.1:{VIEWER_PORT}")},
         )  # fmt: skip
@@ -305,7 +322,7 @@ def up(workers: int, stable_age: int) -> int:
     from devstack.viewer import DEFAULT_CONFIG, DEFAULT_DIST, ViewerError, start_background
 
     try:
-        start_background("http://127.0.0.1:8042", VIEWER_PORT, DEFAULT_DIST, DEFAULT_CONFIG)
+        start_background(f"http://127.0.0.1:{ORTHANC_PORT}", VIEWER_PORT, DEFAULT_DIST, DEFAULT_CONFIG)
     except ViewerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
+from devstack import var_dir
 from orthanc_plugin.core.processes import pid_alive, read_pid_file
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ ModelControl = Literal["none", "explicit", "poll"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STANDIN_BACKENDS = PROJECT_ROOT / "triton_backends"
-DEFAULT_BACKEND_ROOT = PROJECT_ROOT / "var" / "triton-backends"
+# One folder per Python version: its stub must match the venv's interpreter.
+DEFAULT_BACKEND_ROOT = var_dir() / f"triton-backends-py{sys.version_info.major}.{sys.version_info.minor}"
 LOCAL_HOST = "127.0.0.1"
 
 
@@ -99,6 +101,54 @@ def _copy_if_changed(source: Path, target: Path, mode: int | None = None) -> Non
     os.replace(tmp, target)
 
 
+def _libpython_soname() -> str:
+    soname = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+    if not soname:
+        raise TritonServerError(f"no shared libpython for {sys.executable}")
+    return str(soname)
+
+
+def _install_stub(source: Path, target: Path) -> None:
+    """Copy the wheel's stub to ``target``, linked against this system's libpython.
+
+    The wheel's stub needs a libpython copied into the wheel (``libpython3-<hash>.13.so.1.0``),
+    built for another file layout: on Debian 13 it cannot import standard modules
+    (``could not import module "datetime"``). The copy is relinked with ``patchelf`` to the
+    interpreter's own shared library (e.g. ``libpython3.13.so.1.0``), found through
+    ``LD_LIBRARY_PATH`` (``server_environment``): the stub then runs the same Python as the venv.
+    """
+    soname = _libpython_soname()
+    stamp = target.with_name(target.name + ".source")
+    st = source.stat()
+    wanted = f"{source} {st.st_size} {int(st.st_mtime)} {soname}\n"
+    if target.is_file() and stamp.is_file() and stamp.read_text() == wanted:
+        return
+    patchelf = shutil.which("patchelf")
+    if patchelf is None:
+        raise TritonServerError(
+            "patchelf not found: it links Triton's python backend stub to this system's libpython "
+            "(Debian package 'patchelf'; run `make install`)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copy2(source, tmp)
+    tmp.chmod(0o755)
+    try:
+        needed = subprocess.run(
+            [patchelf, "--print-needed", str(tmp)], check=True, capture_output=True, text=True
+        ).stdout.split()
+        for name in needed:
+            if name.startswith("libpython") and name != soname:
+                subprocess.run(
+                    [patchelf, "--replace-needed", name, soname, str(tmp)], check=True, capture_output=True
+                )
+    except subprocess.CalledProcessError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TritonServerError(f"patchelf failed on {source}: {exc.stderr!r}") from exc
+    os.replace(tmp, target)
+    stamp.write_text(wanted)
+
+
 def prepare_backend_directory(backend_root: Path, standin_backends: Path = DEFAULT_STANDIN_BACKENDS) -> Path:
     """Build (or refresh) a Triton backend directory under ``backend_root`` and return it.
 
@@ -120,7 +170,7 @@ def prepare_backend_directory(backend_root: Path, standin_backends: Path = DEFAU
         if not source.is_file():
             raise TritonServerError(f"{source} is missing from the nvidia-pytriton wheel: run `make install`")
         _copy_if_changed(source, python_dir / name)
-    _copy_if_changed(stub, python_dir / "triton_python_backend_stub", mode=0o755)
+    _install_stub(stub, python_dir / "triton_python_backend_stub")
 
     if not standin_backends.is_dir():
         raise TritonServerError(f"stand-in backends folder {standin_backends} not found")
@@ -134,7 +184,9 @@ def prepare_backend_directory(backend_root: Path, standin_backends: Path = DEFAU
 def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for ``tritonserver``: its bundled libraries, libpython, and the venv first on PATH."""
     env = dict(os.environ if base is None else base)
-    libs = [str(_wheel_root().parent / "nvidia_pytriton.libs"), str(_libpython_dir())]
+    # This system's libpython first (the stub is linked to it, see _install_stub), then the wheel's
+    # own libraries (its copy of libpython has another name, so it is never picked instead).
+    libs = [str(_libpython_dir()), str(_wheel_root().parent / "nvidia_pytriton.libs")]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)

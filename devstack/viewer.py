@@ -39,11 +39,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from devstack import var_dir
 from orthanc_plugin.core.processes import read_pid_file
 
 ROOT = Path(__file__).resolve().parent.parent
-VAR = ROOT / "var"
-DEFAULT_DIST = VAR / "ohif" / "package" / "dist"
+VAR = var_dir()
+# The prebuilt OHIF (scripts/install_viewer.sh) is the same for every release: always under var/.
+DEFAULT_DIST = ROOT / "var" / "ohif" / "package" / "dist"
 DEFAULT_CONFIG = ROOT / "viewer" / "app-config.js"
 PID_FILE = VAR / "viewer.pid"
 LOG_FILE = VAR / "log" / "viewer.log"

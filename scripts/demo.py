@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def upload(client: httpx.Client, folder: Path) -> tuple[str, int]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--orthanc", default="http://127.0.0.1:8042")
+    port = os.environ.get("ORTHANC_AI_HTTP_PORT") or "8042"
+    p.add_argument("--orthanc", default=f"http://127.0.0.1:{port}")
     p.add_argument("--timeout", type=float, default=600)
     args = p.parse_args()
     client = httpx.Client(base_url=args.orthanc, timeout=60)
@@ -145,7 +147,9 @@ def main() -> int:
                     break
 
     print("\n== Look at it")
-    print(f"   Viewer (OHIF):    http://127.0.0.1:3000/viewer?StudyInstanceUIDs={study_uid}")
+    print(
+        f"   Viewer (OHIF):    http://127.0.0.1:{os.environ.get('ORTHANC_AI_VIEWER_PORT') or 3000}/viewer?StudyInstanceUIDs={study_uid}"
+    )
     print(
         "                     double-click the SEG (series 9901) for the overlay, the SR (9902) for the volumes,"
         "\n                     the key images (9903); the PDF summary is series 9904"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up of the viewer side on Debian 12: Debian `chromium` (for the headless OHIF test),
+# Idempotent set-up of the viewer side on Debian 12 or 13: Debian `chromium` (for the headless OHIF test),
 # the prebuilt OHIF viewer (npm package @ohif/app, only its dist/ is used) under var/ohif/, and
 # playwright-core (driver only, no browser download) under viewer/node_modules/.
 # Each step is skipped when its result is already there.
@@ -16,9 +16,13 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
-for tool in node npm; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "error: '$tool' not found: install Node.js >= 20" >&2; exit 1; }
-done
+# Node.js (>= 18) and npm: Debian's packages when none is installed (Debian 12 has Node 18, 13 has 20).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "installing Debian packages: nodejs npm"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
 
 # The version file is written last, so an interrupted download or untar is redone on the next run.
 if [ "$(cat "$OHIF_DIR/VERSION" 2>/dev/null)" != "$OHIF_VERSION" ] || [ ! -f "$OHIF_DIR/package/dist/index.html" ]; then

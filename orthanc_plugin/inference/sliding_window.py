@@ -99,7 +99,7 @@ def importance_map(
         x = np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2.0)
         profile = np.exp(x * x / np.float32(-2.0 * (n * s) ** 2)).astype(np.float32)
         weights = np.multiply.outer(weights, profile)
-    floor = max(float(weights.min()), _MIN_WEIGHT)
+    floor = max(float(np.min(weights)), _MIN_WEIGHT)
     return np.maximum(weights, np.float32(floor)).astype(np.float32)
 
 

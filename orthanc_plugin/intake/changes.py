@@ -71,11 +71,14 @@ class Intake:
         wait_for_gaps: bool = False,
         may_review: Callable[[str | None], bool] = lambda user: True,
         authentication: bool = False,
+        on_queued: Callable[[Job], None] | None = None,
     ) -> None:
         self.rest_get = rest_get
         self.may_review = may_review
         self.authentication = authentication
         self.reviews = Reviews(store.path)
+        # Called with each job this intake queues (or queues again): the plugin labels the study.
+        self.on_queued = on_queued
         self.wait_for_gaps = wait_for_gaps
         self.store = store
         self.pipelines = pipelines
@@ -200,6 +203,11 @@ class Intake:
             self.detect_revisions(study)
         except Exception:
             log.exception("looking for revised SEGs in study %s failed", orthanc_study_id)
+        if self.on_queued is not None:
+            for item in results:
+                if item.created and item.job is not None:
+                    self.on_queued(item.job)
+                    break  # the label is per study: one call covers all its new jobs
         return results
 
     def detect_revisions(self, study: StudyInfo) -> int:

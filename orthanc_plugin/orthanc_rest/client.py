@@ -175,6 +175,13 @@ class OrthancClient:
     def get_json(self, path: str) -> Any:
         return self.request("GET", path, f"GET {path}").json()
 
+    def put(self, path: str) -> None:
+        """PUT with an empty body (e.g. a study label)."""
+        self.request("PUT", path, f"PUT {path}", content=b"")
+
+    def delete(self, path: str) -> None:
+        self.request("DELETE", path, f"DELETE {path}")
+
     def system(self) -> dict[str, Any]:
         result: dict[str, Any] = self.get_json("/system")
         return result

@@ -127,7 +127,7 @@ def check_labels(labels: NDArray[np.integer[Any]], n_images: int, rows: int, col
         )
     if labels.dtype != np.uint8 and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must have an integer dtype (uint8), got {labels.dtype}")
-    if labels.dtype != np.uint8 and labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
+    if labels.dtype != np.uint8 and labels.size and (int(np.min(labels)) < 0 or int(np.max(labels)) > 255):
         raise ValueError("labels values must lie in 0..255")
     return labels.astype(np.uint8, copy=False)
 

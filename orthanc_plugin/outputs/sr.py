@@ -571,7 +571,7 @@ class _CrackGraph:
         loop = np.arange(n)
         jump = self.next
         span = 1
-        while span < int(edges_per_slice.max()):
+        while span < int(np.max(edges_per_slice)):
             loop = np.minimum(loop, loop[jump])
             jump = jump[jump]
             span *= 2
@@ -688,7 +688,7 @@ class _BudgetCut:
         self.points = points
         self.loops, self.row = np.unique(loop_of[points], return_inverse=True)
         self.col = points - offsets[loop_of[points]]
-        self.table = np.full((self.loops.size, int(self.col.max()) + 1), -1.0)
+        self.table = np.full((self.loops.size, int(np.max(self.col)) + 1), -1.0)
         self.kth = self.table.shape[1] - max_points  # ascending position of the max_points-th largest
         self.n_loops = int(loop_of[-1]) + 1
 

@@ -182,6 +182,8 @@ class Api:
     forward: Callable[[str, bool], dict[str, Any]] | None = None
     # The OHIF viewer's base URL (OrthancAI.ViewerUrl) the admin page links studies to; None: no link.
     viewer_url: str | None = None
+    # Called with a job after a retry or cancel through the API (plugin.py: the study's label).
+    changed: Callable[[Job], None] | None = None
 
     def __post_init__(self) -> None:
         self.reports = FhirReports(self.store.path)
@@ -364,10 +366,15 @@ class Api:
         return 200, self._job(self.store.get(jid), detail=True)
 
     def retry_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
-        return 200, self._job(self.store.retry(jid))
+        return 200, self._job(self._changed(self.store.retry(jid)))
 
     def cancel_job(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
-        return 200, self._job(self.store.cancel(jid))
+        return 200, self._job(self._changed(self.store.cancel(jid)))
+
+    def _changed(self, job: Job) -> Job:
+        if self.changed is not None:
+            self.changed(job)
+        return job
 
     def job_audit(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:
         job = self.store.get(jid)

@@ -36,6 +36,7 @@ from orthanc_plugin.jobs.outbox import Outbox
 from orthanc_plugin.jobs.store import JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient
 from orthanc_plugin.orthanc_rest.forwarding import reforward
+from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.server.api import Api, TextAnswer, internal_error
 from orthanc_plugin.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from orthanc_plugin.server.metrics import render_metrics
@@ -88,6 +89,29 @@ def ui_file(rel: str) -> tuple[bytes, str] | None:
     return path.read_bytes(), mime
 
 
+_send_status_form: int | None = None  # 3: plugin 4.x (status, body, length); 2: plugin 5+ (status, body)
+
+
+def send_http_status(output: Any, status: int, data: str) -> None:
+    """Answer a non-200 status with ``data`` as body on every Python plugin version.
+
+    Plugin 4.x takes ``SendHttpStatus(status, body, length)``, plugin 5.0 ``(status, body)``; the
+    wrong form raises TypeError before anything is sent, so the first answer finds out which
+    one this Orthanc has (no content type can be set through this call).
+    """
+    global _send_status_form
+    if _send_status_form != 2:
+        try:
+            output.SendHttpStatus(status, data, len(data.encode("utf-8")))
+            _send_status_form = 3
+            return
+        except TypeError:
+            if _send_status_form == 3:
+                raise
+    output.SendHttpStatus(status, data)
+    _send_status_form = 2
+
+
 class _OrthancLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = f"[orthanc-ai] {record.name}: {self.format(record)}"
@@ -106,6 +130,14 @@ def _rest_get(path: str) -> Any:
         if e.args and e.args[0] == orthanc.ErrorCode.UNKNOWN_RESOURCE:
             raise LookupError(path) from None
         raise
+
+
+def _rest_put(path: str) -> None:
+    orthanc.RestApiPut(path, b"")
+
+
+def _rest_delete(path: str) -> None:
+    orthanc.RestApiDelete(path)
 
 
 def basic_credentials(headers: dict[str, Any]) -> tuple[str, str] | None:
@@ -153,6 +185,10 @@ class Plugin:
         database = self.settings.database()  # the SQLite file, or PostgreSQL when scaled out
         self.store = JobStore(database)
         self.outbox = Outbox(database)  # health reads the delivery backlog
+        # AI state as study labels where this Orthanc has them (found out in start()).
+        self.labels = StudyLabels(_rest_get, _rest_put, _rest_delete)
+        self._labels_store = JobStore(database)
+        self._labels_lock = threading.Lock()
         stable_age = float(config.get("StableAge", 60))
         delay = self.settings.catch_up_delay_seconds
         self.intake = Intake(
@@ -167,6 +203,7 @@ class Plugin:
             # A revised SEG counts as a review only from a reviewer (the API's rule).
             may_review=lambda user: self.api.may_review(user),
             authentication=self.authentication,
+            on_queued=self._label_study,
         )
         self.api = Api(
             JobStore(database),
@@ -179,6 +216,7 @@ class Plugin:
             reviewer_users=self.settings.reviewer_users,
             forward=self.forward_job,
             viewer_url=(self.settings.viewer_url or "").strip().rstrip("/") or None,
+            changed=self._label_study,
         )
         self._api_lock = threading.Lock()
         work_dir = self.settings.job_store.parent
@@ -207,7 +245,16 @@ class Plugin:
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.shutdown()
 
+    def _label_study(self, job: Any) -> None:
+        """The study's AI label after its job was queued, retried or cancelled here."""
+        with self._labels_lock:
+            self.labels.sync(self._labels_store, job.study_uid, job.orthanc_study_id)
+
     def start(self) -> None:
+        if self.labels.detect():
+            log.warning("study labels: on (%s)", ", ".join(self.labels.status()["labels"]))
+        else:
+            log.warning("study labels: skipped: %s", self.labels.reason)
         self.supervisor.start()
         for name, target in (("intake", lambda: self.intake.run(self.stop)), ("supervisor", self._supervise)):
             t = threading.Thread(target=target, name=f"orthanc-ai-{name}", daemon=True)
@@ -283,6 +330,7 @@ class Plugin:
             "queue": queue,
             "fhir_backlog": self.outbox.backlog(),
             "intake": {"last_change": self.intake.position},
+            "labels": self.labels.status(),
         }
 
     # ------------------------------------------------------------------ REST
@@ -317,8 +365,7 @@ class Plugin:
             # Orthanc refuses 401/405 through SendHttpStatus (it drops the connection instead).
             output.SendMethodNotAllowed(",".join(payload.get("allowed") or ["GET"]))
         else:
-            # Plugin 4.0 takes (status, body as str, length); no content type can be set here.
-            output.SendHttpStatus(status, data, len(data))
+            send_http_status(output, status, data)
 
     def _serve_extra(self, output: Any, path: str) -> None:
         """GET /ai/ui[/...] (the admin page's static files) and /ai/metrics (Prometheus)."""
@@ -334,8 +381,7 @@ class Plugin:
             return
         found = ui_file(path[len("/ui/") :])
         if found is None:
-            data = json.dumps({"error": f"no such file: /ai{path}"})
-            output.SendHttpStatus(404, data, len(data))
+            send_http_status(output, 404, json.dumps({"error": f"no such file: /ai{path}"}))
             return
         output.AnswerBuffer(found[0], found[1])
 

@@ -28,6 +28,7 @@ from orthanc_plugin.inference.triton import InferenceError, TritonClient
 from orthanc_plugin.jobs.reviews import Reviews
 from orthanc_plugin.jobs.store import Job, JobStore
 from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
+from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
 from orthanc_plugin.review.apply import ReviewContext, ReviewProblem, apply_review
 from orthanc_plugin.worker.pipeline import BadInput, JobAborted, Run, run_pipeline
@@ -53,6 +54,7 @@ class Worker:
         self.orthanc = orthanc
         self.triton = triton
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.labels = StudyLabels(orthanc.get_json, orthanc.put, orthanc.delete)
         self.stop = threading.Event()
         self._ready = False
         self._ready_checked = 0.0
@@ -78,7 +80,9 @@ class Worker:
             if job is None:
                 self.stop.wait(poll_s)
                 continue
+            self.labels.sync(self.store, job.study_uid, job.orthanc_study_id)  # ai-queued while running
             self.run_job(job)
+            self.labels.sync(self.store, job.study_uid, job.orthanc_study_id)  # ai-done / ai-failed
         log.info("worker %s stopped", self.owner)
 
     def apply_one_review(self) -> bool:

@@ -35,13 +35,24 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def make_pki(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by it."""
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by it.
+
+    Made as RFC 5280 asks (CA: critical basicConstraints and keyUsage keyCertSign; leaves: key
+    identifiers, keyUsage): Python 3.13 verifies strictly (VERIFY_X509_STRICT) and refuses a CA
+    without key usage, Python 3.11 does not check it.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "1", "-subj", "/CN=orthanc-ai test CA", cwd=folder)  # fmt: skip
+             "-days", "1", "-subj", "/CN=orthanc-ai test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "subjectKeyIdentifier=hash", cwd=folder)  # fmt: skip
+    leaf = (
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
     for name, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
-        ("client", "extendedKeyUsage=clientAuth\n"),
+        ("server", leaf + "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        ("client", leaf + "extendedKeyUsage=clientAuth\n"),
     ):
         (folder / f"{name}.ext").write_text(ext)
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",

@@ -444,3 +444,40 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
     finally:
         if pid is not None and Path(f"/proc/{pid}").exists():
             subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
+# -- the shipped model, through Triton and in-process ------------------------------------------------
+
+
+def test_shipped_ct_lung_through_triton_equals_in_process_onnxruntime(tmp_path: Path) -> None:
+    """The repository's ct_lung model (its own config.pbtxt), one realistic input: Triton's answer
+    equals ONNX Runtime run in this process. Guards the tensor exchange between the stand-in backend
+    and Triton's python stub, which with a mismatched numpy hands over zero-filled inputs and empty
+    outputs without any error."""
+    _require_tritonserver()
+    model_dir = PROJECT_ROOT / "triton_models" / "ct_lung"
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(
+        PROJECT_ROOT / "triton_models", http_port=http, grpc_port=grpc, metrics_port=metrics,
+        log_file=tmp_path / "triton.log", backend_root=tmp_path / "backends",
+        model_control="explicit", load_models=["ct_lung"],
+    )  # fmt: skip
+    # A lung-like volume: two dark ellipsoids in soft tissue, windowed to [0, 1] like preprocess does.
+    z, y, x = np.mgrid[0:64, 0:128, 0:128].astype(np.float32)
+    volume = np.full((64, 128, 128), 0.75, np.float32)
+    for cx in (40.0, 88.0):
+        volume[((x - cx) / 22) ** 2 + ((y - 64) / 40) ** 2 + ((z - 32) / 28) ** 2 < 1] = 0.1
+    image = volume[None, None] + np.random.default_rng(7).normal(0, 0.01, (1, 1, 64, 128, 128)).astype(
+        np.float32
+    )
+    expected = ort.InferenceSession(
+        str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(["probabilities"], {"image": image})[0]
+    with server:
+        for use_shm in (True, False):
+            with TritonClient(server.grpc_url, use_shared_memory=use_shm, timeout_s=60) as client:
+                got = client.infer("ct_lung", {"image": image}, ["probabilities"])["probabilities"]
+            assert got.shape == (1, 3, 64, 128, 128) and got.dtype == np.float32
+            assert np.count_nonzero(got) > got.size // 2, "Triton answered (mostly) zeros"
+            np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-4)  # softmax over the classes
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -39,9 +39,12 @@ def test_run_then_read_retry_cancel(api):
     assert api.handle("GET", "/jobs", {"state": "queued"}, b"")[1][0]["id"] == jid
     status, job = api.handle("GET", f"/jobs/{jid}", {}, b"")
     assert status == 200 and job["events"][0]["kind"] == "queued" and job["series"]["ct"]["instances"] == 30
+    changed: list[tuple[str, str]] = []
+    api.changed = lambda job: changed.append((job.id, job.state))  # the plugin updates the study label
     assert api.handle("POST", f"/jobs/{jid}/retry", {}, b"")[0] == 409  # still queued
     assert api.handle("POST", f"/jobs/{jid}/cancel", {}, b"")[1]["state"] == "cancelled"
     assert api.handle("POST", f"/jobs/{jid}/retry", {}, b"")[1]["state"] == "queued"
+    assert changed == [(jid, "cancelled"), (jid, "queued")]
 
 
 def test_errors_are_json_with_status(api):

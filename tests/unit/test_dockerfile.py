@@ -219,13 +219,15 @@ def _third_party_imports() -> set[str]:
     return {n for n in names if n not in sys.stdlib_module_names and n != "orthanc_plugin"} - PROVIDED
 
 
-def _requirements(path: Path) -> dict[str, Requirement]:
+def _requirements(path: Path, python: str = "3.11") -> dict[str, Requirement]:
+    """The requirements that apply to the image's Python (environment markers evaluated for it)."""
     out = {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             req = Requirement(line)
-            out[req.name.lower()] = req
+            if req.marker is None or req.marker.evaluate({"python_version": python}):
+                out[req.name.lower()] = req
     return out
 
 

@@ -22,6 +22,14 @@ Behaviour
   of the group is retried alone so that one bad request cannot fail its neighbours.
 - Every failure is answered with a ``TritonError`` on the request concerned; ``execute``
   itself never raises.
+- Tensors cross the boundary with Triton's stub through ``as_numpy()`` / ``Tensor(name, array)``
+  where that works, else through DLPack (``np.from_dlpack`` on the request's tensors,
+  ``Tensor.from_dlpack`` for the outputs). The wheel's stubs were built against numpy 1.x: with
+  numpy 2 (the only numpy for Python 3.13) the numpy path gives zero-filled inputs and empty
+  outputs without any error, while with numpy 1.26 the stub's DLPack capsules upset numpy's
+  (the stub dies). So numpy 1.x takes the numpy path and numpy 2 DLPack (logged when a model
+  loads). Strings (``TYPE_STRING``) cannot cross DLPack: on the DLPack path a model with
+  string tensors fails to load with the reason.
 """
 
 from __future__ import annotations
@@ -123,6 +131,30 @@ def _internal_error(message: str) -> Any:
     return pb_utils.TritonError(message, code)
 
 
+def stub_numpy_abi_matches() -> bool:
+    """Whether this numpy has the ABI the wheel's stubs were built against (numpy 1.x).
+
+    numpy 2 changed the C layout of dtypes: the stubs then misread every array they get from
+    or hand to numpy, with no error (checked: zero-filled inputs, 0-byte outputs). A round trip
+    inside this process cannot show it (the array never leaves Python), hence the ABI version.
+    """
+    return int(np.__version__.split(".")[0]) < 2
+
+
+def _input_array(tensor: Any, spec: _Spec, dlpack: bool) -> np.ndarray:
+    """The request tensor as a numpy array (see the module docstring)."""
+    if not dlpack or spec.data_type == "TYPE_STRING":
+        return np.asarray(tensor.as_numpy())
+    return np.from_dlpack(tensor)
+
+
+def _output_tensor(name: str, array: np.ndarray, spec: _Spec, dlpack: bool) -> Any:
+    """A response tensor made from ``array`` (see the module docstring)."""
+    if not dlpack or spec.data_type == "TYPE_STRING":
+        return pb_utils.Tensor(name, array)
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+
+
 class TritonPythonModel:
     """Serves one ONNX model instance with ONNX Runtime on CPU."""
 
@@ -139,6 +171,12 @@ class TritonPythonModel:
                 "(the CPU stand-in onnxruntime backend does not auto-complete configurations)"
             )
         self.output_by_name = {o.name: o for o in self.outputs}
+        self.dlpack = not stub_numpy_abi_matches()
+        if self.dlpack and any(s.data_type == "TYPE_STRING" for s in self.inputs + self.outputs):
+            raise pb_utils.TritonModelException(
+                f"model '{self.model_name}': string tensors need the stub's numpy path, which does not "
+                f"work with numpy {np.__version__} in this environment"
+            )
 
         filename = config.get("default_model_filename") or "model.onnx"
         model_path = Path(args["model_repository"]) / str(args["model_version"]) / filename
@@ -166,7 +204,8 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"onnxruntime stand-in: model '{self.model_name}' version {args['model_version']} loaded "
             f"from {model_path} (CPU, intra_op_threads={options.intra_op_num_threads}, "
-            f"max_batch_size={self.max_batch_size})"
+            f"max_batch_size={self.max_batch_size}, tensors via {'DLPack' if self.dlpack else 'numpy'}, "
+            f"numpy {np.__version__})"
         )
 
     def _check_against_graph(self) -> None:
@@ -265,7 +304,7 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
             if tensor is None:
                 raise ValueError(f"model '{self.model_name}': request has no input '{spec.name}'")
-            array = tensor.as_numpy()
+            array = _input_array(tensor, spec, self.dlpack)
             if spec.data_type == "TYPE_STRING":
                 array = np.vectorize(
                     lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v), otypes=[object]
@@ -327,7 +366,11 @@ class TritonPythonModel:
                     if name not in wanted:
                         continue
                     part = value[offset : offset + batch] if batched else value
-                    tensors.append(pb_utils.Tensor(name, self._as_output(name, part)))
+                    tensors.append(
+                        _output_tensor(
+                            name, self._as_output(name, part), self.output_by_name[name], self.dlpack
+                        )
+                    )
                 responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
             except Exception as exc:  # keep answering the other requests
                 responses[index] = pb_utils.InferenceResponse(

@@ -43,7 +43,7 @@ OPSET = 17
 CHECK_SHAPE = (1, 1, 24, 24, 24)
 CHECK_SEED = 20240601
 CHECK_TOL = 1e-4
-MR_SERIES = Path("/work/shared/data/mr/nih-ge-epi/mr_0004")
+MR_SERIES = HERE.parents[2] / "shared" / "data" / "mr" / "nih-ge-epi" / "mr_0004"  # ../shared
 GRID = 256
 
 
@@ -111,7 +111,7 @@ def export_onnx(model, path: Path) -> None:
     m = onnx.load(str(path))
     m.producer_name = "orthanc-ai triton_models/mr_brain/build_model.py"
     m.doc_string = (
-        "brainchop mindgrab MeshNet (MIT, see /work/shared/models/brainchop-mindgrab/LICENSE); "
+        "brainchop mindgrab MeshNet (MIT, see shared/models/brainchop-mindgrab/LICENSE); "
         "input image [N,1,D,H,W] 1 mm isotropic, min-max scaled to [0,1]; "
         "output probabilities [N,2,D,H,W] (background, brain)"
     )

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-WEIGHTS_DIR = Path("/work/shared/models/brainchop-mindgrab")
+# The shared material sits beside the repository (../shared).
+WEIGHTS_DIR = Path(__file__).resolve().parents[3] / "shared" / "models" / "brainchop-mindgrab"
 NORM_EPS = 1e-5
 _DTYPES = {"float32": np.dtype("<f4")}
 
