@@ -251,6 +251,7 @@ def test_api_basics(processed: dict, api: httpx.Client) -> None:
         "ct-lung",
         "mr-brain",
         "ct-lung-attenuation",
+        "ct-lung-radiomics",
     ]
     assert api.get("/ai/jobs", params={"state": "succeeded"}).json()
     assert api.get("/ai/jobs", params={"state": "bogus"}).status_code == 400
