@@ -1,4 +1,5 @@
-"""What the local stack, the tests and the benchmarks share: the repository root and log tails."""
+"""What the local stack, the tests and the benchmarks share: the repository root, the state folder,
+log tails."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from pathlib import Path
 
 #: the repository root (the folder holding devstack/ and orthanc_plugin/)
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def var_dir() -> Path:
+    """Where the local stack keeps its state (pid files, logs, storage): ``$ORTHANC_AI_VAR`` or
+    ``var/``. A second Debian release run from the same checkout (``make test-trixie``) uses its own."""
+    return Path(os.environ.get("ORTHANC_AI_VAR") or ROOT / "var")
 
 
 def log_tail(path: Path | None, lines: int = 30) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 
-from devstack.stack import ROOT, free_port
+from devstack.common import ROOT, log_tail
+from devstack.stack import free_port
 
 PEER_DIR = ROOT / "devstack" / "fhir_peer"
 SERVER = PEER_DIR / "server.mjs"
@@ -74,7 +75,9 @@ class MedplumServer:
                 if self._proc.poll() is not None:
                     code = self._proc.returncode
                     self._proc = None
-                    raise RuntimeError(f"the Medplum FHIR server exited with {code}: {self._log_tail()}")
+                    raise RuntimeError(
+                        f"the Medplum FHIR server exited with {code}: {log_tail(self.log_file) or '(no log)'}"
+                    )
                 try:
                     if client.get(f"{self.url}/metadata").status_code == 200:
                         return
@@ -83,7 +86,7 @@ class MedplumServer:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError(
-            f"the Medplum FHIR server did not answer within {timeout:.0f} s: {self._log_tail()}"
+            f"the Medplum FHIR server did not answer within {timeout:.0f} s: {log_tail(self.log_file) or '(no log)'}"
         )
 
     def stop(self) -> None:
@@ -118,8 +121,3 @@ class MedplumServer:
         r = httpx.get(f"{self.url}/{reference}", timeout=10)
         r.raise_for_status()
         return dict(r.json())
-
-    def _log_tail(self) -> str:
-        if self.log_file is None or not self.log_file.is_file():
-            return "(no log)"
-        return self.log_file.read_text(errors="replace")[-2000:]

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devstack.common import log_tail
 from orthanc_plugin.jobs.database import PostgresTarget
 
 SUPERUSER = "orthanc_ai"
@@ -116,7 +117,7 @@ class PostgresServer:
                 "-t", str(int(timeout)), "-o", options, "start", timeout=timeout + 10,
             )  # fmt: skip
         except PostgresServerError as e:
-            raise PostgresServerError(f"{e}\n{self._log_tail()}") from None
+            raise PostgresServerError(f"{e}\n{log_tail(self.log_file)}") from None
         return self
 
     def create_database(self, name: str) -> str:
@@ -140,12 +141,6 @@ class PostgresServer:
                 )
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
-
-    def _log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
     def __enter__(self) -> PostgresServer:
         return self.start()

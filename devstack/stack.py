@@ -20,11 +20,10 @@ from typing import IO
 
 import httpx
 
-from devstack import var_dir
+from devstack.common import ROOT, log_tail, var_dir
 from devstack.triton_server import TritonServer, TritonServerError, terminate_process
 from orthanc_plugin.core.processes import read_pid_file
 
-ROOT = Path(__file__).resolve().parent.parent
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 PG_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")  # Debian orthanc-postgresql
 
@@ -173,7 +172,7 @@ class OrthancServer:
         while time.time() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(
-                    f"Orthanc exited with {self._proc.returncode}; see {log_file}:\n{_tail(log_file)}"
+                    f"Orthanc exited with {self._proc.returncode}; see {log_file}:\n{log_tail(log_file)}"
                 )
             try:
                 status = httpx.get(f"{self.url}/ai/pipelines", timeout=1, auth=self.http_auth).status_code
@@ -205,13 +204,6 @@ class OrthancServer:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------------------- CLI for make up/down

@@ -39,15 +39,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
-from devstack import var_dir
+from devstack.common import ROOT, log_tail, var_dir
 from orthanc_plugin.core.processes import pid_alive, read_pid_file
 
 log = logging.getLogger(__name__)
 
 ModelControl = Literal["none", "explicit", "poll"]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_STANDIN_BACKENDS = PROJECT_ROOT / "triton_backends"
+DEFAULT_STANDIN_BACKENDS = ROOT / "triton_backends"
 # One folder per Python version: its stub must match the venv's interpreter.
 DEFAULT_BACKEND_ROOT = var_dir() / f"triton-backends-py{sys.version_info.major}.{sys.version_info.minor}"
 LOCAL_HOST = "127.0.0.1"
@@ -212,20 +211,6 @@ def _port_in_use(port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((LOCAL_HOST, port)) == 0
-
-
-def _log_tail(path: Path | None, lines: int = 30) -> str:
-    if path is None or not path.is_file():
-        return ""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 64 * 1024))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    kept = [line for line in text.splitlines() if line.strip()][-lines:]
-    return "\n".join(kept)
 
 
 class TritonServer:
@@ -395,14 +380,14 @@ class TritonServer:
             if code is not None:
                 raise TritonServerError(
                     f"tritonserver exited with code {code} while starting "
-                    f"(log: {self.effective_log_file}):\n{_log_tail(self.effective_log_file)}"
+                    f"(log: {self.effective_log_file}):\n{log_tail(self.effective_log_file)}"
                 )
             if _http_ready(self.http_port):
                 return
             if time.monotonic() > deadline:
                 raise TritonServerError(
                     f"tritonserver not ready after {timeout:g} s on http://{self.http_url}/v2/health/ready "
-                    f"(log: {self.effective_log_file}):\n{_log_tail(self.effective_log_file)}"
+                    f"(log: {self.effective_log_file}):\n{log_tail(self.effective_log_file)}"
                 )
             time.sleep(0.2)
 

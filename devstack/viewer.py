@@ -39,10 +39,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from devstack import var_dir
+from devstack.common import ROOT, var_dir
 from orthanc_plugin.core.processes import read_pid_file
 
-ROOT = Path(__file__).resolve().parent.parent
 VAR = var_dir()
 # The prebuilt OHIF (scripts/install_viewer.sh) is the same for every release: always under var/.
 DEFAULT_DIST = ROOT / "var" / "ohif" / "package" / "dist"

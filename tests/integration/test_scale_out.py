@@ -26,6 +26,7 @@ import httpx
 import pytest
 import yaml
 
+from devstack.common import log_tail
 from devstack.derive import copy_study, sorted_slices
 from devstack.postgres_server import PostgresServer
 from devstack.stack import ROOT, OrthancServer, free_port
@@ -155,7 +156,7 @@ def test_a_burst_is_shared_out_and_each_study_done_once(
 
         def all_done() -> bool:
             assert remote.poll() is None, (
-                f"the worker host exited with {remote.returncode}:\n{_tail(tmp_path / 'worker-host.log')}"
+                f"the worker host exited with {remote.returncode}:\n{log_tail(tmp_path / 'worker-host.log', 40)}"
             )
             jobs = store.list_jobs(limit=1000)
             return len(jobs) >= STUDIES and all(j.state in TERMINAL for j in jobs)
@@ -207,10 +208,3 @@ def test_a_burst_is_shared_out_and_each_study_done_once(
         )
     finally:
         store.close()
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
