@@ -142,10 +142,35 @@ def corpus(orthanc: OrthancServer) -> dict[str, Outcome]:
     return out
 
 
-def test_corpus_has_at_least_25_kinds() -> None:
+#: What docs/operations.md says the corpus shows, kind by kind: the corpus must hold exactly these.
+CLAIMED = {
+    "succeeded": {
+        "16-bit unsigned (reference)", "16-bit signed, HU stored directly", "RescaleSlope missing (identity slope)",
+        "RescaleSlope and RescaleIntercept missing, values are HU", "RLE lossless", "JPEG-LS lossless",
+        "JPEG 2000 lossless", "JPEG lossless (process 14, decoded by Orthanc)", "four transfer syntaxes in one series",
+        "file order and InstanceNumber scrambled", "SR, PDF and presentation state beside the CT", "duplicated slice",
+    },
+    "failed": {
+        "ImagePositionPatient missing", "ImageOrientationPatient missing", "duplicated position, other pixel data",
+        "missing slice", "uneven spacing", "mixed orientations", "gantry tilt", "different Rows/Columns in one series",
+        "different PixelSpacing in one series", "two temporal positions", "RGB colour images",
+        "huge dimensions in the header (30000 x 30000)", "pixel data shorter than Rows x Columns",
+        "truncated file (Orthanc refuses it, a slice is then missing)", "CT instances without pixel data",
+        "RescaleSlope 0", "sagittal images (not axial)", "no lungs in the images (uniform water)",
+    },
+    "no job": {
+        "single slice", "wrong modality for the rule (MR)", "SR only", "encapsulated PDF only",
+        "presentation state only", "enhanced (legacy converted) multi-frame CT", "localizer only",
+        "slices too thick (12 mm)",
+    },
+}  # fmt: skip
+
+
+def test_corpus_holds_exactly_the_kinds_documented() -> None:
     names = [k.name for k in KINDS] + [EMPTY, DELETED]
-    assert len(set(names)) == len(names) >= 25, names
-    assert {k.expect for k in KINDS} == {"succeeded", "failed", "no job"}
+    assert len(set(names)) == len(names), names
+    for expect, claimed in CLAIMED.items():
+        assert {k.name for k in KINDS if k.expect == expect} == claimed, expect
 
 
 @pytest.mark.parametrize(
