@@ -65,6 +65,11 @@ try {
   await page.waitForSelector('#models[data-loaded="true"]');
   await page.selectOption('#model-select', args.model);
   await page.waitForSelector(`#models-body section.version`);
+  // every chart drawn by Chart.js (the view draws them after its data arrives)
+  await page.waitForFunction(() => {
+    const canvases = [...document.querySelectorAll('#models-body figure.chart canvas')];
+    return canvases.length > 0 && canvases.every((c) => window.Chart && window.Chart.getChart(c));
+  });
   mark('models');
   report.models = await page.evaluate(() => {
     const figures = [...document.querySelectorAll('#models-body figure.chart')];

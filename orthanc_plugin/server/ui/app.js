@@ -292,7 +292,17 @@ function versionSection(model, v) {
   return section;
 }
 
+// One load of the Models view at a time: a second request (hash change, Refresh) waits for the
+// first and then draws again, so charts are never destroyed while they are being drawn.
+let modelsLoading = null;
 async function loadModels() {
+  while (modelsLoading) await modelsLoading.catch(() => {});
+  modelsLoading = drawModels();
+  try { await modelsLoading; } finally { modelsLoading = null; }
+}
+
+async function drawModels() {
+  $('models').dataset.loaded = 'false';
   if (!window.Chart) throw new Error('Chart.js did not load (vendor/chart.umd.js): run scripts/install.sh');
   const select = $('model-select');
   const list = await api('models');
