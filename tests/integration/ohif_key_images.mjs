@@ -57,6 +57,12 @@ try {
   })));
   const keys = report.displaySets.find((d) => /key images/i.test(d.description ?? ''));
 
+  // As a person does: wait until the viewer shows the study's first image before choosing another
+  // series (OHIF 3.13 throws "The stack viewport has been destroyed" when a series replaces a
+  // viewport whose first image is still loading).
+  await page.waitForFunction(() => (window.cornerstone?.getEnabledElements() ?? [])
+    .some((e) => e.viewport?.getCurrentImageId?.() && e.viewport?.getRenderingEngine?.()), null, { polling: 200 });
+
   report.step = 'show the key images';
   await page.locator(`#thumbnail-${keys.uid}`).dblclick();
   await page.waitForFunction((uid) => {
