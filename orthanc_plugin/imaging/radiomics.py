@@ -106,11 +106,11 @@ def resample(
 def discretise(values: FloatArray, settings: RadiomicsSettings) -> tuple[NDArray[np.int64], int]:
     """Discretised grey levels (1..Ng) of ``values`` and Ng."""
     if settings.bin_width is not None:
-        low = settings.resegment[0] if settings.resegment is not None else float(values.min())
+        low = settings.resegment[0] if settings.resegment is not None else float(np.min(values))
         levels = np.floor((values - low) / settings.bin_width).astype(np.int64) + 1
-        return levels, int(levels.max())
+        return levels, int(np.max(levels))
     assert settings.bin_count is not None
-    lo, hi = float(values.min()), float(values.max())
+    lo, hi = float(np.min(values)), float(np.max(values))
     n = settings.bin_count
     if hi == lo:
         return np.ones(values.shape, dtype=np.int64), n
@@ -186,12 +186,12 @@ def intensity(values: FloatArray) -> dict[str, float]:
         "stat.skew": float(((x - mu) ** 3).mean() / var**1.5) if var > 0 else 0.0,
         "stat.kurt": float(((x - mu) ** 4).mean() / var**2 - 3) if var > 0 else 0.0,
         "stat.median": median,
-        "stat.min": float(x.min()),
+        "stat.min": float(np.min(x)),
         "stat.p10": p10,
         "stat.p90": p90,
-        "stat.max": float(x.max()),
+        "stat.max": float(np.max(x)),
         "stat.iqr": p75 - p25,
-        "stat.range": float(x.max() - x.min()),
+        "stat.range": float(np.max(x) - np.min(x)),
         "stat.mad": float(np.abs(x - mu).mean()),
         "stat.rmad": float(np.abs(robust - robust.mean()).mean()),
         "stat.medad": float(np.abs(x - median).mean()),
