@@ -104,6 +104,37 @@ def upstream_path(raw_path: bytes) -> str | None:
     return raw
 
 
+def single_part_bulk(request: Request) -> str | None:
+    """The media type a GET of bulk data asks for as a single part (e.g. ``application/pdf``), else None."""
+    if request.method != "GET" or "/bulk/" not in request.url.path:
+        return None
+    accept = request.headers.get("accept", "").strip()
+    first = accept.split(",", 1)[0].split(";", 1)[0].strip().lower()
+    if not first or first.startswith("multipart/") or first == "*/*":
+        return None
+    return first
+
+
+def first_part(body: bytes, content_type: str) -> bytes | None:
+    """The content of the first part of a multipart/related body (RFC 2046), or None."""
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        return None
+    delimiter = b"--" + boundary.encode("latin-1")
+    start = body.find(delimiter)
+    if start < 0:
+        return None
+    headers_end = body.find(b"\r\n\r\n", start)
+    end = body.find(b"\r\n" + delimiter, headers_end)
+    if headers_end < 0 or end < 0:
+        return None
+    return body[headers_end + 4 : end]
+
+
 def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette:
     """The ASGI application: OHIF's files, our config, and the DICOMweb/WADO forwarder."""
     check_files(dist_dir, config_file)
@@ -118,6 +149,15 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
 
     async def forward(request: Request) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        bulk = request.method == "GET" and "/bulk/" in request.url.path
+        single = single_part_bulk(request)
+        if bulk:
+            # Orthanc's DICOMweb plugin (1.20) serves bulk data only as multipart/related of
+            # application/octet-stream and answers 400 to what OHIF asks for an encapsulated PDF
+            # (application/pdf, single or multipart): ask for that form, and hand a viewer that
+            # wanted a single part its one part, as the type it asked for.
+            headers = [(k, v) for k, v in headers if k.lower() != "accept"]
+            headers.append(("accept", 'multipart/related; type="application/octet-stream"'))
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
         path = upstream_path(request.scope["raw_path"])
         if path is None:
@@ -145,6 +185,13 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
             except httpx.HTTPError as e:
                 return PlainTextResponse(f"Orthanc at {orthanc_url} did not answer: {e}\n", status_code=502)
         assert answer is not None
+        if single is not None and answer.status_code == 200:
+            body = await answer.aread()
+            await answer.aclose()
+            part = first_part(body, answer.headers.get("content-type", ""))
+            if part is None:
+                return PlainTextResponse("Orthanc's bulk data answer could not be read\n", status_code=502)
+            return Response(part, media_type=single)
         out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
         return StreamingResponse(
             answer.aiter_raw(), status_code=answer.status_code, headers=out_headers,

@@ -63,6 +63,11 @@ try {
     if (/error boundary/i.test(text)) report.errorBoundary.push(entry);
     if (['error', 'warning'].includes(msg.type())) report.console.push(entry);
   });
+  // every answer of 400 or more, with its URL: what the viewer asked for and did not get
+  report.httpErrors = [];
+  page.on('response', (r) => {
+    if (r.status() >= 400) report.httpErrors.push({ status: r.status(), method: r.request().method(), url: r.url().slice(0, 300) });
+  });
   page.on('pageerror', (err) => report.console.push({
     type: 'pageerror', step: report.step, t: (Date.now() - t0) / 1000, text: String(err.stack || err).slice(0, 2000),
   }));
