@@ -27,8 +27,9 @@ from devstack.stack import OrthancServer, free_port  # noqa: E402
 from devstack.triton_server import TritonServer  # noqa: E402
 
 STAGES = (
-    "fetch", "volume", "preprocess", "inference", "postprocess", "seg_encode", "sr_encode", "key_images_encode",
-    "pdf_encode", "fhir_build", "hl7_build", "store", "store_key_images", "store_pdf", "total",
+    "fetch", "volume", "preprocess", "inference", "postprocess", "measure", "radiomics", "classify", "seg_encode", "sr_encode",
+    "rtstruct_encode", "key_images_encode", "pdf_encode", "fhir_build", "hl7_build", "store", "store_key_images",
+    "store_pdf", "total",
 )  # fmt: skip
 #: What each optional output kind adds to a job: its encoding stages and the storing of its instances
 #: (the HL7 message is delivered later, off the job's clock, by the outbox).

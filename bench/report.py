@@ -26,6 +26,8 @@ STAGES = (
     ("preprocess", "preprocessing"),
     ("inference", "inference (Triton, CPU)"),
     ("postprocess", "post-processing"),
+    ("measure", "volumes and quality checks"),
+    ("radiomics", "radiomics features (IBSI)"),
     ("seg_encode", "SEG encode"),
     ("sr_encode", "SR encode"),
     ("rtstruct_encode", "RTSTRUCT encode"),

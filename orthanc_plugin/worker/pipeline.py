@@ -161,7 +161,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
     probs = run.stage("inference", lambda: infer(run.triton, p, model, prepared.tensor))
     labels = run.stage("postprocess", lambda: prepared.labels(probs[0], p.largest_component))
     volume = prepared.reference
-    present, measurements, quality = measure(p, volume, labels, probs[0])
+    present, measurements, quality = run.stage("measure", lambda: measure(p, volume, labels, probs[0]))
     features = []
     if p.outputs.radiomics is not None:
         # Before classify: a classifier may take features as its input.

@@ -264,7 +264,7 @@ def test_orthanc_and_workers_keep_answering(corpus: dict[str, Outcome], orthanc:
 #: volume already built (it fails at the check before storing).
 DELETE_AT = {
     "at once": ("claimed", "fetch"),
-    "after the volume": ("volume", "preprocess", "inference", "postprocess"),
+    "after the volume": ("volume", "preprocess", "inference", "postprocess", "measure"),
 }
 
 
