@@ -26,7 +26,7 @@ import httpx
 from orthanc_plugin.core.config import Settings
 from orthanc_plugin.core.tls import fhir_tls
 from orthanc_plugin.jobs.database import DatabaseTarget
-from orthanc_plugin.jobs.outbox import Delivery, FailureKind, Outbox
+from orthanc_plugin.jobs.outbox import Delivery, FailureKind, Outbox, deliver_until
 
 log = logging.getLogger("orthanc_ai.delivery")
 
@@ -374,14 +374,7 @@ class DeliveryLoop:
         """Deliver until ``stop`` is set; idle polls every ``poll_s`` seconds."""
         log.info("FHIR delivery to %s started (%s)", self.base_url, self.owner)
         try:
-            while not stop.is_set():
-                try:
-                    busy = self.run_once()
-                except Exception:  # noqa: BLE001 - e.g. the database locked past its timeout
-                    log.exception("FHIR delivery loop error; retrying")
-                    busy = False
-                if not busy:
-                    stop.wait(self.poll_s)
+            deliver_until(stop, self.run_once, self.poll_s, log, "FHIR delivery")
         finally:
             self.close()
             log.info("FHIR delivery stopped (%s)", self.owner)

@@ -19,7 +19,7 @@ import threading
 from orthanc_plugin.core.config import Hl7Destination, Settings
 from orthanc_plugin.hl7.mllp import SendResult, send
 from orthanc_plugin.jobs.database import DatabaseTarget
-from orthanc_plugin.jobs.outbox import HL7, Delivery, Outbox
+from orthanc_plugin.jobs.outbox import HL7, Delivery, Outbox, deliver_until
 from orthanc_plugin.jobs.store import JobStore
 
 log = logging.getLogger("orthanc_ai.hl7")
@@ -98,14 +98,7 @@ class Hl7DeliveryLoop:
         """Deliver until ``stop`` is set; idle polls every ``poll_s`` seconds."""
         log.info("HL7 delivery to %s started (%s)", self.destination.name, self.owner)
         try:
-            while not stop.is_set():
-                try:
-                    busy = self.run_once()
-                except Exception:  # noqa: BLE001 - e.g. the database locked past its timeout
-                    log.exception("HL7 delivery loop error; retrying")
-                    busy = False
-                if not busy:
-                    stop.wait(self.poll_s)
+            deliver_until(stop, self.run_once, self.poll_s, log, "HL7 delivery")
         finally:
             self.close()
             log.info("HL7 delivery to %s stopped", self.destination.name)

@@ -25,8 +25,11 @@ review's update never overtakes the report it updates, nor an earlier review.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -408,3 +411,23 @@ def _status(r: Row) -> dict[str, Any]:
         "delivered_at": r["delivered_at"],
         "response": json.loads(r["response"]) if r["response"] else None,
     }
+
+
+def deliver_until(
+    stop: threading.Event,
+    run_once: Callable[[], bool],
+    poll_s: float,
+    log: logging.Logger,
+    what: str,
+) -> None:
+    """The loop every delivery channel runs (FHIR, HL7): ``run_once`` until ``stop`` is set, waiting
+    ``poll_s`` when it found nothing to send; an error (e.g. the database locked past its timeout)
+    is logged and the loop goes on."""
+    while not stop.is_set():
+        try:
+            busy = run_once()
+        except Exception:  # noqa: BLE001 - one failed pass must not end the deliveries
+            log.exception("%s loop error; retrying", what)
+            busy = False
+        if not busy:
+            stop.wait(poll_s)
