@@ -454,6 +454,22 @@ class VolumeOptions(_Strict):
         description="instances repeating another's position and pixel data: drop them (said in the "
         "job's notes) or refuse the series; differing instances at one position are always refused",
     )
+    max_tilt_deg: float | None = Field(
+        default=30.0,
+        gt=0,
+        le=45,
+        description="gantry-tilted (sheared) series with a tilt up to this many degrees are resampled "
+        "onto a regular grid for the model and the labels mapped back onto the source slices; a larger "
+        "tilt is refused; null refuses every tilt",
+    )
+    max_gap_ratio: float | None = Field(
+        default=1.5,
+        ge=1.1,
+        le=4,
+        description="unevenly spaced series whose largest gap is at most this many times the median "
+        "gap are resampled the same way; a larger gap (1.5: already one missing slice) is refused; "
+        "null refuses any uneven gap",
+    )
 
 
 class PipelineConfig(_Strict):

@@ -3,18 +3,22 @@
 Slices are sorted by their position along the slice normal, never by file name or
 InstanceNumber. Everything that would make the voxel grid a lie (mixed orientations or
 sizes, uneven gaps, tilted gantry, repeated positions) is refused with a reason an admin
-can act on.
+can act on, unless the caller allows a tilt or uneven gaps within a bound: such a series is
+resampled onto a regular grid (``imaging.resample``) and the volume remembers its source
+slices (:attr:`Volume.source`) so that labels go back onto them.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+
+from orthanc_plugin.imaging.resample import SourceGeometry, regularize, resampled_note, slice_shares
 
 PixelReader = Callable[[Dataset], NDArray[np.generic]]
 
@@ -31,6 +35,17 @@ class VolumeError(ValueError):
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """What a pipeline accepts beyond a regular stack (``volume:`` options of its config)."""
+
+    #: largest angle (degrees) between the slices' normal and their stacking direction that is
+    #: resampled onto a regular grid; ``None``: any tilt is refused
+    max_tilt_deg: float | None = None
+    #: largest gap, in median gaps, that is resampled; ``None``: uneven gaps are refused
+    max_gap_ratio: float | None = None
+
+
+@dataclass(frozen=True)
 class Volume:
     """A 3D image: ``voxels[z, y, x]`` with ``datasets[z]`` the source slice of plane z."""
 
@@ -44,6 +59,11 @@ class Volume:
     temporal_positions: int = 1
     #: what was done to make the series a volume (e.g. identical duplicates dropped), for the job
     notes: tuple[str, ...] = ()
+    #: each slice's share of the gaps (mm) when they are uneven; ``spacing[0]`` is then their median
+    slice_thickness_mm: tuple[float, ...] | None = None
+    #: set when the voxels are a regular grid resampled from sheared or unevenly spaced slices
+    #: (``datasets`` is then empty): the source slices, to map labels back (imaging.resample)
+    source: SourceGeometry | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -198,6 +218,7 @@ def build_volume(
     temporal_position: int | None = None,
     min_slices: int = MIN_SLICES,
     duplicates: str = "refuse",
+    geometry: Geometry = Geometry(),
 ) -> Volume:
     """Assemble the volume; raises :class:`VolumeError` with the reason when it cannot.
 
@@ -205,6 +226,9 @@ def build_volume(
     drop an instance whose position and pixel data repeat another's (the same image sent twice
     under another SOP Instance UID), keeping the one with the lowest UID, and say so in the
     volume's notes; differing ones are still refused.
+
+    ``geometry``: which tilted or unevenly spaced series to resample onto a regular grid rather
+    than refuse (see :class:`Geometry` and ``imaging.resample``).
     """
     if not datasets:
         raise VolumeError("the series has no instances")
@@ -303,30 +327,62 @@ def build_volume(
         )
     step = float(np.median(gaps))
     uneven = np.abs(gaps - step) > SPACING_REL_TOL * step
+    bound = geometry.max_gap_ratio
     if np.any(uneven):
         k = int(np.argmax(uneven))
-        # A gap of about two (three...) usual gaps is one (two...) slice(s) missing; 1.4 gaps is not.
-        ratio = float(gaps[k]) / step
-        missing = round(ratio) - 1
-        if missing >= 1 and abs(ratio - round(ratio)) <= 0.25:
-            what = "a slice is probably missing" if missing == 1 else f"{missing} slices are probably missing"
-        else:
-            what = "uneven spacing"
-        raise VolumeError(
-            f"{what}: gap of {gaps[k]:.2f} mm between positions {pos[k]:.2f} and {pos[k + 1]:.2f} mm,"
-            f" the series' usual gap is {step:.2f} mm"
-        )
+        beyond = bound is not None and gaps > bound * (1 + SPACING_REL_TOL) * step
+        if bound is not None and np.any(beyond):
+            k = int(np.argmax(beyond))
+        if bound is None or np.any(beyond):
+            # A gap of about two (three...) usual gaps is one (two...) slice(s) missing; 1.4 gaps is not.
+            ratio = float(gaps[k]) / step
+            missing = round(ratio) - 1
+            if missing >= 1 and abs(ratio - round(ratio)) <= 0.25:
+                what = (
+                    "a slice is probably missing"
+                    if missing == 1
+                    else f"{missing} slices are probably missing"
+                )
+            else:
+                what = "uneven spacing"
+            limit = (
+                f"; the pipeline resamples gaps up to {bound:g} times the usual one (volume.max_gap_ratio)"
+                if bound is not None
+                else ""
+            )
+            raise VolumeError(
+                f"{what}: gap of {gaps[k]:.2f} mm between positions {pos[k]:.2f} and {pos[k + 1]:.2f} mm,"
+                f" the series' usual gap is {step:.2f} mm{limit}"
+            )
     # The in-plane offset between consecutive slices must be along the normal; otherwise the
     # slices are sheared (gantry tilt) and a rectangular grid would misplace every voxel.
     first, last = ipps[order[0]], ipps[order[-1]]
     travel = last - first
     along = float(np.dot(travel, normal))
     sideways = float(np.linalg.norm(travel - along * normal))
-    if sideways > 0.01 * abs(along) + 0.5:
-        raise VolumeError(
-            f"slice positions drift {sideways:.1f} mm sideways over {abs(along):.1f} mm (gantry tilt or sheared"
-            " acquisition): resample the series before analysis"
-        )
+    tilted = sideways > 0.01 * abs(along) + 0.5
+    tilt = 0.0
+    if tilted:
+        tilt = float(np.degrees(np.arctan2(sideways, abs(along))))
+        if geometry.max_tilt_deg is None or tilt > geometry.max_tilt_deg:
+            limit = (
+                f", more than the {geometry.max_tilt_deg:g} degrees the pipeline resamples (volume.max_tilt_deg)"
+                if geometry.max_tilt_deg is not None
+                else ": resample the series before analysis"
+            )
+            raise VolumeError(
+                f"slice positions drift {sideways:.1f} mm sideways over {abs(along):.1f} mm (gantry tilt or sheared"
+                f" acquisition, {tilt:.1f} degrees){limit}"
+            )
+        # A tilt moves every slice the same way: the sideways offsets grow linearly along the normal.
+        side = np.array([ipps[i] - first - float(np.dot(ipps[i] - first, normal)) * normal for i in order])
+        expected = np.outer((pos - pos[0]) / (pos[-1] - pos[0]), travel - along * normal)
+        worst = float(np.max(np.linalg.norm(side - expected, axis=1)))
+        if worst > 0.5 + 0.01 * sideways:
+            raise VolumeError(
+                f"slice positions drift sideways irregularly (up to {worst:.1f} mm off a straight line): not a"
+                " gantry tilt, the series cannot be made into a volume"
+            )
 
     voxels = np.empty((len(order), rows, cols), dtype=np.float32)
     for z, i in enumerate(order):
@@ -359,7 +415,8 @@ def build_volume(
 
     assert exact_spacing is not None
     ps = exact_spacing
-    return Volume(
+    is_uneven = bool(np.any(uneven))
+    volume = Volume(
         voxels=voxels,
         datasets=tuple(datasets[i] for i in order),
         spacing=(step, float(ps[0]), float(ps[1])),
@@ -369,7 +426,13 @@ def build_volume(
         normal=(float(normal[0]), float(normal[1]), float(normal[2])),
         temporal_positions=n_temporal,
         notes=tuple(notes),
+        slice_thickness_mm=tuple(float(t) for t in slice_shares(gaps)) if is_uneven else None,
     )
+    if not (tilted or is_uneven):
+        return volume
+    regular = regularize(volume, np.array([ipps[i] for i in order]), MAX_VOXELS)
+    note = resampled_note(volume, regular, tilt, gaps if is_uneven else None)
+    return replace(regular, notes=(*regular.notes, note))
 
 
 def _drop_identical(

@@ -32,6 +32,7 @@ from orthanc_plugin.core.config import (
     PipelineConfig,
     SegmentChecks,
     Settings,
+    VolumeOptions,
     segment_specs,
 )
 from orthanc_plugin.core.handoff import (
@@ -61,7 +62,6 @@ from orthanc_plugin.fhir.report import build_diagnostic_report
 from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
-from orthanc_plugin.imaging.postprocess import volumes_ml
 from orthanc_plugin.imaging.quality import SegmentQuality, confidence, measure_segment
 from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
@@ -69,7 +69,8 @@ from orthanc_plugin.imaging.radiomics import (
     RadiomicsSettings,
     compute_features,
 )
-from orthanc_plugin.imaging.volume import PixelReader, Volume, VolumeError, build_volume
+from orthanc_plugin.imaging.resample import segment_volumes_ml, to_source
+from orthanc_plugin.imaging.volume import Geometry, PixelReader, Volume, VolumeError, build_volume
 from orthanc_plugin.inference.sliding_window import sliding_window_inference
 from orthanc_plugin.inference.triton import InferenceError, ModelInfo, TritonClient
 from orthanc_plugin.jobs.store import Job, JobStore
@@ -155,12 +156,14 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
     p = run.pipeline
     roles = check_input(run)
     datasets = run.stage("fetch", lambda: fetch(run.orthanc, roles))
-    volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels, p.volume.duplicates))
+    volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels, p.volume))
     prepared = run.stage("preprocess", lambda: prepare_tensor(p, volumes))
     model = run.triton.model_info(p.model.name, p.model.version)
     probs = run.stage("inference", lambda: infer(run.triton, p, model, prepared.tensor))
-    labels = run.stage("postprocess", lambda: prepared.labels(probs[0], p.largest_component))
-    volume = prepared.reference
+    # Labels on the first role's source slices (mapped back from a regular grid if it was resampled).
+    volume, labels = run.stage(
+        "postprocess", lambda: to_source(prepared.reference, prepared.labels(probs[0], p.largest_component))
+    )
     present, measurements, quality = run.stage("measure", lambda: measure(p, volume, labels, probs[0]))
     features = []
     if p.outputs.radiomics is not None:
@@ -238,16 +241,23 @@ def fetch(orthanc: OrthancClient, roles: list[Chosen]) -> dict[str, list[Dataset
 
 
 def assemble(
-    roles: list[Chosen], datasets: dict[str, list[Dataset]], pixels: PixelReader, duplicates: str = "refuse"
+    roles: list[Chosen],
+    datasets: dict[str, list[Dataset]],
+    pixels: PixelReader,
+    options: VolumeOptions | None = None,
 ) -> dict[str, Volume]:
-    """One correctly oriented volume per role (geometry is checked, see imaging.volume)."""
+    """One correctly oriented volume per role (geometry is checked, see imaging.volume; tilted or
+    unevenly spaced series within the pipeline's bounds are resampled, see imaging.resample)."""
+    o = options or VolumeOptions(duplicates="refuse", max_tilt_deg=None, max_gap_ratio=None)
+    geometry = Geometry(max_tilt_deg=o.max_tilt_deg, max_gap_ratio=o.max_gap_ratio)
     volumes = {}
     for c in roles:
         name = c.role.role
         try:
             volumes[name] = build_volume(
-                datasets[name], pixels, temporal_position=c.role.temporal_position, duplicates=duplicates
-            )
+                datasets[name], pixels, temporal_position=c.role.temporal_position, duplicates=o.duplicates,
+                geometry=geometry,
+            )  # fmt: skip
         except VolumeError as e:
             raise VolumeError(f"role '{name}': {e}") from None
     return volumes
@@ -286,7 +296,7 @@ def measure(
     """The segments found, each plausible for what it claims to be, their volumes and quality
     measurements (with the model's confidence when its ``probabilities`` [K, *grid] are given)."""
     specs = segment_specs(p)
-    vols = volumes_ml(labels, [s.label for s in specs], volume.voxel_volume_ml)
+    vols = segment_volumes_ml(volume, labels, [s.label for s in specs])
     present = [s for s in specs if vols[s.label] > 0]
     if not present:
         raise BadInput(
