@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from orthanc_plugin.imaging import multiframe
 from orthanc_plugin.imaging.resample import SourceGeometry, regularize, resampled_note, slice_shares
 
 PixelReader = Callable[[Dataset], NDArray[np.generic]]
@@ -150,6 +151,8 @@ def default_pixels(ds: Dataset) -> NDArray[np.generic]:
 
 
 def _check_image(ds: Dataset) -> None:
+    if multiframe.frame_number(ds) is not None:
+        return  # a frame of an enhanced instance (checked as a whole by multiframe.expand)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise VolumeError(
             f"instance {_sop(ds)} has no pixel data (SOP class {ds.get('SOPClassUID', '?')}): not an image"
@@ -157,7 +160,8 @@ def _check_image(ds: Dataset) -> None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise VolumeError(
-            f"instance {_sop(ds)} is multi-frame ({frames} frames): enhanced/multi-frame images are not supported yet"
+            f"instance {_sop(ds)} is multi-frame ({frames} frames) of SOP class {ds.get('SOPClassUID', '?')}:"
+            " only Enhanced and Legacy Converted Enhanced CT and MR multi-frame images are read"
         )
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     if spp != 1:
@@ -232,6 +236,7 @@ def build_volume(
     """
     if not datasets:
         raise VolumeError("the series has no instances")
+    datasets, pixels, frame_notes = _frames(datasets, pixels)
     for ds in datasets:
         _check_image(ds)
 
@@ -307,7 +312,7 @@ def build_volume(
         raise VolumeError(f"slices with different PixelSpacing in one series: {sorted(spacings)}")
 
     order = sorted(indices, key=lambda i: (positions[i], _sop(datasets[i])))
-    notes: list[str] = []
+    notes: list[str] = list(frame_notes)
     if duplicates == "drop_identical":
         order, dropped = _drop_identical(datasets, order, positions)
         if dropped:
@@ -433,6 +438,38 @@ def build_volume(
     regular = regularize(volume, np.array([ipps[i] for i in order]), MAX_VOXELS)
     note = resampled_note(volume, regular, tilt, gaps if is_uneven else None)
     return replace(regular, notes=(*regular.notes, note))
+
+
+def _frames(
+    datasets: Sequence[Dataset], pixels: PixelReader
+) -> tuple[Sequence[Dataset], PixelReader, list[str]]:
+    """Enhanced multi-frame instances replaced by their frames (imaging.multiframe), and a pixel
+    reader that knows the frames' pixels."""
+    if not any(multiframe.is_enhanced(ds) for ds in datasets):
+        return datasets, pixels, []
+    out: list[Dataset] = []
+    notes: list[str] = []
+    arrays: dict[int, NDArray[np.generic]] = {}
+    for ds in datasets:
+        if not multiframe.is_enhanced(ds):
+            out.append(ds)
+            continue
+        try:
+            frames, by_number, frame_notes = multiframe.expand(ds, pixels)
+        except multiframe.FrameError as e:
+            raise VolumeError(str(e)) from None
+        for f in frames:
+            number = multiframe.frame_number(f)
+            assert number is not None
+            arrays[id(f)] = by_number[number]
+        out += frames
+        notes += frame_notes
+
+    def read(ds: Dataset) -> NDArray[np.generic]:
+        frame = arrays.get(id(ds))
+        return frame if frame is not None else pixels(ds)
+
+    return out, read, notes
 
 
 def _drop_identical(

@@ -193,7 +193,9 @@ def build_seg(
     if not isinstance(series_number, int) or not 0 <= series_number < 2**31:
         raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
     check_series_description(series_description)
-    lab = check_labels(labels, len(source_images), rows, cols)
+    # A single multi-frame source (an Enhanced CT/MR): one label slice per frame.
+    frames = int(source_images[0].get("NumberOfFrames", 1) or 1) if len(source_images) == 1 else 1
+    lab = check_labels(labels, len(source_images) * frames, rows, cols)
 
     by_label = {s.label: s for s in segments}
     counts, nonzero = label_counts(lab, list(by_label))
