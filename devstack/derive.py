@@ -64,11 +64,6 @@ def resample_z(slices: list[pydicom.Dataset], n: int, out: Path, tag: str) -> Pa
     return out
 
 
-def _normal(ds: pydicom.Dataset) -> np.ndarray:
-    iop = np.asarray(ds.ImageOrientationPatient, float)
-    return np.cross(iop[:3], iop[3:])
-
-
 def tilted(slices: list[pydicom.Dataset], degrees: float) -> list[pydicom.Dataset]:
     """The axial series ``slices`` re-sliced as a CT with a gantry tilt of ``degrees`` about the
     patient's left-right axis: planes through the same table positions (the centre of each
@@ -123,15 +118,15 @@ def enhanced_ct(
     Series UIDs as the slices."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
-    enhanced_ct_storage = "1.2.840.10008.5.1.4.1.1.2.1"
+    enhanced_ct_storage = UID("1.2.840.10008.5.1.4.1.1.2.1")
     first = slices[0]
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = enhanced_ct_storage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     for kw in (
         "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
         "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",

@@ -61,7 +61,9 @@ class FrameError(ValueError):
 
 def is_enhanced(ds: Dataset) -> bool:
     """A multi-frame instance of an (enhanced) CT/MR class with functional groups."""
-    return str(ds.get("SOPClassUID", "")) in ENHANCED_IMAGE_CLASSES and int(ds.get("NumberOfFrames", 1) or 1) > 1
+    return (
+        str(ds.get("SOPClassUID", "")) in ENHANCED_IMAGE_CLASSES and int(ds.get("NumberOfFrames", 1) or 1) > 1
+    )
 
 
 def frame_number(ds: Dataset) -> int | None:
@@ -112,7 +114,9 @@ def expand(
             f"instance {sop} has {n} frames but {len(per_frame_seq)} Per-Frame Functional Groups items"
         )
     if not per_frame_seq and shared is None:
-        raise FrameError(f"instance {sop} is multi-frame without functional groups: frame positions are unknown")
+        raise FrameError(
+            f"instance {sop} is multi-frame without functional groups: frame positions are unknown"
+        )
     per_frame: list[Dataset | None] = list(per_frame_seq) if per_frame_seq else [None] * n
 
     types = [_frame_type(f, shared) for f in per_frame]
@@ -136,10 +140,14 @@ def expand(
     if decoded.ndim == 4 and decoded.shape[-1] == 1:
         decoded = decoded[..., 0]
     if decoded.shape != (n, rows, cols):
-        raise FrameError(f"instance {sop}: decoded pixels have shape {decoded.shape}, expected {(n, rows, cols)}")
+        raise FrameError(
+            f"instance {sop}: decoded pixels have shape {decoded.shape}, expected {(n, rows, cols)}"
+        )
 
     base = Dataset()
-    base.file_meta = getattr(ds, "file_meta", Dataset())
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        base.file_meta = meta
     for element in ds:
         if element.keyword not in _DROPPED:
             base.add(element)
@@ -150,7 +158,8 @@ def expand(
             continue
         number = index + 1
         f = Dataset()
-        f.file_meta = base.file_meta
+        if meta is not None:
+            f.file_meta = meta
         f.update(base)
         _copy(f, _functional(groups, shared, "PlanePositionSequence"), ("ImagePositionPatient",))
         _copy(f, _functional(groups, shared, "PlaneOrientationSequence"), ("ImageOrientationPatient",))
@@ -178,14 +187,12 @@ def _copy(target: Dataset, item: Dataset | None, keywords: Sequence[str]) -> Non
             target[kw] = item[kw]
 
 
-def seg_sources(
-    datasets: Sequence[Dataset], labels: NDArray[Any]
-) -> tuple[list[Dataset], NDArray[Any]]:
+def seg_sources(datasets: Sequence[Dataset], labels: NDArray[Any]) -> tuple[list[Dataset], NDArray[Any]]:
     """What a SEG is built on: the multi-frame instance itself with a label frame for each of its
     frames (zeros for the frames left out) when ``datasets`` are its frames; otherwise as given."""
     parents = {id(p): p for p in (parent(d) for d in datasets) if p is not None}
     if not parents:
-        return list(datasets), labels
+        return datasets if isinstance(datasets, list) else list(datasets), labels
     if len(parents) > 1 or any(parent(d) is None for d in datasets):
         raise FrameError("the slices come from several multi-frame instances: one SEG cannot reference them")
     (source,) = parents.values()

@@ -14,6 +14,15 @@ from orthanc_plugin.core.config import Condition, InputRole, PipelineConfig
 # Series we wrote ourselves are never inputs, whatever a rule says.
 OWN_MANUFACTURER = "orthanc-ai"
 NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "DOC", "RTSTRUCT", "REG", "OT"})
+#: multi-frame SOP classes whose frames the worker reads as slices (imaging.multiframe)
+ENHANCED_IMAGE_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,10 @@ class SeriesInfo:
 
     def value(self, keyword: str) -> str | None:
         if keyword == "ImageCount":
+            # Slices: the frames of an enhanced multi-frame series count one each.
+            frames = _number(self.tags.get("NumberOfFrames") or "1")
+            if self.tags.get("SOPClassUID") in ENHANCED_IMAGE_CLASSES and frames is not None and frames > 1:
+                return str(len(self.instance_ids) * int(frames))
             return str(len(self.instance_ids))
         return self.tags.get(keyword)
 
@@ -152,11 +165,12 @@ def _series_failures(role: InputRole, s: SeriesInfo) -> list[str]:
         if not check_condition(kw, cond, s.value(kw)):
             failed.append(f"excluded by rule on {kw} (value {s.value(kw)!r})")
     frames = _number(s.tags.get("NumberOfFrames") or "1")
-    if frames is not None and frames > 1:
+    if frames is not None and frames > 1 and s.tags.get("SOPClassUID") not in ENHANCED_IMAGE_CLASSES:
         # The volume is built from single-frame slices; an enhanced (multi-frame) series would
         # otherwise be rejected only as "ImageCount is 1", which tells an admin nothing.
         failed.append(
-            f"instances are multi-frame (NumberOfFrames {frames:g}): enhanced/multi-frame images are not supported yet"
+            f"instances are multi-frame (NumberOfFrames {frames:g}) of SOP class {s.tags.get('SOPClassUID', '?')}:"
+            " only Enhanced and Legacy Converted Enhanced CT and MR multi-frame images are read"
         )
     return failed
 

@@ -62,6 +62,7 @@ from orthanc_plugin.fhir.report import build_diagnostic_report
 from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
+from orthanc_plugin.imaging.multiframe import seg_sources
 from orthanc_plugin.imaging.quality import SegmentQuality, confidence, measure_segment
 from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
@@ -439,11 +440,16 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
     images n+3, PDF summary n+4."""
     p, uids = run.pipeline, output_uids(run.job.key)
     sources = list(volume.datasets)
+    # Frames of an enhanced multi-frame instance: the SEG, SR and PDF reference the instance
+    # (the SEG with ReferencedFrameNumber); the SR then has no per-slice image regions and no
+    # RTSTRUCT is made (its contours would need frame references too).
+    instances, seg_labels = seg_sources(sources, labels)
+    frames = instances is not sources
     number = p.outputs.series_number
     seg_ds = run.stage(
         "seg_encode",
         lambda: build_seg(
-            sources, labels, findings.present, algorithm,
+            instances, seg_labels, findings.present, algorithm,
             series_instance_uid=uids.seg_series, sop_instance_uid=uids.seg_instance,
             series_number=number, series_description=f"AI {p.algorithm_name} segmentation",
             seg_type=p.outputs.seg_type,
@@ -452,15 +458,16 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
     sr_ds = run.stage(
         "sr_encode",
         lambda: build_sr(
-            sources, seg_ds, findings.present, findings.measurements, algorithm,
+            instances, seg_ds, findings.present, findings.measurements, algorithm,
             series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_instance,
-            series_number=number + 1, series_description=f"AI {p.algorithm_name} report", labels=labels,
+            series_number=number + 1, series_description=f"AI {p.algorithm_name} report",
+            labels=None if frames else labels,
             classifications=findings.classifications, features=findings.features,
         ),
     )  # fmt: skip
     datasets: dict[str, Dataset | list[Dataset]] = {"seg": seg_ds, "sr": sr_ds}
     now = datetime.now(UTC)
-    if p.outputs.rtstruct:
+    if p.outputs.rtstruct and not frames:
         datasets["rtstruct"] = run.stage(
             "rtstruct_encode",
             lambda: build_rtstruct(
@@ -480,7 +487,7 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
     pdf: bytes | None = None
     if p.outputs.pdf_report:
         pdf, datasets["pdf"] = run.stage(
-            "pdf_encode", lambda: encode_pdf(run, sources, images, findings, algorithm, now)
+            "pdf_encode", lambda: encode_pdf(run, instances, images, findings, algorithm, now)
         )
     fhir = None
     if p.outputs.fhir:

@@ -129,3 +129,28 @@ def test_real_ct_tilted_comes_back_onto_an_axial_grid(ct_b40, single) -> None:
     ml_back = resample.segment_volumes_ml(source, back, [1])[1]
     ml_regular = float(np.count_nonzero(lung_regular)) * vol.voxel_volume_ml
     assert ml_back == pytest.approx(ml_regular, rel=0.02)
+
+
+def test_routing_counts_the_frames_of_an_enhanced_series() -> None:
+    from devstack.common import ROOT
+    from orthanc_plugin.core.config import load_pipelines
+    from orthanc_plugin.intake.routing import SeriesInfo, StudyInfo, route
+
+    ct_lung = {p.name: p for p in load_pipelines(ROOT / "config" / "pipelines.yaml")}["ct-lung"]
+
+    def one_instance(sop_class: str, frames: str) -> StudyInfo:
+        tags = {
+            "Modality": "CT", "SeriesDescription": "Chest", "SliceThickness": "5", "SeriesNumber": "1",
+            "SOPClassUID": sop_class, "NumberOfFrames": frames,
+        }  # fmt: skip
+        return StudyInfo("st", "1.2.3", {}, (SeriesInfo("s", "1.2.3.1", tags, ("i",)),))
+
+    d = route(ct_lung, one_instance("1.2.840.10008.5.1.4.1.1.2.1", "64"))
+    assert d.matched, d.roles[0].rejected
+    assert d.chosen()["ct"].value("ImageCount") == "64"
+    # Other multi-frame classes are still refused with the reason; few frames are too few slices.
+    d = route(ct_lung, one_instance("1.2.840.10008.5.1.4.1.1.7.2", "64"))
+    assert not d.matched
+    assert "only Enhanced and Legacy Converted Enhanced CT and MR" in str(d.roles[0].rejected)
+    d = route(ct_lung, one_instance("1.2.840.10008.5.1.4.1.1.2.1", "8"))
+    assert not d.matched and "ImageCount is 8, below minimum 20" in str(d.roles[0].rejected)
