@@ -6,8 +6,12 @@ along the patient, the image planes are tilted) or whose gaps differ is not a re
 grid. :func:`regularize` builds one: its rows keep the source's row direction, its slices are
 perpendicular to the direction the slices were stacked in (for a gantry tilt about the patient's
 left-right axis, that is a true axial grid again), its spacing is the source's in-plane spacing
-and the median gap between slices along the stacking direction, and it covers every source
-pixel. The source is resampled onto it trilinearly in the source's own (sheared, uneven) index
+and the median gap between slices along the stacking direction; it holds every source pixel
+in-plane and runs from the first slice's centre to the last's (the corners of tilted slices
+beyond that range take the labels of the nearest grid slice). Grid voxels beyond the slab (the
+wedges a tilted slab leaves at the ends) take the nearest source voxel: the end slices
+extended, so that a model sees the body continue rather than a band of air (with air there,
+the shipped lung model found 2-4% less lung on the shared CT tilted 20 degrees). The source is resampled onto it trilinearly in the source's own (sheared, uneven) index
 space; the model runs there. :func:`to_source` maps the labels back onto the source slices by
 nearest neighbour, so the outputs reference the original instances and volumes are measured in
 the source geometry (each slice weighted by its share of the gaps on either side).
@@ -89,8 +93,21 @@ def regularize(source: Volume, positions: NDArray[np.float64], max_voxels: int) 
         ]
     )
     axes = (d, col_r, row_r)
+    # In-plane: every source pixel. Along d: from the first slice's centre to the last's, as
+    # many slices as the source (a model that resizes its input sees the anatomy at the same
+    # scale); the corners of tilted slices beyond that range take the labels of the nearest
+    # grid slice when mapped back.
     lo = np.array([np.min(corners @ ax) for ax in axes])
     hi = np.array([np.max(corners @ ax) for ax in axes])
+    centres = (positions + (rows - 1) / 2 * dy * col + (cols - 1) / 2 * dx * row) @ d
+    lo[0], hi[0] = float(np.min(centres)), float(np.max(centres))
+    # In-plane at least the source's field of view, centred: a tilted slice projects shorter,
+    # and a model that resizes its input must see the anatomy at the scale of an untilted scan.
+    for axis, n_px, step in ((1, rows, dy), (2, cols, dx)):
+        missing = (n_px - 1) * step - (hi[axis] - lo[axis])
+        if missing > 0:
+            lo[axis] -= missing / 2
+            hi[axis] += missing / 2
     along = np.diff(positions @ d)
     h = float(np.median(along))
     spacing = (h, dy, dx)
@@ -108,7 +125,6 @@ def regularize(source: Volume, positions: NDArray[np.float64], max_voxels: int) 
     u_src = positions @ normal
     a_src = positions @ col
     b_src = positions @ row
-    fill = float(np.min(source.voxels))
     ii, jj = np.mgrid[0 : shape[1], 0 : shape[2]].astype(np.float64)
     out = np.empty(shape, dtype=np.float32)
     for k in range(shape[0]):
@@ -119,7 +135,7 @@ def regularize(source: Volume, positions: NDArray[np.float64], max_voxels: int) 
         r = (np.tensordot(col, p, axes=1) - np.interp(u, u_src, a_src)) / dy
         c = (np.tensordot(row, p, axes=1) - np.interp(u, u_src, b_src)) / dx
         out[k] = ndimage.map_coordinates(
-            source.voxels, np.stack([f, r, c]), order=1, mode="constant", cval=fill, prefilter=False
+            source.voxels, np.stack([f, r, c]), order=1, mode="nearest", prefilter=False
         )
     geometry = SourceGeometry(
         volume=source, positions=positions, origin=origin, axes=axes, spacing=spacing,
@@ -162,7 +178,7 @@ def to_source(volume: Volume, labels: NDArray[np.uint8]) -> tuple[Volume, NDArra
             coords.append(
                 base + rr * (dy * float(np.dot(col, ax)) / step) + cc * (dx * float(np.dot(row, ax)) / step)
             )
-        out[z] = ndimage.map_coordinates(labels, np.stack(coords), order=0, mode="constant", cval=0)
+        out[z] = ndimage.map_coordinates(labels, np.stack(coords), order=0, mode="nearest")
     return src, out
 
 

@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from devstack.derive import enhanced_ct, tilted
-from orthanc_plugin.imaging import multiframe, resample
+from orthanc_plugin.imaging import multiframe
 from orthanc_plugin.imaging.volume import Geometry, VolumeError, build_volume
 from orthanc_plugin.outputs.seg import build_seg
 
@@ -108,8 +108,7 @@ def test_seg_references_the_multiframe_instance_with_frame_numbers(ct_b40, tmp_p
 
 def test_real_ct_tilted_comes_back_onto_an_axial_grid(ct_b40, single) -> None:
     """A0002 re-sliced with a 15 degree gantry tilt: resampled back onto an axial grid, the
-    voxels match the untilted series where both have data, and a mask mapped back onto the
-    tilted slices holds the same volume."""
+    voxels match the untilted series where both have data."""
     slices = tilted([copy.deepcopy(ds) for ds in ct_b40], 15.0)
     vol = build_volume(slices, geometry=Geometry(max_tilt_deg=30))
     assert vol.source is not None
@@ -123,12 +122,12 @@ def test_real_ct_tilted_comes_back_onto_an_axial_grid(ct_b40, single) -> None:
     b = vol.voxels[inner.start + dz : inner.stop + dz, 100 + dy : 400 + dy, 100:400]
     assert float(np.median(np.abs(a - b))) < 30.0  # HU (two linear interpolations of 8 mm slices)
     assert float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) > 0.95
-    # Air-filled lungs thresholded on the regular grid, mapped back: about the same volume.
-    lung_regular = (vol.voxels < -400) & (vol.voxels > -1000)
-    source, back = resample.to_source(vol, lung_regular.astype(np.uint8))
-    ml_back = resample.segment_volumes_ml(source, back, [1])[1]
-    ml_regular = float(np.count_nonzero(lung_regular)) * vol.voxel_volume_ml
-    assert ml_back == pytest.approx(ml_regular, rel=0.02)
+
+    # Aerated lung (-1000 to -400 HU) in that region: about as much on both grids.
+    def aerated(v: np.ndarray) -> int:
+        return int(np.count_nonzero((v > -1000) & (v < -400)))
+
+    assert aerated(b) == pytest.approx(aerated(a), rel=0.03)
 
 
 def test_routing_counts_the_frames_of_an_enhanced_series() -> None:
