@@ -19,35 +19,49 @@ the source geometry (each slice weighted by its share of the gaps on either side
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from orthanc_plugin.imaging import postprocess
-
-if TYPE_CHECKING:
-    from orthanc_plugin.imaging.volume import Volume
+from orthanc_plugin.imaging.volume import (
+    MAX_VOXELS,
+    PixelReader,
+    SourceGeometry,
+    Volume,
+    VolumeError,
+    build_volume,
+    default_pixels,
+)
 
 Vec = NDArray[np.float64]
 
 
-@dataclass(frozen=True)
-class SourceGeometry:
-    """How a regular-grid volume relates to the source slices it was resampled from."""
+def build_regular(
+    datasets: Sequence[Dataset], pixels: PixelReader = default_pixels, **options: Any
+) -> Volume:
+    """:func:`~.volume.build_volume`, and a tilted or unevenly spaced series (within the bounds
+    of ``geometry``) resampled onto a regular grid (:func:`regular_grid`)."""
+    return regular_grid(build_volume(datasets, pixels, **options))
 
-    #: the source slices as a volume: ``voxels[z]`` and ``datasets[z]`` per source slice,
-    #: ``slice_thickness_mm`` its share of the gaps when they are uneven
-    volume: Volume
-    #: ImagePositionPatient of each source slice (z order)
-    positions: NDArray[np.float64]
-    #: the regular grid: patient position of voxel (0, 0, 0) and its axes (slice, row, column)
-    origin: Vec
-    axes: tuple[Vec, Vec, Vec]
-    spacing: tuple[float, float, float]
-    shape: tuple[int, int, int]
+
+def regular_grid(volume: Volume) -> Volume:
+    """``volume`` itself when its slices are a regular grid; otherwise its regular-grid volume
+    (:attr:`Volume.source` set, the notes saying what was done)."""
+    if not volume.irregular:
+        return volume
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in volume.datasets])
+    regular = regularize(volume, positions, MAX_VOXELS)
+    gaps = None
+    if volume.slice_thickness_mm is not None:
+        gaps = np.abs(np.diff(positions @ np.asarray(volume.normal, dtype=np.float64)))
+    note = resampled_note(volume, regular, volume.tilt_deg, gaps)
+    return replace(regular, notes=(*regular.notes, note))
 
 
 def tilt_degrees(stacking: Vec, normal: Vec) -> float:
@@ -56,20 +70,9 @@ def tilt_degrees(stacking: Vec, normal: Vec) -> float:
     return float(np.degrees(np.arccos(min(1.0, c))))
 
 
-def slice_shares(gaps: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Each slice's thickness: half the gap to each neighbour (the end slices: their one gap)."""
-    g = np.asarray(gaps, dtype=np.float64)
-    left = np.concatenate([[g[0]], g])
-    right = np.concatenate([g, [g[-1]]])
-    out: NDArray[np.float64] = (left + right) / 2.0
-    return out
-
-
 def regularize(source: Volume, positions: NDArray[np.float64], max_voxels: int) -> Volume:
     """The regular-grid volume of ``source`` (slices in order along their normal, ``positions``
     their ImagePositionPatient), with :attr:`Volume.source` set for :func:`to_source`."""
-    from orthanc_plugin.imaging.volume import Volume, VolumeError
-
     n, rows, cols = source.shape
     _, dy, dx = source.spacing
     row = np.asarray(source.row_direction, dtype=np.float64)

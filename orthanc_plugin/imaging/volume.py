@@ -3,23 +3,23 @@
 Slices are sorted by their position along the slice normal, never by file name or
 InstanceNumber. Everything that would make the voxel grid a lie (mixed orientations or
 sizes, uneven gaps, tilted gantry, repeated positions) is refused with a reason an admin
-can act on, unless the caller allows a tilt or uneven gaps within a bound: such a series is
-resampled onto a regular grid (``imaging.resample``) and the volume remembers its source
-slices (:attr:`Volume.source`) so that labels go back onto them.
+can act on, unless the caller allows a tilt or uneven gaps within a bound: the volume of such
+a series holds its slices as they are and says what makes it irregular (:attr:`Volume.tilt_deg`,
+:attr:`Volume.slice_thickness_mm`); ``imaging.resample`` makes a regular grid of it for a model
+and maps the labels back onto the slices.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from orthanc_plugin.imaging import multiframe
-from orthanc_plugin.imaging.resample import SourceGeometry, regularize, resampled_note, slice_shares
 
 PixelReader = Callable[[Dataset], NDArray[np.generic]]
 
@@ -47,6 +47,30 @@ class Geometry:
 
 
 @dataclass(frozen=True)
+class SourceGeometry:
+    """How a regular-grid volume relates to the source slices it was resampled from."""
+
+    #: the source slices as a volume: ``voxels[z]`` and ``datasets[z]`` per source slice
+    volume: Volume
+    #: ImagePositionPatient of each source slice (z order)
+    positions: NDArray[np.float64]
+    #: the regular grid: patient position of voxel (0, 0, 0) and its axes (slice, row, column)
+    origin: NDArray[np.float64]
+    axes: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+
+
+def slice_shares(gaps: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Each slice's thickness: half the gap to each neighbour (the end slices: their one gap)."""
+    g = np.asarray(gaps, dtype=np.float64)
+    left = np.concatenate([[g[0]], g])
+    right = np.concatenate([g, [g[-1]]])
+    out: NDArray[np.float64] = (left + right) / 2.0
+    return out
+
+
+@dataclass(frozen=True)
 class Volume:
     """A 3D image: ``voxels[z, y, x]`` with ``datasets[z]`` the source slice of plane z."""
 
@@ -62,9 +86,16 @@ class Volume:
     notes: tuple[str, ...] = ()
     #: each slice's share of the gaps (mm) when they are uneven; ``spacing[0]`` is then their median
     slice_thickness_mm: tuple[float, ...] | None = None
+    #: angle between the slices' normal and the direction they are stacked in (gantry tilt)
+    tilt_deg: float = 0.0
     #: set when the voxels are a regular grid resampled from sheared or unevenly spaced slices
     #: (``datasets`` is then empty): the source slices, to map labels back (imaging.resample)
     source: SourceGeometry | None = None
+
+    @property
+    def irregular(self) -> bool:
+        """Sheared or unevenly spaced slices, not yet resampled onto a regular grid."""
+        return self.source is None and (self.tilt_deg > 0 or self.slice_thickness_mm is not None)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -231,8 +262,8 @@ def build_volume(
     under another SOP Instance UID), keeping the one with the lowest UID, and say so in the
     volume's notes; differing ones are still refused.
 
-    ``geometry``: which tilted or unevenly spaced series to resample onto a regular grid rather
-    than refuse (see :class:`Geometry` and ``imaging.resample``).
+    ``geometry``: which tilted or unevenly spaced series to accept (as they are, marked
+    :attr:`Volume.irregular`, for ``imaging.resample``) rather than refuse (see :class:`Geometry`).
     """
     if not datasets:
         raise VolumeError("the series has no instances")
@@ -421,7 +452,7 @@ def build_volume(
     assert exact_spacing is not None
     ps = exact_spacing
     is_uneven = bool(np.any(uneven))
-    volume = Volume(
+    return Volume(
         voxels=voxels,
         datasets=tuple(datasets[i] for i in order),
         spacing=(step, float(ps[0]), float(ps[1])),
@@ -432,12 +463,8 @@ def build_volume(
         temporal_positions=n_temporal,
         notes=tuple(notes),
         slice_thickness_mm=tuple(float(t) for t in slice_shares(gaps)) if is_uneven else None,
+        tilt_deg=tilt,
     )
-    if not (tilted or is_uneven):
-        return volume
-    regular = regularize(volume, np.array([ipps[i] for i in order]), MAX_VOXELS)
-    note = resampled_note(volume, regular, tilt, gaps if is_uneven else None)
-    return replace(regular, notes=(*regular.notes, note))
 
 
 def _frames(

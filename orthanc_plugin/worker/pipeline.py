@@ -70,8 +70,8 @@ from orthanc_plugin.imaging.radiomics import (
     RadiomicsSettings,
     compute_features,
 )
-from orthanc_plugin.imaging.resample import segment_volumes_ml, to_source
-from orthanc_plugin.imaging.volume import Geometry, PixelReader, Volume, VolumeError, build_volume
+from orthanc_plugin.imaging.resample import build_regular, segment_volumes_ml, to_source
+from orthanc_plugin.imaging.volume import Geometry, PixelReader, Volume, VolumeError
 from orthanc_plugin.inference.sliding_window import sliding_window_inference
 from orthanc_plugin.inference.triton import InferenceError, ModelInfo, TritonClient
 from orthanc_plugin.jobs.store import Job, JobStore
@@ -255,7 +255,7 @@ def assemble(
     for c in roles:
         name = c.role.role
         try:
-            volumes[name] = build_volume(
+            volumes[name] = build_regular(
                 datasets[name], pixels, temporal_position=c.role.temporal_position, duplicates=o.duplicates,
                 geometry=geometry,
             )  # fmt: skip

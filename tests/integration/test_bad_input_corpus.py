@@ -108,7 +108,15 @@ def corpus(orthanc: OrthancServer) -> dict[str, Outcome]:
                 return False
         return True
 
-    wait_for(f"the jobs of {len(want_job)} corpus studies", jobs_done, timeout=300, orthanc=orthanc)
+    try:
+        wait_for(f"the jobs of {len(want_job)} corpus studies", jobs_done, timeout=600, orthanc=orthanc)
+    except BaseException:
+        # Which kinds were not done, and where their jobs stood.
+        for uid in want_job:
+            states = [(j["state"], j.get("stage"), j.get("attempts")) for j in pipeline_jobs(api, uid)]
+            if not states or any(st not in TERMINAL for st, _, _ in states):
+                print(f"not done: {by_uid[uid].kind.name}: {states}")
+        raise
     ids = {s.uid: sid for s, (sid, _) in zip(studies, uploaded, strict=True)}
     no_job = [ids[s.uid] for s in studies if s.kind.expect == "no job"]
     wait_for(

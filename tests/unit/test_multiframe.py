@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from devstack.derive import enhanced_ct, tilted
-from orthanc_plugin.imaging import multiframe
+from orthanc_plugin.imaging import multiframe, resample
 from orthanc_plugin.imaging.volume import Geometry, VolumeError, build_volume
 from orthanc_plugin.outputs.seg import build_seg
 
@@ -110,7 +110,7 @@ def test_real_ct_tilted_comes_back_onto_an_axial_grid(ct_b40, single) -> None:
     """A0002 re-sliced with a 15 degree gantry tilt: resampled back onto an axial grid, the
     voxels match the untilted series where both have data."""
     slices = tilted([copy.deepcopy(ds) for ds in ct_b40], 15.0)
-    vol = build_volume(slices, geometry=Geometry(max_tilt_deg=30))
+    vol = resample.build_regular(slices, geometry=Geometry(max_tilt_deg=30))
     assert vol.source is not None
     assert np.allclose(vol.normal, (0, 0, 1), atol=1e-6)
     # The regular grid's voxel (k, i, j) at the position of the untilted voxel (z, i, j).

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from orthanc_plugin.imaging import resample
-from orthanc_plugin.imaging.volume import Geometry, VolumeError, axial_flips, build_volume
+from orthanc_plugin.imaging.volume import Geometry, VolumeError, axial_flips, build_volume, slice_shares
 
 CENTRE = np.array([3.0, -8.0, 40.0])
 SEMI = np.array([30.0, 22.0, 26.0])  # semi-axes along x, y, z (mm)
@@ -69,7 +69,7 @@ def scan(z_positions: list[float], tilt_deg: float = 0.0) -> tuple[list[Dataset]
 
 
 def segment_and_map_back(datasets: list[Dataset], geometry: Geometry):
-    vol = build_volume(datasets, geometry=geometry)
+    vol = resample.build_regular(datasets, geometry=geometry)
     labels = (vol.voxels > -500).astype(np.uint8)  # what a model would find on the regular grid
     source, back = resample.to_source(vol, labels)
     return vol, source, back
@@ -161,11 +161,24 @@ def test_tilted_and_uneven_together() -> None:
 
 def test_regular_series_is_not_resampled() -> None:
     datasets, _ = scan([float(z) for z in np.arange(0.0, 40.0, 2.5)])
-    vol = build_volume(datasets, geometry=Geometry(max_tilt_deg=30, max_gap_ratio=2.0))
+    vol = resample.build_regular(datasets, geometry=Geometry(max_tilt_deg=30, max_gap_ratio=2.0))
     assert vol.source is None and vol.slice_thickness_mm is None
     labels = np.zeros(vol.shape, dtype=np.uint8)
     assert resample.to_source(vol, labels) == (vol, labels)
 
 
 def test_slice_shares() -> None:
-    np.testing.assert_allclose(resample.slice_shares(np.array([2.0, 2.0, 4.0, 2.0])), [2, 2, 3, 3, 2])
+    np.testing.assert_allclose(slice_shares(np.array([2.0, 2.0, 4.0, 2.0])), [2, 2, 3, 3, 2])
+
+
+def test_volume_options_defaults_and_bounds() -> None:
+    from pydantic import ValidationError
+
+    from orthanc_plugin.core.config import VolumeOptions
+
+    o = VolumeOptions()
+    assert (o.max_tilt_deg, o.max_gap_ratio, o.duplicates) == (30.0, 1.5, "drop_identical")
+    assert VolumeOptions(max_tilt_deg=None, max_gap_ratio=None).max_tilt_deg is None
+    for bad in ({"max_tilt_deg": 60}, {"max_tilt_deg": 0}, {"max_gap_ratio": 1.0}, {"max_gap_ratio": 9}):
+        with pytest.raises(ValidationError):
+            VolumeOptions(**bad)
