@@ -49,6 +49,22 @@ STUDY_CALLING_AET = "CallingAETitle"
 STUDY_ORIGIN = "Origin"
 
 
+def _pixel_measure(tags: dict[str, Any], keyword: str) -> Any:
+    """SliceThickness / PixelSpacing of an enhanced multi-frame instance, which holds them in the
+    Pixel Measures functional group (shared, else the first frame's), not at the top level."""
+    if keyword not in ("SliceThickness", "PixelSpacing"):
+        return None
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = tags.get(groups)
+        if isinstance(items, list) and items and isinstance(items[0], dict):
+            measures = items[0].get("PixelMeasuresSequence")
+            if isinstance(measures, list) and measures and isinstance(measures[0], dict):
+                value = measures[0].get(keyword)
+                if value is not None:
+                    return value
+    return None
+
+
 class StudyGone(NotFound):
     """The study no longer exists in Orthanc."""
 
@@ -112,7 +128,7 @@ class Intake:
                 except LookupError:
                     extra = {}
                 for kw in _INSTANCE_KEYWORDS:
-                    v = extra.get(kw)
+                    v = extra.get(kw, _pixel_measure(extra, kw))
                     if isinstance(v, str | int | float) and kw not in tags:
                         tags[kw] = str(v)
             series.append(SeriesInfo(sid, tags.get("SeriesInstanceUID", ""), tags, instances))

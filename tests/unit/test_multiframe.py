@@ -153,3 +153,16 @@ def test_routing_counts_the_frames_of_an_enhanced_series() -> None:
     assert "only Enhanced and Legacy Converted Enhanced CT and MR" in str(d.roles[0].rejected)
     d = route(ct_lung, one_instance("1.2.840.10008.5.1.4.1.1.2.1", "8"))
     assert not d.matched and "ImageCount is 8, below minimum 20" in str(d.roles[0].rejected)
+
+
+def test_intake_reads_slice_thickness_of_an_enhanced_instance_from_its_functional_groups() -> None:
+    from orthanc_plugin.intake.changes import _pixel_measure
+
+    shared = {"SharedFunctionalGroupsSequence": [{"PixelMeasuresSequence": [{"SliceThickness": "5"}]}]}
+    assert _pixel_measure(shared, "SliceThickness") == "5"
+    per_frame = {
+        "PerFrameFunctionalGroupsSequence": [{"PixelMeasuresSequence": [{"PixelSpacing": "0.7\\0.7"}]}]
+    }
+    assert _pixel_measure(per_frame, "PixelSpacing") == "0.7\\0.7"
+    assert _pixel_measure(shared, "KVP") is None
+    assert _pixel_measure({}, "SliceThickness") is None
