@@ -282,6 +282,8 @@ def _orientation(src: Dataset) -> tuple[str, str]:
         for axis in order:
             if abs(float(v[axis])) > 0.3:
                 out += names[axis][0] if float(v[axis]) > 0 else names[axis][1]
-        return out[:2] or "L"
+        # The dominant direction only: highdicom takes one letter per direction, so an oblique
+        # one (e.g. "PF" of a 20 degree gantry tilt) would fail the whole job.
+        return out[:1] or "L"
 
     return letters([float(x) for x in iop[:3]]), letters([float(x) for x in iop[3:]])

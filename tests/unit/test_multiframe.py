@@ -166,3 +166,14 @@ def test_intake_reads_slice_thickness_of_an_enhanced_instance_from_its_functiona
     assert _pixel_measure(per_frame, "PixelSpacing") == "0.7\\0.7"
     assert _pixel_measure(shared, "KVP") is None
     assert _pixel_measure({}, "SliceThickness") is None
+
+
+def test_key_image_orientation_of_a_tilted_slice_is_one_letter_per_direction() -> None:
+    from pydicom.dataset import Dataset
+
+    from orthanc_plugin.outputs.key_images import _orientation
+
+    ds = Dataset()
+    t = np.radians(20)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, float(np.cos(t)), float(-np.sin(t))]
+    assert _orientation(ds) == ("L", "P")  # not "PF": highdicom takes one letter per direction
