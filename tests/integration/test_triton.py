@@ -130,6 +130,24 @@ def test_server_is_ready_and_local_only(stack: Stack, client: TritonClient) -> N
     assert "--http-address=127.0.0.1" in command and "--grpc-address=127.0.0.1" in command
 
 
+def test_server_runs_niced_as_the_tritonserver_process(stack: Stack) -> None:
+    """Niceness 10 by default, and the pid is tritonserver's own (``nice`` execs it).
+
+    Checked on the main thread and the gRPC/HTTP threads it starts; Triton itself sets the model
+    instance threads' priority from the model config (0 by default), as it did before.
+    """
+    pid = stack.server.pid
+    assert pid is not None
+    assert os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "tritonserver"
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == expected
+    nice = [  # field 19 of /proc/PID/task/TID/stat is the thread's nice value
+        int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    ]
+    assert nice.count(expected) > len(nice) // 2, nice
+
+
 def test_model_info(client: TritonClient) -> None:
     info = client.model_info("tiny")
     assert info.name == "tiny"
