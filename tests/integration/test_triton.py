@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -196,6 +197,28 @@ def test_shared_memory_is_registered_and_released(stack: Stack) -> None:
         assert len(ours) == 2 and all(name.startswith("orthanc-ai-") for name in ours)  # input + output
         # Triton has mapped them; their names are already gone from /dev/shm.
         assert not list(Path("/dev/shm").glob(f"orthanc_ai_*_{os.getpid()}_*"))
+    assert not _regions(stack) & ours
+
+
+def test_regions_are_unregistered_from_a_server_slow_to_answer(stack: Stack) -> None:
+    """A Triton that answers late (stopped for 7 s here, starved of CPU in real life) still gets
+    the regions unregistered when the client closes; a 5 s deadline used to leave them behind."""
+    pid = stack.server.pid
+    assert pid is not None
+    before = _regions(stack)
+    client = TritonClient(stack.server.grpc_url)
+    client.infer("tiny", {"image": _image(1)}, ["probabilities"])
+    ours = _regions(stack) - before
+    assert len(ours) == 2
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(7.0, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        started = time.monotonic()
+        client.close()
+        assert time.monotonic() - started >= 6.0  # it did wait for the stopped server
+    finally:
+        resume.join()
     assert not _regions(stack) & ours
 
 
