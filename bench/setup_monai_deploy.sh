@@ -4,12 +4,14 @@
 # the SDK pulls Holoscan (with the CUDA 13 runtime wheels it loads even without a GPU), tritonclient
 # and torch.
 #
-# What it installs (licences as their packages declare them): monai-deploy-app-sdk (Apache-2.0),
-# holoscan-cu13 and holoscan-cli (Apache-2.0), the NVIDIA CUDA runtime wheels (NVIDIA's licence,
-# redistributable runtime), torch (BSD-3-Clause, the CPU build), monai (Apache-2.0), SimpleITK
-# (Apache-2.0), and highdicom (MIT), pydicom (MIT), numpy (BSD-3-Clause), scipy (BSD-3-Clause) and
-# onnxruntime (MIT) pinned to exactly the versions installed in .venv, so that both sides of the
-# comparison run the same DICOM code and the same model runtime.
+# What it installs (licences as the installed packages declare them): monai-deploy-app-sdk 4.0.0
+# (Apache-2.0), holoscan-cu13 and holoscan-cli (Apache-2.0), monai (Apache-2.0), SimpleITK
+# (Apache-2.0), tritonclient (BSD-3-Clause) and cupy (MIT) pulled by the SDK, torch (CPU build;
+# BSD-3-Clause with Apache-2.0 parts), nvidia-cuda-runtime (NVIDIA's proprietary CUDA licence: a
+# reason more to keep all of this out of what the plugin ships), and highdicom (MIT), pydicom
+# (MIT), numpy (BSD-3-Clause), scipy (BSD-3-Clause) and onnxruntime (MIT) pinned to exactly the
+# versions installed in .venv, so that both sides of the comparison run the same DICOM code and
+# the same model runtime.
 # Idempotent; re-installs when .venv's versions change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
