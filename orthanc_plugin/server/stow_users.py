@@ -44,7 +44,7 @@ class StowUsers:
         self._authenticate = authenticate
         self._record = record
         root = "/" + dicomweb_root.strip("/") + "/"
-        self._path = re.compile(re.escape(root) + r"studies(/[0-9.]+)?/?")
+        self._path = re.compile(re.escape(root) + r"studies(/[0-9]+(\.[0-9]+)*)?/?")
         self._users: dict[int, str] = {}  # HTTP thread -> the user of its STOW-RS in progress
         self._lock = threading.Lock()
 
