@@ -142,12 +142,12 @@ try {
     if (!stroke) throw new Error(`no '${args.segment}' voxels on the slice shown (stroke ${n + 1})`);
     await page.mouse.move(stroke.points[0][0], stroke.points[0][1]);
     await page.mouse.down();
-    for (const [x, y] of stroke.points.slice(1)) await page.mouse.move(x, y, { steps: 4 });
+    for (const [x, y] of stroke.points.slice(1)) await page.mouse.move(x, y);
     await page.mouse.up();
-    await page.waitForFunction(([index, imageIndex, voxels]) => {
-      const c = window.__countOnSlice?.(index, imageIndex);
-      return c !== undefined && c < voxels;
-    }, [segmentIndex, stroke.imageIndex, stroke.voxels], { polling: 100, timeout: 15000 }).catch(() => {});
+    // The eraser works on the labelmap as the mouse moves: done once the slice has fewer voxels.
+    await page.waitForFunction(([index, voxels]) => window.__countShown(index) < voxels,
+      [segmentIndex, stroke.voxels], { polling: 100, timeout: 20000 })
+      .catch(() => { throw new Error(`the eraser stroke changed nothing on slice ${stroke.imageIndex}`); });
     report.strokes.push({ imageIndex: stroke.imageIndex, points: stroke.points.length, voxelsBefore: stroke.voxels });
     if (n === 0) await shot('ohif-edit-erased.png');
     if (n + 1 < args.slices) {
@@ -207,20 +207,22 @@ try {
 }
 
 // Runs in the page: voxels per segment on every slice of the loaded labelmap, and installs
-// window.__countOnSlice(segment, imageIndex) for the waits above.
+// window.__countShown(segment), the voxels on the labelmap slice under the CT slice on screen.
 function countVoxels() {
-  const { segmentationService } = window.services;
+  const { segmentationService, viewportGridService } = window.services;
   const [s] = segmentationService.getSegmentations();
   const { imageIds } = s.representationData.Labelmap;
-  const count = (index, z) => {
-    const image = window.cornerstone.cache.getImage(imageIds[z]);
+  const countImage = (index, imageId) => {
+    const image = imageId && window.cornerstone.cache.getImage(imageId);
     if (!image) return undefined;
     const data = image.getPixelData();
     let n = 0;
     for (let i = 0; i < data.length; i++) if (data[i] === index) n++;
     return n;
   };
-  window.__countOnSlice = (index, z) => count(index, z);
+  const count = (index, z) => countImage(index, imageIds[z]);
+  window.__countShown = (index) => countImage(index, window.cornerstoneTools.segmentation.state
+    .getCurrentLabelmapImageIdForViewport(viewportGridService.getActiveViewportId(), s.segmentationId));
   const out = {};
   for (const index of Object.keys(s.segments).map(Number)) {
     out[index] = imageIds.map((_, z) => count(index, z) ?? -1);

@@ -187,6 +187,11 @@ def test_the_stored_edit_is_credited_to_the_logged_in_reviewer_with_agreement_a_
             last = trail[-1] if trail else {}
             if last.get("apply_state") == "failed":
                 pytest.fail(f"the edit could not be applied: {last.get('error')}")
+            refused = [
+                e for e in admin.get(f"/ai/jobs/{jid}").json()["events"] if e["kind"] == "review_refused"
+            ]
+            if refused:
+                pytest.fail(f"the edit was not taken as a review: {refused[-1]['detail']}")
             ok = last.get("decision") == "edit" and (last.get("delivery") or {}).get("state") == "delivered"
             return last if ok else None
 
