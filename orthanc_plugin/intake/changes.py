@@ -21,7 +21,7 @@ from orthanc_plugin.core.errors import NotFound
 from orthanc_plugin.core.handoff import JobInput, RoleInput
 from orthanc_plugin.core.uids import fingerprint, job_key
 from orthanc_plugin.intake.priority import plan
-from orthanc_plugin.intake.revisions import revised_job
+from orthanc_plugin.intake.revisions import revised_job, stored_by_key
 from orthanc_plugin.intake.routing import (
     OWN_MANUFACTURER,
     RouteDecision,
@@ -234,10 +234,11 @@ class Intake:
                 revision = revised_job(tags, iid, jobs, pipelines)
                 if revision is None:
                     continue
-                # Orthanc records the storing user for REST uploads (HttpUsername); a STOW-RS
-                # through the DICOMweb plugin (1.7) leaves it empty, and then the SEG's
+                # Orthanc records the storing user for REST uploads (HttpUsername); for a
+                # STOW-RS the plugin noted it (server.stow_users); else the SEG's
                 # ContentCreatorName names the reviewer (storing at all needed an Orthanc login).
                 user = str(meta.get("HttpUsername") or "") if isinstance(meta, dict) else ""
+                user = user or self.store.get_kv(stored_by_key(iid)) or ""
                 reviewer = user or str(tags.get("ContentCreatorName") or "").replace("^", " ").strip()
                 if self.authentication and not self.may_review(reviewer or None):
                     self.store.add_event(

@@ -40,6 +40,7 @@ from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.server.api import Api, TextAnswer, internal_error
 from orthanc_plugin.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from orthanc_plugin.server.metrics import render_metrics
+from orthanc_plugin.server.stow_users import StowUsers, method_name
 from orthanc_plugin.worker.supervisor import Supervisor
 
 log = logging.getLogger("orthanc_ai")
@@ -219,6 +220,18 @@ class Plugin:
             changed=self._label_study,
         )
         self._api_lock = threading.Lock()
+        # Who stores by STOW-RS (a viewer's corrected SEG): only with authentication, where
+        # Orthanc has checked the credentials the filter reads.
+        self.stow_users: StowUsers | None = None
+        if self.authentication:
+            self._stow_store = JobStore(database)
+            self._stow_lock = threading.Lock()
+            dicomweb_root = str((config.get("DicomWeb") or {}).get("Root") or "/dicom-web/")
+            self.stow_users = StowUsers(
+                lambda headers: authenticate({str(k).lower(): v for k, v in headers.items()}, self.users),
+                self._record_stow_user,
+                dicomweb_root,
+            )
         work_dir = self.settings.job_store.parent
         work_dir.mkdir(parents=True, exist_ok=True)  # the SQLite store made it; PostgreSQL does not
         settings_file = work_dir / "worker-settings.json"
@@ -244,6 +257,29 @@ class Plugin:
             self.start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.shutdown()
+
+    def _record_stow_user(self, key: str, user: str) -> None:
+        with self._stow_lock:
+            self._stow_store.set_kv(key, user)
+
+    def http_filter(self, uri: str, **request: Any) -> bool:
+        """Orthanc's incoming-request filter: notes the user of a STOW-RS; never refuses."""
+        if self.stow_users is not None:
+            try:
+                self.stow_users.on_request(
+                    uri, method_name(request.get("method", "")), request.get("headers") or {}
+                )
+            except Exception:  # noqa: BLE001 - a failure here must not refuse the request
+                log.exception("noting the user of %s failed", uri)
+        return True
+
+    def on_stored(self, dicom: Any, instance_id: str) -> None:
+        """Orthanc's stored-instance callback: records who stored it by STOW-RS."""
+        if self.stow_users is not None:
+            try:
+                self.stow_users.on_stored(instance_id)
+            except Exception:  # noqa: BLE001 - the instance is stored; the credit falls back
+                log.exception("recording who stored instance %s failed", instance_id)
 
     def _label_study(self, job: Any) -> None:
         """The study's AI label after its job was queued, retried or cancelled here."""
@@ -405,4 +441,7 @@ def register() -> None:
     orthanc.RegisterOnChangeCallback(_plugin.on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", _plugin.rest)
     orthanc.RegisterRestCallback("/ai", _plugin.rest)
+    if _plugin.stow_users is not None:
+        orthanc.RegisterIncomingHttpRequestFilter(_plugin.http_filter)
+        orthanc.RegisterOnStoredInstanceCallback(_plugin.on_stored)
     orthanc.ExtendOrthancExplorer(EXPLORER_JS)
