@@ -93,9 +93,9 @@ def measure_segment(
     if not shape_and_surroundings:
         return SegmentQuality(count * voxel_ml, touches_ends(mask), covered, mean=mean)
     variation = float(inside.std() / abs(mean)) if mean != 0 else math.inf
-    shell = _shell(mask, volume.spacing, shell_mm)
+    shell, box = _shell(mask, volume.spacing, shell_mm)
     if shell.any():
-        around = voxels[shell]
+        around = voxels[box][shell]
         around_mean = float(around.mean())
         denominator = abs(mean) + abs(around_mean)
         contrast = abs(mean - around_mean) / denominator if denominator > 0 else 0.0
@@ -124,20 +124,40 @@ def _sampled(voxels: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np
 
 def _shell(
     mask: NDArray[np.bool_], spacing: tuple[float, float, float], shell_mm: float
-) -> NDArray[np.bool_]:
+) -> tuple[NDArray[np.bool_], tuple[slice, slice, slice]]:
     """The band up to ``shell_mm`` around the segment in each slice's plane (in-plane only, so a
-    slab's missing neighbours beyond its ends do not count as 'outside')."""
-    _, dy, dx = spacing
+    slab's missing neighbours beyond its ends do not count as 'outside'), on a coarser grid:
+    every ``step``-th row and column (and slice), ``step`` chosen so that a grid cell is at most
+    a quarter of the shell wide (the shell is a sample of its surroundings for two means; a disc
+    dilation at full resolution cost seconds on a 512 x 512 CT for the same verdicts).
+
+    Returns the shell inside a box of the volume and that box (as strided slices), so that
+    ``voxels[box][shell]`` are the sampled surroundings."""
+    dz, dy, dx = spacing
+    step = max(1, int(shell_mm / 4 / min(dy, dx)))
+    step_z = max(1, int(shell_mm / 4 / dz))  # the shell is per slice: slices can be sampled too
+    dy, dx = dy * step, dx * step
     ry, rx = max(1, round(shell_mm / dy)), max(1, round(shell_mm / dx))
     yy, xx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
     disc = ((yy * dy) ** 2 + (xx * dx) ** 2) <= shell_mm**2 + 1e-9
-    structure = disc[np.newaxis]
-    z = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-    box = (slice(int(z[0]), int(z[-1]) + 1),)
-    grown = ndimage.binary_dilation(mask[box], structure=structure)
-    shell = np.zeros_like(mask)
-    shell[box] = grown & ~mask[box]
-    return shell
+    coarse = mask[::step_z, ::step, ::step]
+    # The segment's bounding box on the coarse grid, grown by the disc's radius.
+    z = np.flatnonzero(coarse.any(axis=(1, 2)))
+    if z.size == 0:  # thinner than the coarse grid: no shell to sample
+        empty = (slice(0, 0), slice(0, 0), slice(0, 0))
+        return np.zeros((0, 0, 0), dtype=bool), empty
+    rows = np.flatnonzero(coarse[z[0] : z[-1] + 1].any(axis=(0, 2)))
+    cols = np.flatnonzero(coarse[z[0] : z[-1] + 1].any(axis=(0, 1)))
+    y0, y1 = max(0, int(rows[0]) - ry), min(coarse.shape[1], int(rows[-1]) + ry + 1)
+    x0, x1 = max(0, int(cols[0]) - rx), min(coarse.shape[2], int(cols[-1]) + rx + 1)
+    crop = coarse[int(z[0]) : int(z[-1]) + 1, y0:y1, x0:x1]
+    grown = ndimage.binary_dilation(crop, structure=disc[np.newaxis])
+    box = (
+        slice(int(z[0]) * step_z, (int(z[-1]) + 1) * step_z, step_z),
+        slice(y0 * step, y1 * step, step),
+        slice(x0 * step, x1 * step, step),
+    )
+    return grown & ~crop, box
 
 
 def sphericity(mask: NDArray[np.bool_], spacing: tuple[float, float, float]) -> float:
@@ -147,10 +167,12 @@ def sphericity(mask: NDArray[np.bool_], spacing: tuple[float, float, float]) -> 
     ball scores about 0.67, not 1; thresholds are set against such values.
     """
     dz, dy, dx = spacing
-    padded = np.pad(mask, 1).astype(np.int8)
     area = 0.0
     for axis, face in ((0, dy * dx), (1, dz * dx), (2, dz * dy)):
-        area += float(np.count_nonzero(np.diff(padded, axis=axis))) * face
+        # Faces between neighbours that differ, plus the faces on the array's two ends.
+        m = np.moveaxis(mask, axis, 0)
+        faces = np.count_nonzero(m[1:] != m[:-1]) + np.count_nonzero(m[0]) + np.count_nonzero(m[-1])
+        area += float(faces) * face
     volume = float(np.count_nonzero(mask)) * dz * dy * dx
     if area == 0:
         return 0.0
