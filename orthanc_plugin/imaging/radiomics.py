@@ -336,7 +336,9 @@ def glcm_features(counts: FloatArray) -> dict[str, float]:
     }
 
 
-def glcm(levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: int, aggregation: str) -> dict[str, float]:
+def glcm(
+    levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: int, aggregation: str
+) -> dict[str, float]:
     matrices = glcm_matrices(levels, mask, n_levels)
     if aggregation == "3D_merged":
         return glcm_features(np.sum(matrices, axis=0))

@@ -23,8 +23,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
