@@ -209,7 +209,7 @@ def _weighted_centre(image: NDArray[Any], mask: BoolArray, sp: FloatArray, slab:
 
 
 def intensity(values: FloatArray) -> dict[str, float]:
-    x = values.astype(np.float64)
+    x = np.asarray(values, dtype=np.float64)  # no copy when it is float64 already
     mu = float(x.mean())
     d = x - mu
     d2 = d * d
