@@ -260,7 +260,7 @@ def glcm_matrices(levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: i
     Works on the region's voxels only: each one's neighbour in a direction is a fixed offset in
     the flattened, zero-padded grid (0 = outside the region)."""
     dtype = np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
-    g = np.pad(np.where(mask, levels, 0).astype(dtype), 1)
+    g: NDArray[np.integer[Any]] = np.pad(np.where(mask, levels, 0).astype(dtype), 1)
     strides = np.array([g.shape[1] * g.shape[2], g.shape[2], 1], dtype=np.intp)
     flat = g.ravel()
     where = np.flatnonzero(flat > 0)
@@ -383,7 +383,9 @@ def compute_features(
             )
     values = np.asarray(img[int_mask], dtype=np.float64)
     levels_flat, n_levels = discretise(values, settings)
-    levels = np.zeros(img.shape, dtype=np.int16 if n_levels < np.iinfo(np.int16).max else np.int64)
+    levels: NDArray[np.integer[Any]] = np.zeros(
+        img.shape, dtype=np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
+    )
     levels[int_mask] = levels_flat
     out = morphology(img, morph_mask, int_mask, spacing)
     out.update(intensity(values))
