@@ -262,19 +262,30 @@ def glcm_matrices(levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: i
     dtype = np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
     g: NDArray[np.integer[Any]] = np.pad(np.where(mask, levels, 0).astype(dtype), 1)
     strides = np.array([g.shape[1] * g.shape[2], g.shape[2], 1], dtype=np.intp)
+    offsets = [int(np.dot(d, strides)) for d in DIRECTIONS]
     flat = g.ravel()
     where = np.flatnonzero(flat > 0)
-    own = flat[where].astype(np.intp) - 1
+    counts = np.zeros((len(DIRECTIONS), n_levels * n_levels), dtype=np.int64)
+    # A million voxels at a time: the index arrays of a 10^7-voxel lung would take gigabytes.
+    for start in range(0, where.size, _CHUNK):
+        at = where[start : start + _CHUNK]
+        own = flat[at].astype(np.intp) - 1
+        own *= n_levels
+        for k, offset in enumerate(offsets):
+            other = flat[at + offset]
+            both = other > 0
+            counts[k] += np.bincount(
+                own[both] + (other[both].astype(np.intp) - 1), minlength=n_levels * n_levels
+            )
     out = []
-    for d in DIRECTIONS:
-        other = flat[where + int(np.dot(d, strides))]
-        both = other > 0
-        idx = own[both] * n_levels + (other[both].astype(np.intp) - 1)
-        counts = (
-            np.bincount(idx, minlength=n_levels * n_levels).reshape(n_levels, n_levels).astype(np.float64)
-        )
-        out.append(counts + counts.T)
+    for k in range(len(DIRECTIONS)):
+        c = counts[k].reshape(n_levels, n_levels).astype(np.float64)
+        out.append(c + c.T)
     return out
+
+
+#: Region voxels per step of :func:`glcm_matrices`.
+_CHUNK = 1 << 20
 
 
 def glcm_features(counts: FloatArray) -> dict[str, float]:
@@ -387,6 +398,7 @@ def compute_features(
         img.shape, dtype=np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
     )
     levels[int_mask] = levels_flat
+    del levels_flat
     out = morphology(img, morph_mask, int_mask, spacing)
     out.update(intensity(values))
     out.update(glcm(levels, int_mask, n_levels, settings.glcm_aggregation))
