@@ -269,6 +269,12 @@ class SegmentChecks(_Strict):
         default=None, gt=0, le=1, description="minimum mean maximum probability of the model over the segment"
     )
     shell_mm: float = Field(default=10.0, gt=0, le=100, description="width of the shell around the segment")
+    airway_ml: float | None = Field(
+        default=None,
+        ge=0,
+        description="lungs on axial CT: maximum mL of the trachea and main bronchi (the air-filled tube "
+        "down the midline from the top of the lungs) counted in the segment",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> SegmentChecks:

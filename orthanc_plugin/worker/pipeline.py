@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 
 from orthanc_plugin.core.config import (
     FeatureRef,
@@ -62,7 +62,7 @@ from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.postprocess import volumes_ml
-from orthanc_plugin.imaging.quality import SegmentQuality, confidence, measure_segment
+from orthanc_plugin.imaging.quality import SegmentQuality, airway_in_segments, confidence, measure_segment
 from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
     RadiomicsError,
@@ -250,6 +250,14 @@ def assemble(
             )
         except VolumeError as e:
             raise VolumeError(f"role '{name}': {e}") from None
+        # The volume holds the pixels now; the datasets stay for their attributes (the outputs
+        # reference them) without their pixel data nor the file pydicom keeps when it reads
+        # from memory (each 168 MB of a 320-slice CT).
+        for ds in datasets[name]:
+            if "PixelData" in ds:
+                del ds.PixelData
+            if isinstance(ds, FileDataset):
+                ds.buffer = None
     return volumes
 
 
@@ -640,6 +648,11 @@ def check_quality(
     failing one fails the job with the measured value and the range, before anything is stored."""
     configured = {s.label: s for s in p.segments}
     scores = confidence(probabilities, [s.label for s in present]) if probabilities is not None else {}
+    # The trachea is found once for every segment checked for it (the lungs together).
+    airway_checked = [
+        s.label for s in present if (c := configured[s.label].checks) is not None and c.airway_ml is not None
+    ]
+    airway = airway_in_segments(volume, labels, airway_checked) if airway_checked else {}
     out: dict[int, SegmentQuality] = {}
     for spec in present:
         seg = configured[spec.label]
@@ -653,6 +666,8 @@ def check_quality(
         )  # fmt: skip
         if spec.label in scores:
             q = replace(q, confidence=scores[spec.label][0], entropy=scores[spec.label][1])
+        if spec.label in airway:
+            q = replace(q, airway_ml=airway[spec.label])
         out[spec.label] = q
         if checks is None:
             continue
@@ -688,6 +703,10 @@ def quality_failures(checks: SegmentChecks, q: SegmentQuality) -> list[str]:
     for _, minimum, value, words in minimums:
         if minimum is not None and value is not None and value < minimum:
             failures.append(f"{words} {value:.2f}, expected at least {minimum:g}")
+    if checks.airway_ml is not None and q.airway_ml is not None and q.airway_ml > checks.airway_ml:
+        failures.append(
+            f"{q.airway_ml:.1f} mL of trachea or main bronchi counted in it, expected at most {checks.airway_ml:g} mL"
+        )
     return failures
 
 
