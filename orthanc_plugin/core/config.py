@@ -620,7 +620,7 @@ class Settings(_Strict):
     viewer_url: str | None = Field(
         default=None,
         alias="ViewerUrl",
-        description="base URL of the OHIF viewer (its /viewer?StudyInstanceUIDs= route) that the admin "
+        description="base URL of the OHIF viewer (its /segmentation?StudyInstanceUIDs= route) that the admin "
         "page's review view links studies to; unset or empty: no link",
     )
     lease_seconds: float = Field(default=30.0, gt=1, alias="LeaseSeconds")

@@ -323,7 +323,8 @@ class Api:
         return 200, report
 
     def get_viewer(self, query: Mapping[str, str], body: bytes) -> Response:
-        """Where the admin page opens a study: OHIF's ``/viewer?StudyInstanceUIDs=`` under ``url``."""
+        """Where the admin page opens a study: OHIF's segmentation mode under ``url``
+        (``/segmentation?StudyInstanceUIDs=``, where the AI SEG can be corrected and saved)."""
         return 200, {"url": self.viewer_url}
 
     def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
