@@ -58,6 +58,12 @@ class JobInput(_Record):
     problem: str | None = None
     #: why the study is urgent for the pipeline (its ``urgent`` rule that held), None when routine
     urgent: str | None = None
+    #: the job this one supersedes (its input series changed: a late image), None for a first job
+    supersedes: str | None = None
+    #: the job key the outputs' identifiers derive from (SEG/SR UIDs, FHIR resource ids): the
+    #: first job's key, kept along a chain of supersessions so every result replaces the last;
+    #: None: the job's own key
+    output_key: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> JobInput:
