@@ -489,6 +489,11 @@ class Intake:
         if study_id:
             self._fed(series_id, study_id)
 
+    @property
+    def receiving(self) -> int:
+        """How many series received an instance lately and are not judged complete yet."""
+        return len(self._feeding)
+
     def next_due(self) -> float | None:
         """Seconds until the next series may be complete (None: no series being fed)."""
         # A series short of its expected count waits for its next instance, which wakes the loop.

@@ -333,7 +333,12 @@ class Plugin:
             "workers": {"expected": len(workers), "alive": alive, "detail": workers},
             "queue": queue,
             "fhir_backlog": self.outbox.backlog(),
-            "intake": {"last_change": self.intake.position},
+            "intake": {
+                "last_change": self.intake.position,
+                # per-series start: the quiet time, and the series being received right now
+                "series_quiet_seconds": self.intake.series_quiet_s,
+                "series_receiving": self.intake.receiving,
+            },
             "labels": self.labels.status(),
         }
 
