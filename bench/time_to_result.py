@@ -138,7 +138,9 @@ class Ehr:
             return False
 
     def reports(self, ident: str) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.url}/DiagnosticReport", params={"identifier": f"{URI_SYSTEM}|{ident}"}, timeout=10)
+        r = httpx.get(
+            f"{self.url}/DiagnosticReport", params={"identifier": f"{URI_SYSTEM}|{ident}"}, timeout=10
+        )
         r.raise_for_status()
         return [e["resource"] for e in r.json().get("entry", [])]
 
@@ -149,7 +151,9 @@ class Ehr:
 
 
 def report_identifier(job: dict[str, Any]) -> str:
-    (report,) = [e["resource"] for e in job["fhir"]["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    (report,) = [
+        e["resource"] for e in job["fhir"]["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
+    ]
     (ident,) = [i["value"] for i in report["identifier"] if i["system"] == URI_SYSTEM]
     return str(ident)
 
@@ -210,17 +214,28 @@ def main() -> int:
                 late_arrived = storescu(orthanc.dicom_port, [late])
                 newer = until(
                     "the superseding job",
-                    lambda: next((j for j in jobs_of(c, uid) if j.get("supersedes") == with_second["id"]), None),
+                    lambda: next(
+                        (j for j in jobs_of(c, uid) if j.get("supersedes") == with_second["id"]), None
+                    ),
                 )
                 newer = until("its result stored and reported", lambda: reported(c, newer["id"]))
                 late_stored = newer["finished"] - late_arrived
                 late_fhir = newer["delivery"]["delivered_at"] - late_arrived
-                print(f"late image: superseded, stored {late_stored:.2f} s, report updated {late_fhir:.2f} s after it")
+                print(
+                    f"late image: superseded, stored {late_stored:.2f} s, report updated {late_fhir:.2f} s after it"
+                )
                 study_id = c.post("/tools/lookup", content=uid).json()[0]["ID"]
-                until("Orthanc's stable study and the intake past it", lambda: stable_handled(c, study_id), 240, 1)
+                until(
+                    "Orthanc's stable study and the intake past it",
+                    lambda: stable_handled(c, study_id),
+                    240,
+                    1,
+                )
                 final_jobs = jobs_of(c, uid)
                 seg_series = [
-                    s for s in c.get(f"/studies/{study_id}/series").json() if s["MainDicomTags"].get("Modality") == "SEG"
+                    s
+                    for s in c.get(f"/studies/{study_id}/series").json()
+                    if s["MainDicomTags"].get("Modality") == "SEG"
                 ]
                 ehr_reports = ehr.reports(ident)
         finally:
@@ -238,10 +253,16 @@ def main() -> int:
         "ehr_report_version": int(ehr_reports[0]["meta"]["versionId"]) if ehr_reports else 0,
     }
     print(f"\nmachine: {describe(machine())}")
-    print(f"study: {args.study.name}, {len(files)} instances by C-STORE; StableAge {STABLE_AGE} s, SeriesQuietSeconds {quiet}")
+    print(
+        f"study: {args.study.name}, {len(files)} instances by C-STORE; StableAge {STABLE_AGE} s, SeriesQuietSeconds {quiet}"
+    )
     print(f"{'seconds after the last instance':<34} {'median':>7} {'min':>7} {'max':>7}")
     figures: dict[str, float] = {}
-    for key, label in (("started", "job started"), ("stored", "SEG + SR stored"), ("fhir", "FHIR report delivered")):
+    for key, label in (
+        ("started", "job started"),
+        ("stored", "SEG + SR stored"),
+        ("fhir", "FHIR report delivered"),
+    ):
         vals = [r[key] for r in runs]
         print(f"{label:<34} {statistics.median(vals):7.2f} {min(vals):7.2f} {max(vals):7.2f}")
         figures[f"{key}_median_s"] = statistics.median(vals)

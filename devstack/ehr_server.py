@@ -312,7 +312,9 @@ def process_transaction(store: ResourceStore, bundle: Any) -> dict[str, Any]:
         if method == "PUT":
             url, _, update_query = url.partition("?")
             if not update_query:
-                raise FhirError(400, "not-supported", f"{where}PUT needs a conditional URL Type?identifier=...")
+                raise FhirError(
+                    400, "not-supported", f"{where}PUT needs a conditional URL Type?identifier=..."
+                )
         if url != rt:
             raise FhirError(400, "invalid", f"{where}request.url {url!r} does not match resourceType {rt!r}")
         try:

@@ -65,6 +65,15 @@ class JobInput(_Record):
     #: None: the job's own key
     output_key: str | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        # The supersession fields only when set: a job without them stays readable by a worker
+        # of the release before them (a rolling update).
+        out = super().to_json()
+        for name in ("supersedes", "output_key"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
     @classmethod
     def from_json(cls, data: Any) -> JobInput:
         result: JobInput = super().from_json(data)
