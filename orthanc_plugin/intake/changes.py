@@ -450,7 +450,11 @@ class Intake:
             if study_id and self.series_quiet_s > 0:
                 self._fed(rid, study_id)
         elif kind == "NewInstance" and self.series_quiet_s > 0:
-            self._instance_arrived(rid)
+            study_id = self._instance_arrived(rid)
+            if study_id and study_id not in self._pending:
+                # A late image into a series seen before: until the study is stable (or caught
+                # up after a restart) the persisted position stays before it.
+                self._pending[study_id] = (seq, time.time())
         elif kind == "Deleted" and ch.get("ResourceType") == "Study":
             self._pending.pop(rid, None)
             self._catch_up.pop(rid, None)
@@ -469,25 +473,27 @@ class Intake:
             watch.last_seen = time.monotonic()
             watch.checked_count = -1
 
-    def _instance_arrived(self, instance_id: str) -> None:
-        """Note that the series of a new instance is being fed (one lookup per instance)."""
+    def _instance_arrived(self, instance_id: str) -> str | None:
+        """Note that the series of a new instance is being fed (one lookup per instance, two for
+        the first of a series); returns the series' study when the series was not being fed."""
         try:
             series_id = str(self.rest_get(f"/instances/{instance_id}").get("ParentSeries", ""))
         except LookupError:
-            return  # deleted meanwhile
+            return None  # deleted meanwhile
         if not series_id:
-            return
+            return None
         watch = self._feeding.get(series_id)
         if watch is not None:
             watch.last_seen = time.monotonic()
             watch.checked_count = -1
-            return
+            return None
         try:
             study_id = str(self.rest_get(f"/series/{series_id}").get("ParentStudy", ""))
         except LookupError:
-            return
+            return None
         if study_id:
             self._fed(series_id, study_id)
+        return study_id or None
 
     @property
     def receiving(self) -> int:
@@ -507,11 +513,11 @@ class Intake:
         now = time.monotonic()
         ready: dict[str, set[str]] = {}
         for series_id, watch in list(self._feeding.items()):
+            if now - watch.last_seen > PENDING_TTL_S:
+                del self._feeding[series_id]  # never reached its count: the stable study decided
+                continue
             if now - watch.last_seen < self.series_quiet_s or watch.checked_count >= 0:
                 continue  # still fed, or short of its expected count with nothing new since
-            if now - watch.last_seen > PENDING_TTL_S:
-                del self._feeding[series_id]  # never reached its count: the stable study decides
-                continue
             try:
                 series = self.rest_get(f"/series/{series_id}")
             except LookupError:

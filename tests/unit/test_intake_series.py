@@ -137,6 +137,22 @@ def test_a_series_short_of_its_expected_count_waits(world):
     assert [len(j.input.roles["ct"].instances) for j in store.list_jobs()] == [40]
 
 
+def test_a_series_that_never_reaches_its_count_is_left_to_the_stable_study(world):
+    orthanc, store, intake, clock = world
+    orthanc.in_acquisition["s-B40f"] = 40
+    orthanc.add_series("s", "B40f", 30)
+    intake.process_changes()
+    clock.now += QUIET + 1
+    intake.process_changes()
+    assert intake.receiving == 1
+    clock.now += changes.PENDING_TTL_S
+    intake.process_changes()
+    assert intake.receiving == 0 and store.list_jobs() == []  # forgotten, not routed
+    orthanc.log("StableStudy", "s")
+    intake.process_changes()
+    assert len(store.list_jobs()) == 1
+
+
 def test_a_later_series_neither_delays_nor_duplicates_the_job(world):
     orthanc, store, intake, clock = world
     orthanc.add_series("s", "B70f", 30)
