@@ -118,6 +118,17 @@ def stable_handled(c: httpx.Client, study_id: str) -> bool:
     return bool(stable) and position is not None and position >= stable[-1]
 
 
+class ReuseRetry(httpx.HTTPTransport):
+    """Sends a request once more when Orthanc closed the kept-alive connection under it (Orthanc
+    1.10 drops idle connections after about a second); every request here is a read."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return super().handle_request(request)
+        except httpx.RemoteProtocolError:
+            return super().handle_request(request)
+
+
 class Ehr:
     """``python -m devstack.ehr_server`` on a free port."""
 
@@ -179,7 +190,7 @@ def main() -> int:
             extra_env={"ORTHANC_AI_FHIR_URL": ehr.url, "ORTHANC_AI_DELIVERY_MAX_BACKOFF": "2"},
         ).start(timeout=60)  # fmt: skip
         try:
-            with httpx.Client(base_url=orthanc.url, timeout=60) as c:
+            with httpx.Client(base_url=orthanc.url, timeout=60, transport=ReuseRetry()) as c:
                 quiet = c.get("/ai/health").json().get("intake", {}).get("series_quiet_seconds")
                 runs = []
                 for i in range(args.runs):

@@ -450,11 +450,11 @@ class Intake:
             if study_id and self.series_quiet_s > 0:
                 self._fed(rid, study_id)
         elif kind == "NewInstance" and self.series_quiet_s > 0:
-            study_id = self._instance_arrived(rid)
-            if study_id and study_id not in self._pending:
+            fed = self._instance_arrived(rid)
+            if fed and fed not in self._pending:
                 # A late image into a series seen before: until the study is stable (or caught
                 # up after a restart) the persisted position stays before it.
-                self._pending[study_id] = (seq, time.time())
+                self._pending[fed] = (seq, time.time())
         elif kind == "Deleted" and ch.get("ResourceType") == "Study":
             self._pending.pop(rid, None)
             self._catch_up.pop(rid, None)
