@@ -58,6 +58,7 @@ bench: install $(MODEL)
 	@$(PY) bench/model_latency.py --runs 7
 	@$(PY) bench/pipeline_stages.py --runs 7
 	@$(PY) bench/pipeline_stages.py --slices 320 --runs 5
+	@$(PY) bench/time_to_result.py --runs 5
 	@$(PY) bench/fetch_transport.py --slices 320 --runs 5
 	@$(PY) bench/throughput.py --studies 50 --workers 1 2 4
 	@bash bench/setup_monai_deploy.sh

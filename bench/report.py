@@ -92,6 +92,41 @@ def pipeline_stages() -> str:
     return text + "\n" + _source(*runs) + "\n"
 
 
+def time_to_result() -> str:
+    r = load("time_to_result")
+    if r is None:
+        return _missing("time_to_result")
+    f, n = r["figures"], r["notes"]
+    head = (
+        f"{n['study']}, {n['instances']} instances sent by {n['sent_with']}; Orthanc's StableAge "
+        f"{n['stable_age_s']} s, SeriesQuietSeconds {n['series_quiet_s']}; {n['runs']} studies.\n\n"
+        "| seconds after the last instance arrived | median | min | max |\n|---|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {label} | {f[f'{key}_median_s']:.2f} | {f[f'{key}_min_s']:.2f} | {f[f'{key}_max_s']:.2f} |"
+        for key, label in (
+            ("started", "job started"),
+            ("stored", "result stored (SEG, SR and the other outputs)"),
+            ("fhir", "FHIR report delivered"),
+        )
+    ]
+    after = n["second_series_after_s"]
+    checks = [
+        f"| with a second series {after:.0f} s later: result stored | {f['second_series_stored_s']:.2f} | | |",
+        f"| with a second series {after:.0f} s later: report delivered | {f['second_series_fhir_s']:.2f} | | |",
+        f"| late image of the series read: superseding result stored | {f['late_image_stored_s']:.2f} | | |",
+        f"| late image: report updated | {f['late_image_fhir_s']:.2f} | | |",
+    ]
+    counts = (
+        f"\nAfter the second series, the late image and Orthanc's stable study: "
+        f"{f['jobs_after_second_series_late_image_and_stable_study']:.0f} jobs of the pipeline "
+        f"({f['superseding_jobs']:.0f} superseding), {f['seg_series_in_study']:.0f} SEG series with "
+        f"{f['seg_instances_in_study']:.0f} instance, {f['ehr_reports']:.0f} report in the EHR "
+        f"(version {f['ehr_report_version']:.0f}).\n"
+    )
+    return head + "\n".join(rows + checks) + "\n" + counts + "\n" + _source(r) + "\n"
+
+
 def figures_table(name: str, unit_note: str = "") -> Callable[[], str]:
     def render() -> str:
         r = load(name)
@@ -158,6 +193,7 @@ def monai_deploy_compare() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "pipeline_stages": pipeline_stages,
+    "time_to_result": time_to_result,
     "triton_transport": figures_table("triton_transport"),
     "model_latency": figures_table("model_latency"),
     "fetch_transport": figures_table("fetch_transport_320_slices"),

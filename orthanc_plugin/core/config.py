@@ -627,6 +627,16 @@ class Settings(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=20, alias="MaxAttempts")
     retry_backoff_seconds: float = Field(default=5.0, ge=0, alias="RetryBackoffSeconds")
     catch_up_delay_seconds: float = Field(default=-1, alias="CatchUpDelaySeconds")
+    series_quiet_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        le=3600,
+        alias="SeriesQuietSeconds",
+        description="a series is complete once no instance arrived for this long (and its expected "
+        "instance count, where the headers give one, is reached): a pipeline starts as soon as the "
+        "series it needs are complete, without waiting for Orthanc's StableAge; 0: only when Orthanc "
+        "declares the study stable",
+    )
     log_dir: Path | None = Field(default=None, alias="LogDirectory")
     # FHIR delivery to the EHR (none when FhirBaseUrl is unset: reports stay in the job store).
     fhir_base_url: str | None = Field(default=None, alias="FhirBaseUrl")

@@ -198,6 +198,7 @@ class Plugin:
             lambda: self.pipelines,
             max_attempts=self.settings.max_attempts,
             catch_up_delay_s=stable_age if delay < 0 else delay,
+            series_quiet_s=self.settings.series_quiet_seconds,
             # Several Orthancs can share a PostgreSQL index: change numbers may then appear out
             # of order. A SQLite index has one writer and its gaps are deleted resources.
             wait_for_gaps=bool((config.get("PostgreSQL") or {}).get("EnableIndex", False)),
@@ -253,6 +254,9 @@ class Plugin:
     def on_change(self, change_type: int, level: int, resource: str) -> None:
         if change_type == orthanc.ChangeType.STABLE_STUDY:
             self.intake.wake.set()
+        elif change_type in (orthanc.ChangeType.NEW_INSTANCE, orthanc.ChangeType.NEW_SERIES):
+            if self.settings.series_quiet_seconds > 0:
+                self.intake.wake.set()  # per-series start: the intake notes when each series was last fed
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
@@ -365,7 +369,12 @@ class Plugin:
             "workers": {"expected": len(workers), "alive": alive, "detail": workers},
             "queue": queue,
             "fhir_backlog": self.outbox.backlog(),
-            "intake": {"last_change": self.intake.position},
+            "intake": {
+                "last_change": self.intake.position,
+                # per-series start: the quiet time, and the series being received right now
+                "series_quiet_seconds": self.intake.series_quiet_s,
+                "series_receiving": self.intake.receiving,
+            },
             "labels": self.labels.status(),
         }
 

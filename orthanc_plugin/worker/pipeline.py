@@ -34,6 +34,7 @@ from orthanc_plugin.core.config import (
     Settings,
     segment_specs,
 )
+from orthanc_plugin.core.errors import NotFound
 from orthanc_plugin.core.handoff import (
     ClassificationOutput,
     FeaturesOutput,
@@ -57,7 +58,7 @@ from orthanc_plugin.core.results import (
     patient_id_system,
 )
 from orthanc_plugin.core.uids import derived_uid, key_image_uids, message_control_id, output_uids, pdf_uids
-from orthanc_plugin.fhir.report import build_diagnostic_report
+from orthanc_plugin.fhir.report import as_update, build_diagnostic_report
 from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
@@ -87,6 +88,14 @@ Labels = NDArray[np.uint8]
 
 class JobAborted(RuntimeError):
     """The job was cancelled or its lease lost while it ran: stop without writing anything."""
+
+
+class Superseded(JobAborted):
+    """A newer job supersedes this one (its input series changed while it ran): store nothing."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__(f"superseded by job {by}")
+        self.by = by
 
 
 class BadInput(ValueError):
@@ -435,7 +444,7 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
 
     Series numbers from the pipeline's ``series_number`` n: SEG n, SR n+1, RTSTRUCT n+2, key
     images n+3, PDF summary n+4."""
-    p, uids = run.pipeline, output_uids(run.job.key)
+    p, uids = run.pipeline, output_uids(run.job.output_key)
     sources = list(volume.datasets)
     number = p.outputs.series_number
     seg_ds = run.stage(
@@ -463,8 +472,8 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             "rtstruct_encode",
             lambda: build_rtstruct(
                 sources, labels, findings.present, algorithm,
-                series_instance_uid=derived_uid(run.job.key, "rtstruct-series"),
-                sop_instance_uid=derived_uid(run.job.key, "rtstruct-instance"),
+                series_instance_uid=derived_uid(run.job.output_key, "rtstruct-series"),
+                sop_instance_uid=derived_uid(run.job.output_key, "rtstruct-instance"),
                 series_number=number + 2, series_description=f"AI {p.algorithm_name} contours",
             ),
         )  # fmt: skip
@@ -494,6 +503,9 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
                 classifications=findings.classifications, features=findings.features, presented_pdf=pdf,
             ),
         )  # fmt: skip
+        if fhir is not None and run.job.input.supersedes:
+            # The same resources as the superseded job's report, updated in place.
+            fhir = as_update(fhir)
     hl7: dict[str, str] = {}
     if p.outputs.hl7_oru and run.settings.hl7_destinations:
         hl7 = run.stage("hl7_build", lambda: {
@@ -517,7 +529,7 @@ def encode_key_images(
         volume.voxels, volume.datasets, labels, findings.present, findings.measurements, algorithm,
         count=ki.count, style=ki.style, window=ki.window, fill_opacity=ki.fill_opacity,
     )  # fmt: skip
-    series_uid, instance_uids = key_image_uids(run.job.key, len(images))
+    series_uid, instance_uids = key_image_uids(run.job.output_key, len(images))
     return images, build_key_images(
         images, algorithm, series_instance_uid=series_uid, sop_instance_uids=instance_uids,
         series_number=p.outputs.series_number + 3, series_description=f"AI {p.algorithm_name} key images",
@@ -540,7 +552,7 @@ def encode_pdf(
         classifications=findings.classifications, key_images=[i.pixels for i in images],
         validated_for=validation_statements(p, algorithm), description=p.description,
     )  # fmt: skip
-    series_uid, instance_uid = pdf_uids(run.job.key)
+    series_uid, instance_uid = pdf_uids(run.job.output_key)
     return pdf, build_encapsulated_pdf(
         pdf, sources[0], algorithm,
         series_instance_uid=series_uid, sop_instance_uid=instance_uid, series_number=p.outputs.series_number + 4,
@@ -566,6 +578,9 @@ def store_outputs(
     orthanc = run.orthanc
     if not orthanc.study_exists(run.job.orthanc_study_id):
         raise BadInput("the study was deleted while the job ran; nothing was stored")
+    newer = run.store.superseded_by(run.job.id)
+    if newer is not None:
+        raise Superseded(newer)
     stored: dict[str, StoredInstance | tuple[StoredInstance, ...]] = {}
     done: list[StoredInstance] = []
 
@@ -600,7 +615,27 @@ def store_outputs(
                 if instance.orthanc_id:
                     orthanc.delete_instance(instance.orthanc_id)
         raise
+    remove_replaced(run, stored)
     return stored
+
+
+def remove_replaced(run: Run, stored: dict[str, StoredInstance | tuple[StoredInstance, ...]]) -> None:
+    """After a superseding job stored its outputs (under the same UIDs, which Orthanc overwrites):
+    delete the instances of the superseded jobs that the new result has no counterpart for (e.g.
+    a key image fewer), so the study holds one current result."""
+    kept = {s.sop_instance_uid for v in stored.values() for s in (v if isinstance(v, tuple) else (v,))}
+    jid, seen = run.job.input.supersedes, set()
+    while jid is not None and jid not in seen:
+        seen.add(jid)
+        try:
+            old = run.store.get(jid)
+        except NotFound:
+            return
+        for _, instance in old.outputs.instances() if old.outputs is not None else ():
+            if instance.sop_instance_uid not in kept and instance.orthanc_id:
+                with contextlib.suppress(OrthancError):
+                    run.orthanc.delete_instance(instance.orthanc_id)
+        jid = old.input.supersedes
 
 
 # --------------------------------------------------------------------------- helpers of the stages
