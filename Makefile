@@ -58,10 +58,11 @@ bench: install $(MODEL)
 	@$(PY) bench/model_latency.py --runs 7
 	@$(PY) bench/pipeline_stages.py --runs 7
 	@$(PY) bench/pipeline_stages.py --slices 320 --runs 5
+	@$(PY) bench/time_to_result.py --runs 5
 	@$(PY) bench/fetch_transport.py --slices 320 --runs 5
 	@$(PY) bench/throughput.py --studies 50 --workers 1 2 4
 	@bash bench/setup_monai_deploy.sh
-	@$(PY) bench/monai_deploy_compare.py --runs 9
+	@$(PY) bench/monai_deploy_compare.py --runs 7
 	@$(PY) bench/compare.py
 	@$(PY) bench/report.py
 

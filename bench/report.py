@@ -92,6 +92,41 @@ def pipeline_stages() -> str:
     return text + "\n" + _source(*runs) + "\n"
 
 
+def time_to_result() -> str:
+    r = load("time_to_result")
+    if r is None:
+        return _missing("time_to_result")
+    f, n = r["figures"], r["notes"]
+    head = (
+        f"{n['study']}, {n['instances']} instances sent by {n['sent_with']}; Orthanc's StableAge "
+        f"{n['stable_age_s']} s, SeriesQuietSeconds {n['series_quiet_s']}; {n['runs']} studies.\n\n"
+        "| seconds after the last instance arrived | median | min | max |\n|---|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {label} | {f[f'{key}_median_s']:.2f} | {f[f'{key}_min_s']:.2f} | {f[f'{key}_max_s']:.2f} |"
+        for key, label in (
+            ("started", "job started"),
+            ("stored", "result stored (SEG, SR and the other outputs)"),
+            ("fhir", "FHIR report delivered"),
+        )
+    ]
+    after = n["second_series_after_s"]
+    checks = [
+        f"| with a second series {after:.0f} s later: result stored | {f['second_series_stored_s']:.2f} | | |",
+        f"| with a second series {after:.0f} s later: report delivered | {f['second_series_fhir_s']:.2f} | | |",
+        f"| late image of the series read: superseding result stored | {f['late_image_stored_s']:.2f} | | |",
+        f"| late image: report updated | {f['late_image_fhir_s']:.2f} | | |",
+    ]
+    counts = (
+        f"\nAfter the second series, the late image and Orthanc's stable study: "
+        f"{f['jobs_after_second_series_late_image_and_stable_study']:.0f} jobs of the pipeline "
+        f"({f['superseding_jobs']:.0f} superseding), {f['seg_series_in_study']:.0f} SEG series with "
+        f"{f['seg_instances_in_study']:.0f} instance, {f['ehr_reports']:.0f} report in the EHR "
+        f"(version {f['ehr_report_version']:.0f}).\n"
+    )
+    return head + "\n".join(rows + checks) + "\n" + counts + "\n" + _source(r) + "\n"
+
+
 def figures_table(name: str, unit_note: str = "") -> Callable[[], str]:
     def render() -> str:
         r = load(name)
@@ -103,13 +138,67 @@ def figures_table(name: str, unit_note: str = "") -> Callable[[], str]:
     return render
 
 
+def monai_deploy_compare() -> str:
+    r = load("monai_deploy_compare")
+    if r is None:
+        return _missing("monai_deploy_compare")
+    f, notes = r["figures"], r["notes"]
+    if "study_cold_monai_s" not in f:
+        return _missing("monai_deploy_compare")
+    rows = [
+        "| comparison | MONAI Deploy, median s | ours, median s | MONAI Deploy / ours |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def row(label: str, monai: float, ours: float) -> None:
+        rows.append(f"| {label} | {monai:.3f} | {ours:.3f} | {monai / ours:.1f}x |")
+
+    row(
+        "one process per study, cold (wall clock of the process)",
+        f["study_cold_monai_s"],
+        f["study_cold_ours_s"],
+    )
+    row(
+        "MONAI Deploy process per study against our warm worker",
+        f["study_cold_monai_s"],
+        f["study_warm_ours_s"],
+    )
+    for key, label in (
+        ("load", "read by path -> volume"),
+        ("seg", "write SEG + read it back"),
+        ("both", "both"),
+    ):
+        for gc_state, gc_label in (("gc_on", "GC on"), ("gc_paused", "GC paused")):
+            name = f"step_{key}_{gc_state}"
+            row(f"per step, warm: {label} ({gc_label})", f[f"{name}_monai_s"], f[f"{name}_ours_s"])
+    libraries = ", ".join(f"{k} {v}" for k, v in notes["libraries_both_sides"].items())
+    monai_side = ", ".join(f"{k} {v}" for k, v in notes["monai_deploy_side"].items())
+    dice = ", ".join(
+        f"segment {k.rsplit('_', 1)[1]} {v:.4f}"
+        for k, v in f.items()
+        if k.startswith("study_cold_dice_segment_")
+    )
+    checks = {**notes["output_checks_same_label_map"], **notes["output_checks_each_side_ran_the_model"]}
+    failed = [name for name, ok in checks.items() if not ok]
+    verdict = "all checks passed" if not failed else "FAILED: " + "; ".join(failed)
+    return (
+        "\n".join(rows)
+        + f"\n\nStudy {notes['study']} ({notes['slices']} slices), {notes['runs']} runs of each. Same on both "
+        + f"sides: {libraries}. MONAI Deploy side: {monai_side}. Outputs of the process-per-study runs: "
+        + f"Dice {dice}; frames, positions, references and segment attributes: {verdict}.\n\n"
+        + _source(r)
+        + "\n"
+    )
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "pipeline_stages": pipeline_stages,
+    "time_to_result": time_to_result,
     "triton_transport": figures_table("triton_transport"),
     "model_latency": figures_table("model_latency"),
     "fetch_transport": figures_table("fetch_transport_320_slices"),
     "throughput": figures_table("throughput"),
-    "monai_deploy_compare": figures_table("monai_deploy_compare", " (s; ratio = MONAI Deploy / ours)"),
+    "monai_deploy_compare": monai_deploy_compare,
 }
 
 

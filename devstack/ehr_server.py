@@ -1,16 +1,16 @@
 """A small FHIR R4 server standing in for the EHR, for tests and the demo.
 
 It does what our delivery needs and checks it strictly: transaction Bundles of POST entries
-(conditional create with ``ifNoneExist``, ``urn:uuid:`` fullUrls resolved into ``Type/id``
-references, all or nothing), plain and conditional create, read, and search by identifier,
-subject and study. Every resource is validated with the R4 models of ``fhir.resources``
+(conditional create with ``ifNoneExist``) and PUT entries (conditional update,
+``Type?identifier=...``: the one match is replaced and its versionId goes up, none is created),
+``urn:uuid:`` fullUrls resolved into ``Type/id`` references, all or nothing; plain and
+conditional create, read, and search by identifier, subject and study. Every resource is validated with the R4 models of ``fhir.resources``
 (``fhir.resources.R4B``, identical to R4 for the resources we send); invalid ones get a 400
 with an OperationOutcome. An optional bearer token is required on everything but
 ``/metadata``. ``GET /_stats`` counts what is stored, for tests.
 
 Storage is in memory, optionally appended to a JSON-lines file that is read back at start,
-so a restarted server keeps its data. Not a production server: no updates, no history, no
-paging.
+so a restarted server keeps its data. Not a production server: no history, no paging.
 
     python -m devstack.ehr_server --port 8090 [--data FILE] [--token-env NAME]
 """
@@ -258,10 +258,10 @@ class ResourceStore:
         return {t: len(rs) for t, rs in sorted(self._by_type.items()) if rs}
 
 
-def _with_id(resource: dict[str, Any], rid: str, when: str) -> dict[str, Any]:
+def _with_id(resource: dict[str, Any], rid: str, when: str, version: int = 1) -> dict[str, Any]:
     out = dict(resource)
     out["id"] = rid
-    out["meta"] = {**(resource.get("meta") or {}), "versionId": "1", "lastUpdated": when}
+    out["meta"] = {**(resource.get("meta") or {}), "versionId": str(version), "lastUpdated": when}
     return out
 
 
@@ -293,19 +293,28 @@ def process_transaction(store: ResourceStore, bundle: Any) -> dict[str, Any]:
         raise FhirError(400, "structure", "Bundle.entry must be a list")
     when = _now()
     ids: dict[str, str] = {}  # fullUrl -> Type/id
-    plan: list[tuple[str, str, dict[str, Any] | None]] = []  # (type, id, new resource or None)
+    # (type, id, new resource or None, its versionId)
+    plan: list[tuple[str, str, dict[str, Any] | None, int]] = []
     for i, entry in enumerate(entries):
         where = f"Bundle.entry[{i}]: "
         request = entry.get("request") if isinstance(entry, dict) else None
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(request, dict) or not isinstance(resource, dict):
             raise FhirError(400, "structure", f"{where}needs request and resource")
-        if request.get("method") != "POST":
+        method = request.get("method")
+        if method not in ("POST", "PUT"):
             raise FhirError(
-                400, "not-supported", f"{where}method {request.get('method')!r}: only POST is supported"
+                400, "not-supported", f"{where}method {method!r}: only POST and conditional PUT are supported"
             )
         rt = resource.get("resourceType")
         url = str(request.get("url", "")).strip("/")
+        update_query = None
+        if method == "PUT":
+            url, _, update_query = url.partition("?")
+            if not update_query:
+                raise FhirError(
+                    400, "not-supported", f"{where}PUT needs a conditional URL Type?identifier=..."
+                )
         if url != rt:
             raise FhirError(400, "invalid", f"{where}request.url {url!r} does not match resourceType {rt!r}")
         try:
@@ -313,28 +322,35 @@ def process_transaction(store: ResourceStore, bundle: Any) -> dict[str, Any]:
         except FhirError as e:
             raise FhirError(400, "not-supported", f"{where}{e.diagnostics[0]}") from None
         existing = None
-        if request.get("ifNoneExist"):
-            existing = store.conditional(str(rt), str(request["ifNoneExist"]))
-        if existing is not None:
-            rid, new = existing["id"], None
+        version = 1
+        if update_query is not None:
+            existing = store.conditional(str(rt), update_query)
+            if existing is not None:
+                version = int(existing.get("meta", {}).get("versionId", "1")) + 1
+            rid, new = (existing["id"] if existing is not None else str(uuid.uuid4())), resource
         else:
-            rid, new = str(uuid.uuid4()), resource
+            if request.get("ifNoneExist"):
+                existing = store.conditional(str(rt), str(request["ifNoneExist"]))
+            if existing is not None:
+                rid, new = existing["id"], None
+            else:
+                rid, new = str(uuid.uuid4()), resource
         full_url = entry.get("fullUrl")
         if isinstance(full_url, str) and full_url:
             if full_url in ids:
                 raise FhirError(400, "invalid", f"{where}fullUrl {full_url} is used twice")
             ids[full_url] = f"{rt}/{rid}"
-        plan.append((str(rt), rid, new))
+        plan.append((str(rt), rid, new, version))
     created: list[dict[str, Any]] = []
     response_entries = []
-    for i, (rt, rid, new) in enumerate(plan):
+    for i, (rt, rid, new, version) in enumerate(plan):
         if new is None:
             status = "200 OK"
         else:
-            resource = _with_id(_resolve(new, ids), rid, when)
+            resource = _with_id(_resolve(new, ids), rid, when, version)
             validate_resource(resource, f"Bundle.entry[{i}]: ")
             created.append(resource)
-            status = "201 Created"
+            status = "201 Created" if version == 1 else "200 OK"
         version = (store.get(rt, rid) or {}).get("meta", {}).get("versionId", "1")
         response_entries.append(
             {

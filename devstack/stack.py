@@ -99,6 +99,8 @@ class OrthancServer:
             ("ORTHANC_AI_VIEWER_URL", ""),
             ("ORTHANC_AI_FHIR_TOKEN", ""),
             ("ORTHANC_AI_DELIVERY_MAX_BACKOFF", "300"),
+            # Per-series start: quiet time of a series before its pipelines start (0: StableStudy only).
+            ("ORTHANC_AI_SERIES_QUIET_SECONDS", "3"),
             ("ORTHANC_AI_PATIENT_ID_SYSTEM", ""),
             # HL7 ORU destinations (JSON list, see Settings.hl7_destinations).
             ("ORTHANC_AI_HL7_DESTINATIONS", "[]"),

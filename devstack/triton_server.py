@@ -198,6 +198,25 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _niced(command: list[str], nice: int) -> list[str]:
+    """``command`` run at CPU niceness ``nice`` through coreutils' ``nice`` (which execs it, same pid).
+
+    Never ``Popen(preexec_fn=...)``: a preexec function makes Python fork() instead of vfork(),
+    fork() runs gRPC's fork handlers in the child (a gRPC client, e.g. the workers' or a test's
+    ``TritonClient``, lives in the parent), and gRPC's poller thread then restarted in the child
+    finds its epoll descriptor closed by ``close_fds`` and aborts the child before it execs:
+    tritonserver "exited with code -6" with ``Epoll1Poller ... epoll_wait error: Bad file
+    descriptor`` as the only line of its log. It happened under CPU load, when the window between
+    closing descriptors and exec is long enough.
+    """
+    if not nice:
+        return command
+    binary = shutil.which("nice")
+    if binary is None:
+        raise TritonServerError("the 'nice' command (coreutils) is not on PATH; set nice=0 to run without it")
+    return [binary, "-n", str(nice), *command]
+
+
 def _http_ready(http_port: int, timeout: float = 1.0) -> bool:
     url = f"http://{LOCAL_HOST}:{http_port}/v2/health/ready"
     try:
@@ -351,14 +370,13 @@ class TritonServer:
             log.info("starting tritonserver: %s", " ".join(command))
             try:
                 self._process = subprocess.Popen(
-                    command,
+                    _niced(command, self.nice),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env=env,
                     cwd=str(self.backend_root),
                     start_new_session=True,
-                    preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
                 )
             except OSError as exc:
                 raise TritonServerError(f"cannot run {command[0]}: {exc}") from exc

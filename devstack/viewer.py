@@ -4,9 +4,16 @@
 Orthanc 1.10 has no CORS option, so the viewer (``var/ohif/package/dist``, fetched by
 ``scripts/install_viewer.sh``) and DICOMweb must share an origin. This small proxy serves the
 viewer's files (``index.html`` for client-side routes such as ``/viewer?StudyInstanceUIDs=...``),
-our ``viewer/app-config.js`` at ``/app-config.js``, and forwards ``/dicom-web/`` and ``/wado`` to
-Orthanc with the browser's ``Host`` header, so the BulkDataURIs that Orthanc writes into the
-metadata point back at this origin. Bodies are streamed both ways. It listens on 127.0.0.1 only.
+our ``viewer/app-config.js`` at ``/app-config.js``, and forwards reads of ``/dicom-web/`` and
+``/wado`` to Orthanc with the browser's ``Host`` header, so the BulkDataURIs that Orthanc writes
+into the metadata point back at this origin. Bodies are streamed both ways. It listens on
+127.0.0.1 only.
+
+One write passes: STOW-RS (``POST /dicom-web/studies[/{StudyInstanceUID}]``), which OHIF uses to
+store a segmentation a reviewer corrected. Only from a page of this origin (``Origin``, else
+``Referer``, must be one of the proxy's own origins, so a form on another site cannot store), only
+as ``multipart/related``, and with the user's own credentials passed on: Orthanc's authentication
+decides, and the plugin credits the edit to that user.
 
 Command line (``make up`` / ``make down``)::
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mimetypes
+import re
 import subprocess
 import sys
 import threading
@@ -27,7 +35,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from starlette.applications import Starlette
@@ -59,10 +67,13 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
      "transfer-encoding", "upgrade"}
 )  # fmt: skip
-# The viewer only reads: anything that writes or deletes goes to Orthanc directly, with its own
-# authentication, never through a page's origin.
+# The viewer reads; its one write is STOW-RS (a corrected SEG), on the two routes below and
+# only from this origin. Anything else that writes or deletes goes to Orthanc directly, with its
+# own authentication, never through a page's origin.
 PROXIED_METHODS = ["GET", "HEAD"]
 PROXIED_PREFIXES = ("/dicom-web/", "/wado/")
+STOW_ROUTES = ("/dicom-web/studies", "/dicom-web/studies/{study_uid}")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -135,8 +146,59 @@ def first_part(body: bytes, content_type: str) -> bytes | None:
     return body[headers_end + 4 : end]
 
 
-def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette:
-    """The ASGI application: OHIF's files, our config, and the DICOMweb/WADO forwarder."""
+def local_origins(port: int) -> frozenset[str]:
+    """The origins a browser uses for a proxy on 127.0.0.1:``port``."""
+    return frozenset(f"http://{host}:{port}" for host in (HOST, "localhost", "[::1]"))
+
+
+def _origin_of(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.netloc:
+        return None
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def store_refusal(request: Request, origins: frozenset[str]) -> str | None:
+    """Why a STOW-RS request may not pass, or None when it may.
+
+    It must come from a page of one of ``origins`` (the proxy's own; listed rather than taken
+    from the ``Host`` header, which a DNS-rebinding page controls): its ``Origin`` header, or
+    without one its ``Referer``, names one of them, and a browser's ``Sec-Fetch-Site``, when
+    sent, says ``same-origin``. The body is ``multipart/related`` (a cross-site HTML form can
+    only send form encodings or text/plain).
+    """
+    if not origins:
+        return "storing through the viewer is not enabled"
+    origin = request.headers.get("origin")
+    if origin is None:
+        referer = request.headers.get("referer")
+        origin = _origin_of(referer) if referer else None
+    if origin is None or origin.lower() not in origins:
+        return "only a page of this viewer may store (Origin/Referer of another site or none)"
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site != "same-origin":
+        return f"only a page of this viewer may store (Sec-Fetch-Site: {fetch_site})"
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "multipart/related":
+        return "STOW-RS takes multipart/related"
+    uid = request.path_params.get("study_uid")
+    if uid is not None and (len(uid) > 64 or not UID.fullmatch(uid)):
+        return "not a StudyInstanceUID"
+    return None
+
+
+def create_app(
+    orthanc_url: str, dist_dir: Path, config_file: Path, origins: frozenset[str] = frozenset()
+) -> Starlette:
+    """The ASGI application: OHIF's files, our config, and the DICOMweb/WADO forwarder.
+
+    ``origins`` are the proxy's own origins, the only pages that may store (STOW-RS); empty:
+    nothing is stored through the proxy.
+    """
+    origins = frozenset(o.lower().rstrip("/") for o in origins)
     check_files(dist_dir, config_file)
     base = orthanc_url.rstrip("/")
     upstream = httpx.AsyncClient(
@@ -171,7 +233,7 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
         answer = None
         # A kept-alive connection that Orthanc closed at the same moment is not a failure of
         # Orthanc: try once more on a fresh connection (every request here can be re-sent:
-        # they are all reads).
+        # reads, and a STOW-RS, whose instances Orthanc stores once by SOP Instance UID).
         for attempt in (1, 2):
             upstream_request = httpx.Request(request.method, target, headers=headers, content=body)
             try:
@@ -198,6 +260,15 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
             background=BackgroundTask(answer.aclose),
         )  # fmt: skip
 
+    async def store(request: Request) -> Response:
+        if upstream_path(request.scope["raw_path"]) is None:
+            return PlainTextResponse("only DICOMweb and WADO paths are forwarded\n", status_code=400)
+        refusal = store_refusal(request, origins)
+        if refusal is not None:
+            return PlainTextResponse(refusal + "\n", status_code=403)
+        # Credentials (Authorization) travel on unchanged: Orthanc's authentication decides.
+        return await forward(request)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
@@ -206,6 +277,7 @@ def create_app(orthanc_url: str, dist_dir: Path, config_file: Path) -> Starlette
     return Starlette(
         routes=[
             Route("/app-config.js", app_config, methods=["GET", "HEAD"]),
+            *(Route(path, store, methods=["POST"]) for path in STOW_ROUTES),
             Route("/dicom-web/{path:path}", forward, methods=PROXIED_METHODS),
             Route("/wado", forward, methods=PROXIED_METHODS),
             Route("/wado/{path:path}", forward, methods=PROXIED_METHODS),
@@ -252,7 +324,7 @@ class ViewerServer:
     def start(self, timeout: float = 15.0) -> ViewerServer:
         import uvicorn
 
-        app = create_app(self.orthanc_url, self.dist_dir, self.config_file)
+        app = create_app(self.orthanc_url, self.dist_dir, self.config_file, local_origins(self.port))
         config = uvicorn.Config(
             app, host=HOST, port=self.port, log_level="warning", access_log=False, lifespan="on",
             timeout_keep_alive=30,
@@ -343,7 +415,7 @@ def stop_background() -> None:
 def run_foreground(orthanc_url: str, port: int, dist_dir: Path, config_file: Path) -> None:
     import uvicorn
 
-    app = create_app(orthanc_url, dist_dir, config_file)
+    app = create_app(orthanc_url, dist_dir, config_file, local_origins(port))
     print(f"OHIF viewer on http://{HOST}:{port}/ (DICOMweb of {orthanc_url})", flush=True)
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False, timeout_keep_alive=30)
 

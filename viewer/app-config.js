@@ -48,6 +48,14 @@ window.config = {
         omitQuotationForMultipartRequest: true,
         // Orthanc writes BulkDataURIs for large attributes (its "Full" metadata); OHIF fetches them.
         bulkDataURI: { enabled: true },
+        // A reviewer's corrected segmentation is stored here by STOW-RS (Segmentation panel,
+        // Export > DICOM SEG > Save; the viewer proxy lets only this origin's pages store).
+        // As a BINARY SEG, uncompressed: OHIF 3.13's default, a LABELMAP SEG in RLE, leaves out
+        // the per-frame FrameContentSequence that the standard requires and the plugin's
+        // reader (highdicom) needs.
+        segmentation: {
+          store: { defaultMode: 'bitmap', transferSyntaxUID: '1.2.840.10008.1.2.1' },
+        },
       },
     },
   ],

@@ -269,6 +269,12 @@ class SegmentChecks(_Strict):
         default=None, gt=0, le=1, description="minimum mean maximum probability of the model over the segment"
     )
     shell_mm: float = Field(default=10.0, gt=0, le=100, description="width of the shell around the segment")
+    airway_ml: float | None = Field(
+        default=None,
+        ge=0,
+        description="lungs on axial CT: maximum mL of the trachea and main bronchi (the air-filled tube "
+        "down the midline from the top of the lungs) counted in the segment",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> SegmentChecks:
@@ -630,13 +636,23 @@ class Settings(_Strict):
     viewer_url: str | None = Field(
         default=None,
         alias="ViewerUrl",
-        description="base URL of the OHIF viewer (its /viewer?StudyInstanceUIDs= route) that the admin "
+        description="base URL of the OHIF viewer (its /segmentation?StudyInstanceUIDs= route) that the admin "
         "page's review view links studies to; unset or empty: no link",
     )
     lease_seconds: float = Field(default=30.0, gt=1, alias="LeaseSeconds")
     max_attempts: int = Field(default=3, ge=1, le=20, alias="MaxAttempts")
     retry_backoff_seconds: float = Field(default=5.0, ge=0, alias="RetryBackoffSeconds")
     catch_up_delay_seconds: float = Field(default=-1, alias="CatchUpDelaySeconds")
+    series_quiet_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        le=3600,
+        alias="SeriesQuietSeconds",
+        description="a series is complete once no instance arrived for this long (and its expected "
+        "instance count, where the headers give one, is reached): a pipeline starts as soon as the "
+        "series it needs are complete, without waiting for Orthanc's StableAge; 0: only when Orthanc "
+        "declares the study stable",
+    )
     log_dir: Path | None = Field(default=None, alias="LogDirectory")
     # FHIR delivery to the EHR (none when FhirBaseUrl is unset: reports stay in the job store).
     fhir_base_url: str | None = Field(default=None, alias="FhirBaseUrl")

@@ -58,6 +58,21 @@ class JobInput(_Record):
     problem: str | None = None
     #: why the study is urgent for the pipeline (its ``urgent`` rule that held), None when routine
     urgent: str | None = None
+    #: the job this one supersedes (its input series changed: a late image), None for a first job
+    supersedes: str | None = None
+    #: the job key the outputs' identifiers derive from (SEG/SR UIDs, FHIR resource ids): the
+    #: first job's key, kept along a chain of supersessions so every result replaces the last;
+    #: None: the job's own key
+    output_key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        # The supersession fields only when set: a job without them stays readable by a worker
+        # of the release before them (a rolling update).
+        out = super().to_json()
+        for name in ("supersedes", "output_key"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> JobInput:

@@ -22,6 +22,7 @@ them, this module never needs their server ids.
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import hashlib
 import html
@@ -391,6 +392,23 @@ def _entry(resource_type: str, resource_id: str, resource: dict[str, Any]) -> di
             "ifNoneExist": f"identifier={URI_SYSTEM}|urn:uuid:{resource_id}",
         },
     }
+
+
+def as_update(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The same bundle with every entry but the Device as a conditional update on its identifier
+    (``PUT DiagnosticReport?identifier=...``): a superseding job's report replaces the resources
+    the superseded job's report created (same identifiers, same server ids), never adds a second
+    report. The Device stays a conditional create."""
+    out = copy.deepcopy(bundle)
+    for entry in out.get("entry", []):
+        resource = entry["resource"]
+        kind = resource["resourceType"]
+        if kind == "Device":
+            continue
+        ours = [i["value"] for i in resource.get("identifier", []) if i.get("system") == URI_SYSTEM]
+        if ours:
+            entry["request"] = {"method": "PUT", "url": f"{kind}?identifier={URI_SYSTEM}|{ours[0]}"}
+    return out
 
 
 def _device(algorithm: AlgorithmInfo, device_id: str, fhir_version: str) -> dict[str, Any]:

@@ -20,7 +20,9 @@ its anatomy allows:
 * ``compactness``: sphericity pi^(1/3) (6 V)^(2/3) / A (1 for a ball): an organ is one
   compact body, a network answering noise gives ragged shapes;
 * ``confidence`` and ``entropy``: the network's own mean maximum probability and mean
-  normalised entropy over the segment's voxels on its grid (recorded, checked if asked).
+  normalised entropy over the segment's voxels on its grid (recorded, checked if asked);
+* ``airway_ml`` (lungs, :func:`airway_in_segments`): how much of the trachea and main bronchi
+  the segment holds; they are air like the lung, so a network may count them as lung.
 
 Computation only; the worker's pipeline decides what a failed check means.
 """
@@ -55,11 +57,20 @@ class SegmentQuality:
     compactness: float | None = None
     confidence: float | None = None
     entropy: float | None = None
+    airway_ml: float | None = None
 
     def recorded(self) -> dict[str, float]:
         """The measured values, rounded, for the job's record."""
         out: dict[str, float] = {}
-        for name in ("contrast", "variation", "enclosed", "compactness", "confidence", "entropy"):
+        for name in (
+            "contrast",
+            "variation",
+            "enclosed",
+            "compactness",
+            "confidence",
+            "entropy",
+            "airway_ml",
+        ):
             value = getattr(self, name)
             if value is not None:
                 out[name] = round(float(value), 4)
@@ -93,9 +104,9 @@ def measure_segment(
     if not shape_and_surroundings:
         return SegmentQuality(count * voxel_ml, touches_ends(mask), covered, mean=mean)
     variation = float(inside.std() / abs(mean)) if mean != 0 else math.inf
-    shell = _shell(mask, volume.spacing, shell_mm)
+    shell, box = _shell(mask, volume.spacing, shell_mm)
     if shell.any():
-        around = voxels[shell]
+        around = voxels[box][shell]
         around_mean = float(around.mean())
         denominator = abs(mean) + abs(around_mean)
         contrast = abs(mean - around_mean) / denominator if denominator > 0 else 0.0
@@ -124,20 +135,40 @@ def _sampled(voxels: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np
 
 def _shell(
     mask: NDArray[np.bool_], spacing: tuple[float, float, float], shell_mm: float
-) -> NDArray[np.bool_]:
+) -> tuple[NDArray[np.bool_], tuple[slice, slice, slice]]:
     """The band up to ``shell_mm`` around the segment in each slice's plane (in-plane only, so a
-    slab's missing neighbours beyond its ends do not count as 'outside')."""
-    _, dy, dx = spacing
+    slab's missing neighbours beyond its ends do not count as 'outside'), on a coarser grid:
+    every ``step``-th row and column (and slice), ``step`` chosen so that a grid cell is at most
+    a quarter of the shell wide (the shell is a sample of its surroundings for two means; a disc
+    dilation at full resolution cost seconds on a 512 x 512 CT for the same verdicts).
+
+    Returns the shell inside a box of the volume and that box (as strided slices), so that
+    ``voxels[box][shell]`` are the sampled surroundings."""
+    dz, dy, dx = spacing
+    step = max(1, int(shell_mm / 4 / min(dy, dx)))
+    step_z = max(1, int(shell_mm / 4 / dz))  # the shell is per slice: slices can be sampled too
+    dy, dx = dy * step, dx * step
     ry, rx = max(1, round(shell_mm / dy)), max(1, round(shell_mm / dx))
     yy, xx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
     disc = ((yy * dy) ** 2 + (xx * dx) ** 2) <= shell_mm**2 + 1e-9
-    structure = disc[np.newaxis]
-    z = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-    box = (slice(int(z[0]), int(z[-1]) + 1),)
-    grown = ndimage.binary_dilation(mask[box], structure=structure)
-    shell = np.zeros_like(mask)
-    shell[box] = grown & ~mask[box]
-    return shell
+    coarse = mask[::step_z, ::step, ::step]
+    # The segment's bounding box on the coarse grid, grown by the disc's radius.
+    z = np.flatnonzero(coarse.any(axis=(1, 2)))
+    if z.size == 0:  # thinner than the coarse grid: no shell to sample
+        empty = (slice(0, 0), slice(0, 0), slice(0, 0))
+        return np.zeros((0, 0, 0), dtype=bool), empty
+    rows = np.flatnonzero(coarse[z[0] : z[-1] + 1].any(axis=(0, 2)))
+    cols = np.flatnonzero(coarse[z[0] : z[-1] + 1].any(axis=(0, 1)))
+    y0, y1 = max(0, int(rows[0]) - ry), min(coarse.shape[1], int(rows[-1]) + ry + 1)
+    x0, x1 = max(0, int(cols[0]) - rx), min(coarse.shape[2], int(cols[-1]) + rx + 1)
+    crop = coarse[int(z[0]) : int(z[-1]) + 1, y0:y1, x0:x1]
+    grown = ndimage.binary_dilation(crop, structure=disc[np.newaxis])
+    box = (
+        slice(int(z[0]) * step_z, (int(z[-1]) + 1) * step_z, step_z),
+        slice(y0 * step, y1 * step, step),
+        slice(x0 * step, x1 * step, step),
+    )
+    return grown & ~crop, box
 
 
 def sphericity(mask: NDArray[np.bool_], spacing: tuple[float, float, float]) -> float:
@@ -147,10 +178,12 @@ def sphericity(mask: NDArray[np.bool_], spacing: tuple[float, float, float]) -> 
     ball scores about 0.67, not 1; thresholds are set against such values.
     """
     dz, dy, dx = spacing
-    padded = np.pad(mask, 1).astype(np.int8)
     area = 0.0
     for axis, face in ((0, dy * dx), (1, dz * dx), (2, dz * dy)):
-        area += float(np.count_nonzero(np.diff(padded, axis=axis))) * face
+        # Faces between neighbours that differ, plus the faces on the array's two ends.
+        m = np.moveaxis(mask, axis, 0)
+        faces = np.count_nonzero(m[1:] != m[:-1]) + np.count_nonzero(m[0]) + np.count_nonzero(m[-1])
+        area += float(faces) * face
     volume = float(np.count_nonzero(mask)) * dz * dy * dx
     if area == 0:
         return 0.0
@@ -177,3 +210,92 @@ def confidence(probabilities: NDArray[np.floating[Any]], labels: list[int]) -> d
         entropy = float((-(q * np.log(q)).sum(axis=0) / math.log(k)).mean())
         out[label] = (float(top[where].mean()), entropy)
     return out
+
+
+@dataclass(frozen=True)
+class Airway:
+    """The trachea and main bronchi found by :func:`find_airway`: ``mask`` inside ``box`` of the
+    volume (``None`` when no trachea was found at the top of the segments)."""
+
+    mask: NDArray[np.bool_] | None
+    box: tuple[slice, slice, slice]
+
+
+def find_airway(
+    volume: Volume,
+    lungs: NDArray[np.bool_],
+    *,
+    air_below: float = -950.0,
+    band_mm: float = 30.0,
+    tube_area_mm2: tuple[float, float] = (30.0, 600.0),
+    max_area_mm2: float = 800.0,
+) -> Airway:
+    """The air-filled tube that runs down the midline from the top of the lungs: the trachea, and
+    the main bronchi as far as they stay within ``band_mm`` of the midline.
+
+    On an axial series: the midline is the middle of the lungs' left-right extent; the seed is
+    the air region (below ``air_below``, HU on CT) nearest the midline in the lungs' most cranial
+    slice, of a trachea's cross-section (``tube_area_mm2``, at most 20 mm from the midline); the
+    airway is the air connected to it (faces, not corners) within the band, the lungs' front-back
+    extent and the slices at and below the seed, counting per slice only air regions up to
+    ``max_area_mm2`` (so that emphysematous lung in the band is not taken for a bronchus).
+    """
+    empty = Airway(None, (slice(0, 0),) * 3)
+    if abs(volume.normal[2]) < 0.8 or not lungs.any():
+        return empty  # not axial: the midline and the cranial end are not what this assumes
+    _, dy, dx = volume.spacing
+    zs = np.flatnonzero(lungs.any(axis=(1, 2)))
+    rows = np.flatnonzero(lungs[zs[0] : zs[-1] + 1].any(axis=(0, 2)))
+    cols = np.flatnonzero(lungs[zs[0] : zs[-1] + 1].any(axis=(0, 1)))
+    mid = (cols[0] + cols[-1]) / 2
+    half = band_mm / dx
+    x0, x1 = max(0, int(mid - half)), min(lungs.shape[2], int(mid + half) + 1)
+    # The patient's head is where the normal points (+z, superior, in DICOM's patient axes).
+    cranial_last = volume.normal[2] > 0
+    top = int(zs[-1]) if cranial_last else int(zs[0])
+    z = slice(0, top + 1) if cranial_last else slice(top, lungs.shape[0])
+    box = (z, slice(int(rows[0]), int(rows[-1]) + 1), slice(x0, x1))
+    air = np.asarray(volume.voxels[box] < air_below)
+    # Per slice, only air regions of at most max_area_mm2 (in-plane connectivity).
+    flat, _ = ndimage.label(
+        air, structure=np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))])
+    )
+    sizes = np.bincount(flat.ravel()) * dy * dx
+    small = sizes <= max_area_mm2
+    small[0] = False
+    air &= small[flat]
+    seed_slice = flat[-1] if cranial_last else flat[0]
+    # Air outside the body (in front of the neck, the suprasternal notch) reaches the image's
+    # edge through air in the seed's slice; the trachea is walled by tissue.
+    outside, _ = ndimage.label(volume.voxels[top] < -500)
+    edges = np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])
+    open_air = np.isin(outside[box[1:]], edges[edges > 0])
+    best, nearest = 0, 20.0
+    for i, where in enumerate(ndimage.find_objects(seed_slice), start=1):
+        if where is None:
+            continue
+        area = sizes[i]
+        if not tube_area_mm2[0] <= area <= tube_area_mm2[1] or open_air[where][seed_slice[where] == i].any():
+            continue
+        cx = float(np.nonzero(seed_slice[where] == i)[1].mean()) + where[1].start + x0
+        distance = abs(cx - mid) * dx
+        if distance <= nearest:
+            best, nearest = i, distance
+    if best == 0:
+        return empty
+    tube, _ = ndimage.label(air)
+    seed_plane = tube[-1] if cranial_last else tube[0]
+    (component,) = np.unique(seed_plane[seed_slice == best])
+    return Airway(tube == component, box)
+
+
+def airway_in_segments(
+    volume: Volume, labels: NDArray[np.integer[Any]], values: list[int]
+) -> dict[int, float]:
+    """mL of the trachea and main bronchi (:func:`find_airway`) inside each segment of ``values``
+    (0.0 each when no trachea was found)."""
+    airway = find_airway(volume, np.isin(labels, values))
+    if airway.mask is None:
+        return dict.fromkeys(values, 0.0)
+    inside = labels[airway.box][airway.mask]
+    return {v: float(np.count_nonzero(inside == v)) * volume.voxel_volume_ml for v in values}

@@ -77,11 +77,15 @@ class RadiomicsError(ValueError):
 # --------------------------------------------------------------------------- processing
 
 
-def _crop(image: FloatArray, mask: BoolArray, margin: int) -> tuple[FloatArray, BoolArray]:
-    found = np.argwhere(mask)
-    lo = np.maximum(found.min(axis=0) - margin, 0)
-    hi = np.minimum(found.max(axis=0) + 1 + margin, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+def _crop(image: NDArray[Any], mask: BoolArray, margin: int) -> tuple[NDArray[Any], BoolArray]:
+    """The region's bounding box grown by ``margin`` (the image in its own type: values are
+    taken to float64 where they are used, a box of a CT in float64 is 8 bytes a voxel)."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        found = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(max(int(found[0]) - margin, 0))
+        hi.append(min(int(found[-1]) + 1 + margin, mask.shape[axis]))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     return image[box], mask[box]
 
 
@@ -122,7 +126,7 @@ def discretise(values: FloatArray, settings: RadiomicsSettings) -> tuple[NDArray
 
 
 def morphology(
-    image: FloatArray, morph_mask: BoolArray, int_mask: BoolArray, spacing_zyx: Sequence[float]
+    image: NDArray[Any], morph_mask: BoolArray, int_mask: BoolArray, spacing_zyx: Sequence[float]
 ) -> dict[str, float]:
     from skimage.measure import marching_cubes
 
@@ -144,11 +148,8 @@ def morphology(
         "morph.sphericity": (36 * math.pi * volume**2) ** (1 / 3) / area,
         "morph.asphericity": (area**3 / (36 * math.pi * volume**2)) ** (1 / 3) - 1,
     }
-    centres = np.argwhere(morph_mask) * sp
-    geom = centres.mean(axis=0)
-    weights = image[int_mask]
-    weighted = (np.argwhere(int_mask) * sp * weights[:, None]).sum(axis=0) / weights.sum()
-    f["morph.com"] = float(np.linalg.norm(geom - weighted))
+    geom, cov = _centre_and_covariance(morph_mask, sp)
+    f["morph.com"] = float(np.linalg.norm(geom - _weighted_centre(image, int_mask, sp)))
     hull_points = verts
     if len(verts) >= 4:
         try:
@@ -157,9 +158,7 @@ def morphology(
             hull_points = verts
     d2 = ((hull_points[:, None, :] - hull_points[None, :, :]) ** 2).sum(axis=2)
     f["morph.diam"] = float(math.sqrt(d2.max()))
-    eig = (
-        np.sort(np.linalg.eigvalsh(np.cov(centres.T, bias=False)))[::-1] if len(centres) > 1 else np.zeros(3)
-    )
+    eig = np.sort(np.linalg.eigvalsh(cov))[::-1] if cov is not None else np.zeros(3)
     major, minor, least = (max(float(e), 0.0) for e in eig)
     f["morph.pca.major"] = 4 * math.sqrt(major)
     f["morph.pca.minor"] = 4 * math.sqrt(minor)
@@ -172,33 +171,80 @@ def morphology(
     return f
 
 
+def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[FloatArray, FloatArray | None]:
+    """Mean and sample covariance (mm) of the voxel centres of ``mask``, from the voxel counts
+    of its planes (exact integer moments): no N x 3 coordinate array for a region of 10^7 voxels."""
+    n = int(np.count_nonzero(mask))
+    idx = [np.arange(k, dtype=np.float64) for k in mask.shape]
+    zy = mask.sum(axis=2, dtype=np.int64).astype(np.float64)
+    zx = mask.sum(axis=1, dtype=np.int64).astype(np.float64)
+    yx = mask.sum(axis=0, dtype=np.int64).astype(np.float64)
+    z, y, x = zy.sum(axis=1), zy.sum(axis=0), zx.sum(axis=0)
+    first = np.array([idx[0] @ z, idx[1] @ y, idx[2] @ x])
+    mean = first / n
+    if n < 2:
+        return mean * sp, None
+    second = np.empty((3, 3))
+    second[0, 0], second[1, 1], second[2, 2] = (idx[0] ** 2) @ z, (idx[1] ** 2) @ y, (idx[2] ** 2) @ x
+    second[0, 1] = second[1, 0] = idx[0] @ zy @ idx[1]
+    second[0, 2] = second[2, 0] = idx[0] @ zx @ idx[2]
+    second[1, 2] = second[2, 1] = idx[1] @ yx @ idx[2]
+    cov = (second - np.outer(first, first) / n) / (n - 1)
+    return mean * sp, cov * np.outer(sp, sp)
+
+
+def _weighted_centre(image: NDArray[Any], mask: BoolArray, sp: FloatArray, slab: int = 16) -> FloatArray:
+    """Intensity-weighted mean position (mm) of the voxels of ``mask``, ``slab`` slices at a time."""
+    sums = np.zeros(3)
+    total = 0.0
+    iy, ix = np.arange(mask.shape[1], dtype=np.float64), np.arange(mask.shape[2], dtype=np.float64)
+    for z0 in range(0, mask.shape[0], slab):
+        w = np.where(mask[z0 : z0 + slab], np.asarray(image[z0 : z0 + slab], dtype=np.float64), 0.0)
+        per_z = w.sum(axis=(1, 2))
+        sums[0] += np.arange(z0, z0 + len(per_z), dtype=np.float64) @ per_z
+        sums[1] += iy @ w.sum(axis=(0, 2))
+        sums[2] += ix @ w.sum(axis=(0, 1))
+        total += float(per_z.sum())
+    return sums / total * sp
+
+
 def intensity(values: FloatArray) -> dict[str, float]:
-    x = values.astype(np.float64)
+    x = np.asarray(values, dtype=np.float64)  # no copy when it is float64 already
     mu = float(x.mean())
-    var = float(((x - mu) ** 2).mean())
+    d = x - mu
+    d2 = d * d
+    var = float(d2.mean())
     sd = math.sqrt(var)
-    p10, p25, p75, p90 = (float(v) for v in np.percentile(x, [10, 25, 75, 90]))
-    median = float(np.median(x))
+    # One partition for the five quantiles (the median is the 50th, linearly interpolated).
+    p10, p25, median, p75, p90 = (float(v) for v in np.percentile(x, [10, 25, 50, 75, 90]))
     robust = x[(x >= p10) & (x <= p90)]
+    np.abs(d, out=d)
+    mad = float(d.mean())
+    third = float((d2 * (x - mu)).mean())
+    np.multiply(d2, d2, out=d2)
+    fourth = float(d2.mean())
+    del d, d2
+    lowest, highest = float(np.min(x)), float(np.max(x))
+    energy = float(np.dot(x, x))
     return {
         "stat.mean": mu,
         "stat.var": var,
-        "stat.skew": float(((x - mu) ** 3).mean() / var**1.5) if var > 0 else 0.0,
-        "stat.kurt": float(((x - mu) ** 4).mean() / var**2 - 3) if var > 0 else 0.0,
+        "stat.skew": third / var**1.5 if var > 0 else 0.0,
+        "stat.kurt": fourth / var**2 - 3 if var > 0 else 0.0,
         "stat.median": median,
-        "stat.min": float(np.min(x)),
+        "stat.min": lowest,
         "stat.p10": p10,
         "stat.p90": p90,
-        "stat.max": float(np.max(x)),
+        "stat.max": highest,
         "stat.iqr": p75 - p25,
-        "stat.range": float(np.max(x) - np.min(x)),
-        "stat.mad": float(np.abs(x - mu).mean()),
+        "stat.range": highest - lowest,
+        "stat.mad": mad,
         "stat.rmad": float(np.abs(robust - robust.mean()).mean()),
         "stat.medad": float(np.abs(x - median).mean()),
         "stat.cov": sd / mu if mu != 0 else math.nan,
         "stat.qcod": (p75 - p25) / (p75 + p25) if (p75 + p25) != 0 else math.nan,
-        "stat.energy": float((x**2).sum()),
-        "stat.rms": math.sqrt(float((x**2).mean())),
+        "stat.energy": energy,
+        "stat.rms": math.sqrt(energy / x.size),
     }
 
 
@@ -208,23 +254,38 @@ DIRECTIONS: tuple[tuple[int, ...], ...] = tuple(
 )
 
 
-def glcm_matrices(levels: NDArray[np.int64], mask: BoolArray, n_levels: int) -> list[FloatArray]:
-    """One symmetric co-occurrence count matrix per direction (pairs with both voxels in ``mask``)."""
-    grid = np.zeros(mask.shape, dtype=np.int64)
-    grid[mask] = levels[mask]
-    g = np.pad(grid, 1)  # 0 = outside the region
-    core = tuple(slice(1, -1) for _ in range(3))
-    a = g[core]
+def glcm_matrices(levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: int) -> list[FloatArray]:
+    """One symmetric co-occurrence count matrix per direction (pairs with both voxels in ``mask``).
+
+    Works on the region's voxels only: each one's neighbour in a direction is a fixed offset in
+    the flattened, zero-padded grid (0 = outside the region)."""
+    dtype = np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
+    g: NDArray[np.integer[Any]] = np.pad(np.where(mask, levels, 0).astype(dtype), 1)
+    strides = np.array([g.shape[1] * g.shape[2], g.shape[2], 1], dtype=np.intp)
+    offsets = [int(np.dot(d, strides)) for d in DIRECTIONS]
+    flat = g.ravel()
+    where = np.flatnonzero(flat > 0)
+    counts = np.zeros((len(DIRECTIONS), n_levels * n_levels), dtype=np.int64)
+    # A million voxels at a time: the index arrays of a 10^7-voxel lung would take gigabytes.
+    for start in range(0, where.size, _CHUNK):
+        at = where[start : start + _CHUNK]
+        own = flat[at].astype(np.intp) - 1
+        own *= n_levels
+        for k, offset in enumerate(offsets):
+            other = flat[at + offset]
+            both = other > 0
+            counts[k] += np.bincount(
+                own[both] + (other[both].astype(np.intp) - 1), minlength=n_levels * n_levels
+            )
     out = []
-    for d in DIRECTIONS:
-        shifted = g[tuple(slice(1 + k, g.shape[i] - 1 + k) for i, k in enumerate(d))]
-        both = (a > 0) & (shifted > 0)
-        idx = (a[both] - 1) * n_levels + (shifted[both] - 1)
-        counts = (
-            np.bincount(idx, minlength=n_levels * n_levels).reshape(n_levels, n_levels).astype(np.float64)
-        )
-        out.append(counts + counts.T)
+    for k in range(len(DIRECTIONS)):
+        c = counts[k].reshape(n_levels, n_levels).astype(np.float64)
+        out.append(c + c.T)
     return out
+
+
+#: Region voxels per step of :func:`glcm_matrices`.
+_CHUNK = 1 << 20
 
 
 def glcm_features(counts: FloatArray) -> dict[str, float]:
@@ -286,7 +347,9 @@ def glcm_features(counts: FloatArray) -> dict[str, float]:
     }
 
 
-def glcm(levels: NDArray[np.int64], mask: BoolArray, n_levels: int, aggregation: str) -> dict[str, float]:
+def glcm(
+    levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: int, aggregation: str
+) -> dict[str, float]:
     matrices = glcm_matrices(levels, mask, n_levels)
     if aggregation == "3D_merged":
         return glcm_features(np.sum(matrices, axis=0))
@@ -311,26 +374,31 @@ def compute_features(
     morph_mask = np.asarray(mask, dtype=bool)
     if not morph_mask.any():
         raise RadiomicsError("the region is empty")
-    img, morph_mask = _crop(np.asarray(image, dtype=np.float64), morph_mask, margin=2)
+    img, morph_mask = _crop(np.asarray(image), morph_mask, margin=2)
     spacing = tuple(float(s) for s in spacing_zyx)
     if settings.resample_mm is not None:
         x, y, z = settings.resample_mm
-        img, morph_mask = resample(img, morph_mask, spacing, (z, y, x))
+        img, morph_mask = resample(np.asarray(img, dtype=np.float64), morph_mask, spacing, (z, y, x))
         spacing = (z, y, x)
         if not morph_mask.any():
             raise RadiomicsError("the region is empty after resampling (smaller than a resampled voxel)")
     int_mask = morph_mask.copy()
     if settings.resegment is not None:
         low, high = settings.resegment
+        if any(float(np.asarray(b, dtype=img.dtype)) != b for b in (low, high)):
+            img = np.asarray(img, dtype=np.float64)  # compare in float64 as the IBSI values are
         int_mask &= (img >= low) & (img <= high)
         if not int_mask.any():
             raise RadiomicsError(
                 f"no voxel of the region lies in the re-segmentation range {list(settings.resegment)}"
             )
-    values = img[int_mask]
+    values = np.asarray(img[int_mask], dtype=np.float64)
     levels_flat, n_levels = discretise(values, settings)
-    levels = np.zeros(img.shape, dtype=np.int64)
+    levels: NDArray[np.integer[Any]] = np.zeros(
+        img.shape, dtype=np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
+    )
     levels[int_mask] = levels_flat
+    del levels_flat
     out = morphology(img, morph_mask, int_mask, spacing)
     out.update(intensity(values))
     out.update(glcm(levels, int_mask, n_levels, settings.glcm_aggregation))

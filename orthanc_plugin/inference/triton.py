@@ -604,8 +604,20 @@ class TritonClient:
 
     def _drop_region(self, region: _ShmRegion) -> None:
         if region.registered:
-            with contextlib.suppress(Exception):
-                self._client.unregister_system_shared_memory(region.name, client_timeout=5.0)
+            # As long as registering may take: a busy Triton (it runs niced) answered a 5 s
+            # deadline too late under load and the region stayed registered, silently.
+            try:
+                self._client.unregister_system_shared_memory(
+                    region.name, client_timeout=min(self.timeout_s, 30.0)
+                )
+            except Exception as exc:  # noqa: BLE001 - closing goes on; the sweep catches what is left
+                gone = isinstance(exc, InferenceServerException) and _is_unreachable(exc)
+                if not gone:  # a Triton that is gone has dropped it already
+                    log.warning(
+                        "could not unregister shared memory region %s from Triton at %s: %s "
+                        "(unregistered when this process has exited, by the next client of this host)",
+                        region.name, self.url, exc,
+                    )  # fmt: skip
             region.registered = False
         region.close()
 

@@ -1,9 +1,20 @@
 """Intake: Orthanc's change log -> routing decisions -> jobs.
 
 One loop reads ``/changes`` from the last sequence number we persisted, so the same code
-handles live STABLE_STUDY events (the callback only wakes the loop) and the catch-up after a
-restart. Orthanc forgets stability timers at shutdown, so studies whose series arrived
-without a later StableStudy are evaluated once the stable age has passed after the restart.
+handles live events (the callback only wakes the loop) and the catch-up after a restart.
+
+Per-series start: NewInstance changes tell when each series was last fed; a series quiet for
+``series_quiet_s`` with its expected count reached (:mod:`orthanc_plugin.intake.series`) is
+complete, and every pipeline whose chosen series are all complete starts then, without waiting
+for Orthanc's StableAge. STABLE_STUDY stays the safety net: the whole study is routed again
+(idempotent by job key), and a pipeline that cannot run is recorded only then. Orthanc forgets
+stability timers at shutdown, so studies whose series arrived without a later StableStudy are
+evaluated once the stable age has passed after the restart.
+
+Supersession: a job whose series changed after it was queued (a late image: a new input
+fingerprint for the same series) is superseded by a new job that writes its outputs under the
+first job's identity (:attr:`JobInput.output_key`), so results are replaced, not duplicated. A
+series arriving later in the study never re-routes a pipeline that already has a job there.
 """
 
 from __future__ import annotations
@@ -21,14 +32,16 @@ from orthanc_plugin.core.errors import NotFound
 from orthanc_plugin.core.handoff import JobInput, RoleInput
 from orthanc_plugin.core.uids import fingerprint, job_key
 from orthanc_plugin.intake.priority import plan
-from orthanc_plugin.intake.revisions import revised_job
+from orthanc_plugin.intake.revisions import revised_job, stored_by_key
 from orthanc_plugin.intake.routing import (
     OWN_MANUFACTURER,
+    RoleResult,
     RouteDecision,
     SeriesInfo,
     StudyInfo,
     route,
 )
+from orthanc_plugin.intake.series import Feeding, expected_instances, is_complete
 from orthanc_plugin.jobs.reviews import Reviews
 from orthanc_plugin.jobs.store import Job, JobStore
 
@@ -88,7 +101,11 @@ class Intake:
         may_review: Callable[[str | None], bool] = lambda user: True,
         authentication: bool = False,
         on_queued: Callable[[Job], None] | None = None,
+        series_quiet_s: float = 0.0,
     ) -> None:
+        # 0: no per-series start, jobs start on STABLE_STUDY only
+        self.series_quiet_s = series_quiet_s
+        self._feeding: dict[str, Feeding] = {}  # series id -> its study, when last fed
         self.rest_get = rest_get
         self.may_review = may_review
         self.authentication = authentication
@@ -163,17 +180,34 @@ class Intake:
         study = self.describe_study(orthanc_study_id)
         return [route(p, study) for p in self.pipelines()]
 
-    def evaluate(self, orthanc_study_id: str, only: str | None = None, rerun: bool = False) -> list[Enqueued]:
+    def evaluate(
+        self,
+        orthanc_study_id: str,
+        only: str | None = None,
+        rerun: bool = False,
+        ready: frozenset[str] | None = None,
+    ) -> list[Enqueued]:
         """Route the study and enqueue a job per matching pipeline (idempotent by job key).
 
         ``rerun`` puts an existing finished job with the same key back into the queue.
+        ``ready`` (per-series start): the series that just became complete; only pipelines that
+        chose one of them and none still being fed start, and one that cannot run waits for the
+        stable study instead of being recorded as failed.
         """
         study = self.describe_study(orthanc_study_id)
         results: list[Enqueued] = []
+        earlier = self._live_jobs(study)
         for p in self.pipelines():
             if only is not None and p.name != only:
                 continue
             decision = route(p, study)
+            current = earlier.get((p.name, p.version))
+            if current is not None and not rerun:
+                decision = self._keep_series(decision, current, study)
+            if ready is not None:
+                picked = {s.orthanc_id for s in decision.chosen().values()}
+                if not decision.matched or not picked & ready or picked & self._feeding.keys():
+                    continue
             if not decision.matched and decision.problem is None:
                 results.append(Enqueued(decision, None, False))
                 continue
@@ -184,6 +218,16 @@ class Intake:
             fp = fingerprint(i for s in [*chosen.values(), *tied] for i in s.instance_ids)
             key = job_key(study.study_instance_uid, p.name, p.version, fp)
             priority, not_before, urgent = plan(p, study, datetime.now().astimezone())
+            # The same series as the pipeline's current job, other instances: a late image.
+            old = None
+            if (
+                current is not None
+                and current.key != key
+                and decision.problem is None
+                and {r: c.series_instance_uid for r, c in chosen.items()}
+                == {r: x.series_uid for r, x in current.input.roles.items()}
+            ):
+                old = current
             job_input = JobInput(
                 roles={
                     r.role: RoleInput(
@@ -198,11 +242,23 @@ class Intake:
                 },
                 problem=decision.problem,
                 urgent=urgent,
+                supersedes=old.id if old is not None else None,
+                output_key=old.output_key if old is not None else None,
             )
             job, created = self.store.enqueue(
                 key, study.study_instance_uid, orthanc_study_id, p.name, p.version, fp, job_input,
                 priority=priority, max_attempts=self.max_attempts, not_before=not_before,
             )  # fmt: skip
+            if created and old is not None:
+                before = sum(len(x.instances) for x in old.input.roles.values())
+                after = sum(len(x.instances) for x in job.input.roles.values())
+                why = f"input series changed ({before} -> {after} instances); outputs replaced under the same UIDs"
+                self.store.supersede(old.id, job.id, why)
+                log.info(
+                    "study %s: pipeline %s job %s supersedes job %s (%s)",
+                    orthanc_study_id, p.name, job.id, old.id, why,
+                    extra={"job_id": job.id, "study_uid": study.study_instance_uid, "pipeline": p.name},
+                )  # fmt: skip
             if not created and rerun and job.state in ("succeeded", "failed", "cancelled"):
                 job = self.store.retry(job.id, "run requested through the API")
                 created = True
@@ -225,6 +281,42 @@ class Intake:
                     self.on_queued(item.job)
                     break  # the label is per study: one call covers all its new jobs
         return results
+
+    def _live_jobs(self, study: StudyInfo) -> dict[tuple[str, str], Job]:
+        """The newest job of each (pipeline, version) in the study that read series (no routing
+        problem) and is not superseded."""
+        jobs = [
+            j for j in self.store.list_jobs(study_uid=study.study_instance_uid, limit=1000) if j.input.roles
+        ]
+        gone = self.store.superseded_ids([j.id for j in jobs])
+        out: dict[tuple[str, str], Job] = {}
+        for j in sorted(jobs, key=lambda j: j.created):
+            if j.id not in gone and j.input.problem is None:
+                out[(j.pipeline, j.pipeline_version)] = j
+        return out
+
+    @staticmethod
+    def _keep_series(decision: RouteDecision, current: Job, study: StudyInfo) -> RouteDecision:
+        """A series that arrived after the pipeline's job was queued does not re-route it: while the
+        series that job read are all still in the study, the pipeline keeps them."""
+        by_uid = {s.series_instance_uid: s for s in study.series}
+        kept = {role: by_uid.get(r.series_uid) for role, r in current.input.roles.items()}
+        chosen = {role: s.series_instance_uid for role, s in decision.chosen().items()}
+        if any(s is None for s in kept.values()) or chosen == {
+            r: x.series_uid for r, x in current.input.roles.items()
+        }:
+            return decision
+        required = {r.role: r.required for r in decision.roles}
+        roles = tuple(
+            RoleResult(
+                role, required.get(role, True), s,
+                f"kept {s.label()} ({s.series_instance_uid}), the series of job {current.id}: a series "
+                "arriving later does not re-route a pipeline that already has a job in the study",
+            )
+            for role, s in kept.items()
+            if s is not None
+        )  # fmt: skip
+        return RouteDecision(decision.pipeline, True, roles, f"kept the series of job {current.id}")
 
     def detect_revisions(self, study: StudyInfo) -> int:
         """Record an edit review for every SEG in the study that revises one of our SEGs
@@ -250,10 +342,11 @@ class Intake:
                 revision = revised_job(tags, iid, jobs, pipelines)
                 if revision is None:
                     continue
-                # Orthanc records the storing user for REST uploads (HttpUsername); a STOW-RS
-                # through the DICOMweb plugin (1.7) leaves it empty, and then the SEG's
+                # Orthanc records the storing user for REST uploads (HttpUsername); for a
+                # STOW-RS the plugin noted it (server.stow_users); else the SEG's
                 # ContentCreatorName names the reviewer (storing at all needed an Orthanc login).
                 user = str(meta.get("HttpUsername") or "") if isinstance(meta, dict) else ""
+                user = user or self.store.get_kv(stored_by_key(iid)) or ""
                 reviewer = user or str(tags.get("ContentCreatorName") or "").replace("^", " ").strip()
                 if self.authentication and not self.may_review(reviewer or None):
                     self.store.add_event(
@@ -324,6 +417,8 @@ class Intake:
             if self._catch_up:
                 log.info("catch-up: %d study(ies) without a stable event since restart", len(self._catch_up))
         self._run_catch_up()
+        if self._feeding:
+            self._check_series()
         return seen
 
     def _note_gaps(self, since: int, changes: list[dict[str, Any]]) -> None:
@@ -369,9 +464,104 @@ class Intake:
                 return
             if study_id and study_id not in self._pending:
                 self._pending[study_id] = (seq, time.time())
+            if study_id and self.series_quiet_s > 0:
+                self._fed(rid, study_id)
+        elif kind == "NewInstance" and self.series_quiet_s > 0:
+            fed = self._instance_arrived(rid)
+            if fed and fed not in self._pending:
+                # A late image into a series seen before: until the study is stable (or caught
+                # up after a restart) the persisted position stays before it.
+                self._pending[fed] = (seq, time.time())
         elif kind == "Deleted" and ch.get("ResourceType") == "Study":
             self._pending.pop(rid, None)
             self._catch_up.pop(rid, None)
+            for sid in [k for k, f in self._feeding.items() if f.study_id == rid]:
+                del self._feeding[sid]
+        elif kind == "Deleted" and ch.get("ResourceType") == "Series":
+            self._feeding.pop(rid, None)
+
+    # ------------------------------------------------------------------ per-series start
+
+    def _fed(self, series_id: str, study_id: str) -> None:
+        watch = self._feeding.get(series_id)
+        if watch is None:
+            self._feeding[series_id] = Feeding(study_id, time.monotonic())
+        else:
+            watch.last_seen = time.monotonic()
+            watch.checked_count = -1
+
+    def _instance_arrived(self, instance_id: str) -> str | None:
+        """Note that the series of a new instance is being fed (one lookup per instance, two for
+        the first of a series); returns the series' study when the series was not being fed."""
+        try:
+            series_id = str(self.rest_get(f"/instances/{instance_id}").get("ParentSeries", ""))
+        except LookupError:
+            return None  # deleted meanwhile
+        if not series_id:
+            return None
+        watch = self._feeding.get(series_id)
+        if watch is not None:
+            watch.last_seen = time.monotonic()
+            watch.checked_count = -1
+            return None
+        try:
+            study_id = str(self.rest_get(f"/series/{series_id}").get("ParentStudy", ""))
+        except LookupError:
+            return None
+        if study_id:
+            self._fed(series_id, study_id)
+        return study_id or None
+
+    @property
+    def receiving(self) -> int:
+        """How many series received an instance lately and are not judged complete yet."""
+        return len(self._feeding)
+
+    def next_due(self) -> float | None:
+        """Seconds until the next series may be complete (None: no series being fed)."""
+        # A series short of its expected count waits for its next instance, which wakes the loop.
+        waiting = [f.last_seen for f in self._feeding.values() if f.checked_count < 0]
+        if not waiting:
+            return None
+        return max(0.0, min(waiting) + self.series_quiet_s - time.monotonic())
+
+    def _check_series(self) -> None:
+        """Judge every quiet series; route the studies of those that are complete."""
+        now = time.monotonic()
+        ready: dict[str, set[str]] = {}
+        for series_id, watch in list(self._feeding.items()):
+            if now - watch.last_seen > PENDING_TTL_S:
+                del self._feeding[series_id]  # never reached its count: the stable study decided
+                continue
+            if now - watch.last_seen < self.series_quiet_s or watch.checked_count >= 0:
+                continue  # still fed, or short of its expected count with nothing new since
+            try:
+                series = self.rest_get(f"/series/{series_id}")
+            except LookupError:
+                del self._feeding[series_id]
+                continue
+            instances = series.get("Instances", [])
+            count = len(instances)
+            first: dict[str, Any] = {}
+            if instances:
+                try:
+                    first = self.rest_get(f"/instances/{instances[0]}/simplified-tags")
+                except LookupError:
+                    first = {}
+            expected = expected_instances(series, first)
+            if not is_complete(count, expected):
+                watch.checked_count = count
+                log.debug("series %s: %d of %s instances; waiting", series_id, count, expected)
+                continue
+            del self._feeding[series_id]
+            ready.setdefault(watch.study_id, set()).add(series_id)
+        for study_id, series_ids in ready.items():
+            try:
+                self.evaluate(study_id, ready=frozenset(series_ids))
+            except StudyGone:
+                log.info("study %s deleted before it could be routed", study_id)
+            except Exception:
+                log.exception("routing study %s after a series completed failed", study_id)
 
     def _safe_evaluate(self, study_id: str) -> None:
         try:
@@ -424,5 +614,6 @@ class Intake:
                 self.process_changes()
             except Exception:
                 log.exception("reading Orthanc's change log failed; will retry")
-            self.wake.wait(poll_s)
+            due = self.next_due()
+            self.wake.wait(poll_s if due is None else min(poll_s, due + 0.05))
             self.wake.clear()

@@ -11,8 +11,10 @@ The rule (docs/review.md): a SEG instance revises the SEG of job J when
 
 Such a SEG never starts an inference job (routing never takes SEG series as input) and is
 recorded once per job as an ``edit`` review (by its SOP Instance UID), however often it is
-stored. The reviewer is the Orthanc user who stored it (Orthanc's ``HttpUsername`` metadata),
-else the SEG's ContentCreatorName.
+stored. The reviewer is the Orthanc user who stored it: Orthanc's ``HttpUsername`` metadata
+(REST uploads), else the user the plugin noted for a STOW-RS (:func:`stored_by_key` in the job
+store's key-value table, written by ``server.stow_users``); only when neither is known, the
+SEG's ContentCreatorName.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class Revision:
     job: Job
     seg_uid: str
     seg_id: str
+
+
+def stored_by_key(instance_id: str) -> str:
+    """The job store key under which the user who stored an instance by STOW-RS is kept."""
+    return f"stored-by:{instance_id}"
 
 
 def _norm(text: str) -> str:

@@ -105,6 +105,12 @@ CREATE TABLE IF NOT EXISTS reviews (
     UNIQUE (job_id, n)
 );
 CREATE INDEX IF NOT EXISTS reviews_state ON reviews(state, id);
+CREATE TABLE IF NOT EXISTS supersessions (
+    old_id TEXT PRIMARY KEY,
+    new_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
 """
 
 
@@ -134,6 +140,11 @@ class Job:
     updated: float
     started: float | None
     finished: float | None
+
+    @property
+    def output_key(self) -> str:
+        """The key the outputs' identifiers derive from: the same along a chain of supersessions."""
+        return self.input.output_key or self.key
 
     @classmethod
     def from_row(cls, row: Row) -> Job:
@@ -237,6 +248,61 @@ class JobStore:
             )
             self._event(db, jid, "queued", reason)
         return self.get(jid)
+
+    def supersede(self, old_id: str, new_id: str, reason: str) -> None:
+        """Record that job ``new_id`` supersedes ``old_id`` (its input series changed), in both
+        histories. A queued ``old_id`` is cancelled; a running one finishes its attempt but the
+        worker stores nothing (:meth:`superseded_by`); a finished one keeps its row and history,
+        its outputs are replaced by the new job's."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?" + db.lock_rows, (old_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(old_id)
+            db.execute(
+                "INSERT INTO supersessions(old_id, new_id, ts, reason) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
+                (old_id, new_id, now, reason),
+            )
+            self._event(db, old_id, "superseded", f"by job {new_id}: {reason}")
+            self._event(db, new_id, "supersedes", f"job {old_id}: {reason}")
+            if row["state"] == "queued":
+                db.execute(
+                    "UPDATE jobs SET state='cancelled', error=?, finished=?, updated=? WHERE id=?",
+                    (f"superseded by job {new_id} before it ran", now, now, old_id),
+                )
+                self._event(db, old_id, "cancelled", f"superseded by job {new_id}")
+
+    def superseded_by(self, jid: str) -> str | None:
+        """The job that supersedes ``jid``, if any."""
+        row = self._db.execute("SELECT new_id FROM supersessions WHERE old_id=?", (jid,)).fetchone()
+        return None if row is None else str(row["new_id"])
+
+    def superseded_ids(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` are superseded."""
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self._db.execute(f"SELECT old_id FROM supersessions WHERE old_id IN ({marks})", ids).fetchall()
+        return {str(r["old_id"]) for r in rows}
+
+    def abandon_superseded(self, jid: str, owner: str, new_id: str) -> bool:
+        """A running job that was superseded while it ran ends without storing: cancelled."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state='cancelled', error=?, stage=NULL, lease_owner=NULL, lease_expires=NULL,"
+                " finished=?, updated=? WHERE id=? AND state='running' AND lease_owner=?",
+                (
+                    f"superseded by job {new_id} while it ran; its outputs were not stored",
+                    now,
+                    now,
+                    jid,
+                    owner,
+                ),
+            )
+            if cur.rowcount == 1:
+                self._event(db, jid, "cancelled", f"superseded by job {new_id}; outputs not stored")
+            return cur.rowcount == 1
 
     def cancel(self, jid: str) -> Job:
         with self._tx() as db:

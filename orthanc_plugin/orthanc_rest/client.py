@@ -236,6 +236,7 @@ class OrthancClient:
 
         def one(iid: str) -> Dataset:
             ds = pydicom.dcmread(io.BytesIO(self.instance_file(iid)))
+            ds.buffer = None  # pydicom keeps the file it parsed: a second copy of the pixel data
             ds.orthanc_id = iid  # remembered so pixels can be decoded by Orthanc if needed
             return ds
 

@@ -496,10 +496,18 @@ class _CrackGraph:
         m = np.zeros((z_, h, w), dtype=bool)  # a background frame around every slice
         m[:, 1:-1, 1:-1] = mask
         core = m[:, 1:-1, 1:-1]
-        interior = core & m[:, :-2, 1:-1] & m[:, 2:, 1:-1] & m[:, 1:-1, :-2] & m[:, 1:-1, 2:]
-        # Boundary pixels as flat indices (flatnonzero is much faster than 3D nonzero), then
-        # moved into the framed stack: ascending either way.
-        q = np.flatnonzero(core & ~interior)
+        # Boundary pixels: object pixels with a background neighbour (in place: one mask-sized
+        # temporary however long the series is).
+        boundary = np.logical_and(core, m[:, :-2, 1:-1])
+        boundary &= m[:, 2:, 1:-1]
+        boundary &= m[:, 1:-1, :-2]
+        boundary &= m[:, 1:-1, 2:]
+        np.logical_not(boundary, out=boundary)
+        boundary &= core
+        # As flat indices (flatnonzero is much faster than 3D nonzero), then moved into the
+        # framed stack: ascending either way.
+        q = np.flatnonzero(boundary)
+        del boundary
         rows, cols = mask.shape[1], mask.shape[2]
         z, rc = np.divmod(q, rows * cols)
         r, c = np.divmod(rc, cols)

@@ -133,6 +133,15 @@ def _edited_document(
         edited = label_map(revised, uids, mapping)
     except ValueError as e:
         raise ReviewProblem(f"the revised SEG cannot be read on the job's slices: {e}") from None
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        # A SEG that breaks the standard where the reader relies on it: OHIF 3.13's default
+        # LABELMAP SEG leaves out the per-frame FrameContentSequence (viewer/app-config.js
+        # makes OHIF store BINARY SEGs, which carry it).
+        sop_class = str(revised.get("SOPClassUID", "?"))
+        raise ReviewProblem(
+            f"the revised SEG (SOP class {sop_class}) is not a SEG the plugin can read: "
+            f"{type(e).__name__}: {e}; store it as a BINARY SEG"
+        ) from None
     vv = volume.voxel_volume_ml
     ai_present = [s for s in specs if (ai_labels == s.label).any()]
     agreements = agreement(ai_labels, edited, [s.label for s in ai_present], vv)

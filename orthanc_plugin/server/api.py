@@ -55,6 +55,9 @@ def job_json(
         "study": {"StudyInstanceUID": job.study_uid, "ID": job.orthanc_study_id},
         "priority": job.priority,
         "urgent": job.input.urgent,
+        # supersession (a late image changed the job's series): the job this one replaces; the
+        # one that replaces it is added by the API (``superseded_by``)
+        "supersedes": job.input.supersedes,
         "deferred_until": job.not_before if job.state == "queued" and job.not_before > job.created else None,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
@@ -194,6 +197,7 @@ class Api:
     def _job(self, job: Job, detail: bool = False) -> dict[str, Any]:
         events = self.store.events(job.id) if detail else None
         out = job_json(job, detail, events, self.outbox.status_for_job(job.id))
+        out["superseded_by"] = self.store.superseded_by(job.id)
         # HL7 ORU deliveries, one per destination ([] when the pipeline sends none).
         out["hl7"] = self.hl7_outbox.statuses_for_job(job.id)
         if job.state == "succeeded":
@@ -323,7 +327,8 @@ class Api:
         return 200, report
 
     def get_viewer(self, query: Mapping[str, str], body: bytes) -> Response:
-        """Where the admin page opens a study: OHIF's ``/viewer?StudyInstanceUIDs=`` under ``url``."""
+        """Where the admin page opens a study: OHIF's segmentation mode under ``url``
+        (``/segmentation?StudyInstanceUIDs=``, where the AI SEG can be corrected and saved)."""
         return 200, {"url": self.viewer_url}
 
     def list_jobs(self, query: Mapping[str, str], body: bytes) -> Response:
@@ -381,7 +386,7 @@ class Api:
         pipeline = next((p for p in self.pipelines() if p.name == job.pipeline), None)
         return 200, build_audit(
             job, self.store.events(jid), self.outbox.status_for_job(jid), pipeline,
-            hl7=self.hl7_outbox.statuses_for_job(jid),
+            hl7=self.hl7_outbox.statuses_for_job(jid), superseded_by=self.store.superseded_by(jid),
         )  # fmt: skip
 
     def job_features(self, query: Mapping[str, str], body: bytes, jid: str) -> Response:

@@ -29,6 +29,7 @@ def build_audit(
     delivery: Mapping[str, Any] | None,
     pipeline: PipelineConfig | None = None,
     hl7: Sequence[Mapping[str, Any]] = (),
+    superseded_by: str | None = None,
 ) -> dict[str, Any]:
     """The audit record; ``pipeline`` is the current configuration of the job's pipeline, if any."""
     outputs = job.outputs
@@ -43,6 +44,8 @@ def build_audit(
             "created": iso(job.created),
             "started": iso(job.started),
             "finished": iso(job.finished),
+            "supersedes": job.input.supersedes,
+            "superseded_by": superseded_by,
         },
         "study": {"StudyInstanceUID": job.study_uid, "ID": job.orthanc_study_id},
         "series": {

@@ -206,34 +206,24 @@ def _monitoring(w: _Writer, records: list[JobRecord]) -> None:
         for (model, version), st in stats.items():
             w.summary(family, getattr(st, key), model=model, version=version)
     window = f"last {RECENT_JOBS} jobs against the first {REFERENCE_JOBS} of the version"
-    w.family(
-        "orthanc_ai_model_input_psi",
-        "gauge",
-        f"Population stability index of an input attribute, {window} (alert above 0.25).",
-    )
-    for (model, version), d in drift.items():
-        for x in d["input_drift"]:
-            w.sample(
-                "orthanc_ai_model_input_psi",
-                x["statistic"],
-                model=model,
-                version=version,
-                attribute=x["attribute"],
-            )
-    w.family(
-        "orthanc_ai_model_output_ks",
-        "gauge",
-        f"Kolmogorov-Smirnov distance of a measurement's distribution, {window} (alert when p < 0.01).",
-    )
-    for (model, version), d in drift.items():
-        for x in d["output_drift"]:
-            w.sample(
-                "orthanc_ai_model_output_ks",
-                x["statistic"],
-                model=model,
-                version=version,
-                measurement=x["measurement"],
-            )
+    for family, items_key, label, what in (
+        (
+            "orthanc_ai_model_input_psi",
+            "input_drift",
+            "attribute",
+            f"Population stability index of an input attribute, {window} (alert above 0.25).",
+        ),
+        (
+            "orthanc_ai_model_output_ks",
+            "output_drift",
+            "measurement",
+            f"Kolmogorov-Smirnov distance of a measurement's distribution, {window} (alert when p < 0.01).",
+        ),
+    ):
+        w.family(family, "gauge", what)
+        for (model, version), d in drift.items():
+            for x in d[items_key]:
+                w.sample(family, x["statistic"], model=model, version=version, **{label: x[label]})
     w.family(
         "orthanc_ai_model_drift_alert",
         "gauge",

@@ -40,6 +40,7 @@ from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.server.api import Api, TextAnswer, internal_error
 from orthanc_plugin.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from orthanc_plugin.server.metrics import render_metrics
+from orthanc_plugin.server.stow_users import StowUsers, method_name
 from orthanc_plugin.worker.supervisor import Supervisor
 
 log = logging.getLogger("orthanc_ai")
@@ -197,6 +198,7 @@ class Plugin:
             lambda: self.pipelines,
             max_attempts=self.settings.max_attempts,
             catch_up_delay_s=stable_age if delay < 0 else delay,
+            series_quiet_s=self.settings.series_quiet_seconds,
             # Several Orthancs can share a PostgreSQL index: change numbers may then appear out
             # of order. A SQLite index has one writer and its gaps are deleted resources.
             wait_for_gaps=bool((config.get("PostgreSQL") or {}).get("EnableIndex", False)),
@@ -219,6 +221,18 @@ class Plugin:
             changed=self._label_study,
         )
         self._api_lock = threading.Lock()
+        # Who stores by STOW-RS (a viewer's corrected SEG): only with authentication, where
+        # Orthanc has checked the credentials the filter reads.
+        self.stow_users: StowUsers | None = None
+        if self.authentication:
+            self._stow_store = JobStore(database)
+            self._stow_lock = threading.Lock()
+            dicomweb_root = str((config.get("DicomWeb") or {}).get("Root") or "/dicom-web/")
+            self.stow_users = StowUsers(
+                lambda headers: authenticate({str(k).lower(): v for k, v in headers.items()}, self.users),
+                self._record_stow_user,
+                dicomweb_root,
+            )
         work_dir = self.settings.job_store.parent
         work_dir.mkdir(parents=True, exist_ok=True)  # the SQLite store made it; PostgreSQL does not
         settings_file = work_dir / "worker-settings.json"
@@ -240,10 +254,36 @@ class Plugin:
     def on_change(self, change_type: int, level: int, resource: str) -> None:
         if change_type == orthanc.ChangeType.STABLE_STUDY:
             self.intake.wake.set()
+        elif change_type in (orthanc.ChangeType.NEW_INSTANCE, orthanc.ChangeType.NEW_SERIES):
+            if self.settings.series_quiet_seconds > 0:
+                self.intake.wake.set()  # per-series start: the intake notes when each series was last fed
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             self.start()
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             self.shutdown()
+
+    def _record_stow_user(self, key: str, user: str) -> None:
+        with self._stow_lock:
+            self._stow_store.set_kv(key, user)
+
+    def http_filter(self, uri: str, **request: Any) -> bool:
+        """Orthanc's incoming-request filter: notes the user of a STOW-RS; never refuses."""
+        if self.stow_users is not None:
+            try:
+                self.stow_users.on_request(
+                    uri, method_name(request.get("method", "")), request.get("headers") or {}
+                )
+            except Exception:  # noqa: BLE001 - a failure here must not refuse the request
+                log.exception("noting the user of %s failed", uri)
+        return True
+
+    def on_stored(self, dicom: Any, instance_id: str) -> None:
+        """Orthanc's stored-instance callback: records who stored it by STOW-RS."""
+        if self.stow_users is not None:
+            try:
+                self.stow_users.on_stored(instance_id)
+            except Exception:  # noqa: BLE001 - the instance is stored; the credit falls back
+                log.exception("recording who stored instance %s failed", instance_id)
 
     def _label_study(self, job: Any) -> None:
         """The study's AI label after its job was queued, retried or cancelled here."""
@@ -329,7 +369,12 @@ class Plugin:
             "workers": {"expected": len(workers), "alive": alive, "detail": workers},
             "queue": queue,
             "fhir_backlog": self.outbox.backlog(),
-            "intake": {"last_change": self.intake.position},
+            "intake": {
+                "last_change": self.intake.position,
+                # per-series start: the quiet time, and the series being received right now
+                "series_quiet_seconds": self.intake.series_quiet_s,
+                "series_receiving": self.intake.receiving,
+            },
             "labels": self.labels.status(),
         }
 
@@ -405,4 +450,7 @@ def register() -> None:
     orthanc.RegisterOnChangeCallback(_plugin.on_change)
     orthanc.RegisterRestCallback("/ai/(.*)", _plugin.rest)
     orthanc.RegisterRestCallback("/ai", _plugin.rest)
+    if _plugin.stow_users is not None:
+        orthanc.RegisterIncomingHttpRequestFilter(_plugin.http_filter)
+        orthanc.RegisterOnStoredInstanceCallback(_plugin.on_stored)
     orthanc.ExtendOrthancExplorer(EXPLORER_JS)

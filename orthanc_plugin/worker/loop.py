@@ -31,7 +31,7 @@ from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
 from orthanc_plugin.review.apply import ReviewContext, ReviewProblem, apply_review
-from orthanc_plugin.worker.pipeline import BadInput, JobAborted, Run, run_pipeline
+from orthanc_plugin.worker.pipeline import BadInput, JobAborted, Run, Superseded, run_pipeline
 from orthanc_plugin.worker.warmup import warm_up
 
 log = logging.getLogger("orthanc_ai.worker")
@@ -152,6 +152,10 @@ class Worker:
         with self._heartbeat(job, run.lost):
             try:
                 outputs, encoded = run_pipeline(run)
+            except Superseded as e:
+                log.info("job %s: superseded by job %s; its outputs were not stored", job.id, e.by)
+                self.store.abandon_superseded(job.id, self.owner, e.by)
+                return "cancelled"
             except JobAborted as e:
                 log.warning("job %s: aborted: %s", job.id, e)
                 return "aborted"

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 
 from orthanc_plugin.core.config import (
     FeatureRef,
@@ -35,6 +35,7 @@ from orthanc_plugin.core.config import (
     VolumeOptions,
     segment_specs,
 )
+from orthanc_plugin.core.errors import NotFound
 from orthanc_plugin.core.handoff import (
     ClassificationOutput,
     FeaturesOutput,
@@ -58,12 +59,12 @@ from orthanc_plugin.core.results import (
     patient_id_system,
 )
 from orthanc_plugin.core.uids import derived_uid, key_image_uids, message_control_id, output_uids, pdf_uids
-from orthanc_plugin.fhir.report import build_diagnostic_report
+from orthanc_plugin.fhir.report import as_update, build_diagnostic_report
 from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.multiframe import seg_sources
-from orthanc_plugin.imaging.quality import SegmentQuality, confidence, measure_segment
+from orthanc_plugin.imaging.quality import SegmentQuality, airway_in_segments, confidence, measure_segment
 from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
     RadiomicsError,
@@ -89,6 +90,14 @@ Labels = NDArray[np.uint8]
 
 class JobAborted(RuntimeError):
     """The job was cancelled or its lease lost while it ran: stop without writing anything."""
+
+
+class Superseded(JobAborted):
+    """A newer job supersedes this one (its input series changed while it ran): store nothing."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__(f"superseded by job {by}")
+        self.by = by
 
 
 class BadInput(ValueError):
@@ -261,6 +270,14 @@ def assemble(
             )  # fmt: skip
         except VolumeError as e:
             raise VolumeError(f"role '{name}': {e}") from None
+        # The volume holds the pixels now; the datasets stay for their attributes (the outputs
+        # reference them) without their pixel data nor the file pydicom keeps when it reads
+        # from memory (each 168 MB of a 320-slice CT).
+        for ds in datasets[name]:
+            if "PixelData" in ds:
+                del ds.PixelData
+            if isinstance(ds, FileDataset):
+                ds.buffer = None
     return volumes
 
 
@@ -438,7 +455,7 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
 
     Series numbers from the pipeline's ``series_number`` n: SEG n, SR n+1, RTSTRUCT n+2, key
     images n+3, PDF summary n+4."""
-    p, uids = run.pipeline, output_uids(run.job.key)
+    p, uids = run.pipeline, output_uids(run.job.output_key)
     sources = list(volume.datasets)
     # Frames of an enhanced multi-frame instance: the SEG, SR and PDF reference the instance
     # (the SEG with ReferencedFrameNumber); the SR then has no per-slice image regions and no
@@ -472,8 +489,8 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             "rtstruct_encode",
             lambda: build_rtstruct(
                 sources, labels, findings.present, algorithm,
-                series_instance_uid=derived_uid(run.job.key, "rtstruct-series"),
-                sop_instance_uid=derived_uid(run.job.key, "rtstruct-instance"),
+                series_instance_uid=derived_uid(run.job.output_key, "rtstruct-series"),
+                sop_instance_uid=derived_uid(run.job.output_key, "rtstruct-instance"),
                 series_number=number + 2, series_description=f"AI {p.algorithm_name} contours",
             ),
         )  # fmt: skip
@@ -503,6 +520,9 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
                 classifications=findings.classifications, features=findings.features, presented_pdf=pdf,
             ),
         )  # fmt: skip
+        if fhir is not None and run.job.input.supersedes:
+            # The same resources as the superseded job's report, updated in place.
+            fhir = as_update(fhir)
     hl7: dict[str, str] = {}
     if p.outputs.hl7_oru and run.settings.hl7_destinations:
         hl7 = run.stage("hl7_build", lambda: {
@@ -526,7 +546,7 @@ def encode_key_images(
         volume.voxels, volume.datasets, labels, findings.present, findings.measurements, algorithm,
         count=ki.count, style=ki.style, window=ki.window, fill_opacity=ki.fill_opacity,
     )  # fmt: skip
-    series_uid, instance_uids = key_image_uids(run.job.key, len(images))
+    series_uid, instance_uids = key_image_uids(run.job.output_key, len(images))
     return images, build_key_images(
         images, algorithm, series_instance_uid=series_uid, sop_instance_uids=instance_uids,
         series_number=p.outputs.series_number + 3, series_description=f"AI {p.algorithm_name} key images",
@@ -549,7 +569,7 @@ def encode_pdf(
         classifications=findings.classifications, key_images=[i.pixels for i in images],
         validated_for=validation_statements(p, algorithm), description=p.description,
     )  # fmt: skip
-    series_uid, instance_uid = pdf_uids(run.job.key)
+    series_uid, instance_uid = pdf_uids(run.job.output_key)
     return pdf, build_encapsulated_pdf(
         pdf, sources[0], algorithm,
         series_instance_uid=series_uid, sop_instance_uid=instance_uid, series_number=p.outputs.series_number + 4,
@@ -575,6 +595,9 @@ def store_outputs(
     orthanc = run.orthanc
     if not orthanc.study_exists(run.job.orthanc_study_id):
         raise BadInput("the study was deleted while the job ran; nothing was stored")
+    newer = run.store.superseded_by(run.job.id)
+    if newer is not None:
+        raise Superseded(newer)
     stored: dict[str, StoredInstance | tuple[StoredInstance, ...]] = {}
     done: list[StoredInstance] = []
 
@@ -609,7 +632,27 @@ def store_outputs(
                 if instance.orthanc_id:
                     orthanc.delete_instance(instance.orthanc_id)
         raise
+    remove_replaced(run, stored)
     return stored
+
+
+def remove_replaced(run: Run, stored: dict[str, StoredInstance | tuple[StoredInstance, ...]]) -> None:
+    """After a superseding job stored its outputs (under the same UIDs, which Orthanc overwrites):
+    delete the instances of the superseded jobs that the new result has no counterpart for (e.g.
+    a key image fewer), so the study holds one current result."""
+    kept = {s.sop_instance_uid for v in stored.values() for s in (v if isinstance(v, tuple) else (v,))}
+    jid, seen = run.job.input.supersedes, set()
+    while jid is not None and jid not in seen:
+        seen.add(jid)
+        try:
+            old = run.store.get(jid)
+        except NotFound:
+            return
+        for _, instance in old.outputs.instances() if old.outputs is not None else ():
+            if instance.sop_instance_uid not in kept and instance.orthanc_id:
+                with contextlib.suppress(OrthancError):
+                    run.orthanc.delete_instance(instance.orthanc_id)
+        jid = old.input.supersedes
 
 
 # --------------------------------------------------------------------------- helpers of the stages
@@ -657,6 +700,11 @@ def check_quality(
     failing one fails the job with the measured value and the range, before anything is stored."""
     configured = {s.label: s for s in p.segments}
     scores = confidence(probabilities, [s.label for s in present]) if probabilities is not None else {}
+    # The trachea is found once for every segment checked for it (the lungs together).
+    airway_checked = [
+        s.label for s in present if (c := configured[s.label].checks) is not None and c.airway_ml is not None
+    ]
+    airway = airway_in_segments(volume, labels, airway_checked) if airway_checked else {}
     out: dict[int, SegmentQuality] = {}
     for spec in present:
         seg = configured[spec.label]
@@ -670,6 +718,8 @@ def check_quality(
         )  # fmt: skip
         if spec.label in scores:
             q = replace(q, confidence=scores[spec.label][0], entropy=scores[spec.label][1])
+        if spec.label in airway:
+            q = replace(q, airway_ml=airway[spec.label])
         out[spec.label] = q
         if checks is None:
             continue
@@ -705,6 +755,10 @@ def quality_failures(checks: SegmentChecks, q: SegmentQuality) -> list[str]:
     for _, minimum, value, words in minimums:
         if minimum is not None and value is not None and value < minimum:
             failures.append(f"{words} {value:.2f}, expected at least {minimum:g}")
+    if checks.airway_ml is not None and q.airway_ml is not None and q.airway_ml > checks.airway_ml:
+        failures.append(
+            f"{q.airway_ml:.1f} mL of trachea or main bronchi counted in it, expected at most {checks.airway_ml:g} mL"
+        )
     return failures
 
 

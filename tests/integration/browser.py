@@ -30,11 +30,13 @@ def require_browser(what: str, more: list[str] | None = None) -> None:
         pytest.fail(f"cannot run the {what}, missing: {'; '.join(missing)}. Run scripts/install_viewer.sh")
 
 
-def run_check(script: Path, args: list[str], artifacts: Path, report_name: str) -> dict[str, Any]:
+def run_check(
+    script: Path, args: list[str], artifacts: Path, report_name: str, timeout: float = 150
+) -> dict[str, Any]:
     """Run ``node script args --out artifacts --chromium ...``; its last stdout line is a JSON report."""
     argv = ["node", str(script), *args, "--out", str(artifacts), "--chromium", str(CHROMIUM)]
     try:
-        run = subprocess.run(argv, capture_output=True, text=True, timeout=150, cwd=ROOT)
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the browser check did not finish within {e.timeout:.0f} s: {e.stderr!r}")
     lines = run.stdout.strip().splitlines()

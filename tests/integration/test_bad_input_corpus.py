@@ -25,7 +25,7 @@ from orthanc_plugin.core.uids import derived_uid
 from orthanc_plugin.intake.routing import OWN_MANUFACTURER
 
 from ..conftest import CT_A0001, require_data
-from .conftest import TERMINAL, client, wait_for
+from .conftest import TERMINAL, client, last_change, wait_for, wait_intake_handled_stable
 from .corpus import KINDS, REFERENCE, RUN, Kind, Study, empty_study_files, make_study
 
 pytestmark = pytest.mark.integration
@@ -88,6 +88,7 @@ def corpus(orthanc: OrthancServer) -> dict[str, Outcome]:
         return sid, refused
 
     api = client(orthanc.url)
+    before = last_change(api)
     with ThreadPoolExecutor(max_workers=4) as pool:
         uploaded = list(pool.map(upload, studies))
     # The "empty study": Orthanc keeps no study without instances, so the nearest a sender
@@ -119,12 +120,9 @@ def corpus(orthanc: OrthancServer) -> dict[str, Outcome]:
         raise
     ids = {s.uid: sid for s, (sid, _) in zip(studies, uploaded, strict=True)}
     no_job = [ids[s.uid] for s in studies if s.kind.expect == "no job"]
-    wait_for(
-        "the studies without a job to be stable",
-        lambda: all(api.get(f"/studies/{sid}").json()["IsStable"] for sid in no_job if sid),
-        timeout=60, orthanc=orthanc,
-    )  # fmt: skip
-    time.sleep(3)  # the intake loop has routed them (it is woken by the stable event, polls every 2 s)
+    for sid in no_job:  # stable, and the intake has read past that change: their routing is done
+        if sid:
+            wait_intake_handled_stable(api, sid, before, timeout=60, orthanc=orthanc)
 
     out: dict[str, Outcome] = {}
     for (uid, study), (sid, refused) in zip(by_uid.items(), uploaded, strict=True):

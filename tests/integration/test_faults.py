@@ -285,7 +285,7 @@ def test_burst_with_kills_every_study_once(
         jobs = get_json(api, "/ai/jobs", limit="1000")
         if not jobs:
             return None
-        mine = [j for j in jobs if j["study"]["StudyInstanceUID"] in uids]
+        mine = [j for j in jobs if j["study"]["StudyInstanceUID"] in uids and not j["superseded_by"]]
         done = {j["study"]["StudyInstanceUID"] for j in mine if j["state"] in TERMINAL}
         if done != uids or any(j["state"] not in TERMINAL for j in mine):
             return None
@@ -298,7 +298,25 @@ def test_burst_with_kills_every_study_once(
     )  # fmt: skip
     detail = [api.get(f"/ai/jobs/{j['id']}").json() for j in jobs]
     summary = {j["id"]: (j["state"], j["attempts"], j["error"]) for j in detail}
-    assert len(detail) == n, f"one job per study expected: {summary}"
+    # A series seen complete while its upload was still under way (an upload thread starved of CPU
+    # for longer than the quiet time, or an instance re-sent after the Orthanc kill) gets a job
+    # that the complete series' job supersedes: such jobs are left out above (superseded_by), and
+    # the study must still hold one SEG and one SR and the EHR one report. A second *current* job
+    # for a study would be a duplicate: say so with the instance counts of each job.
+    by_study: dict[str, list[dict[str, Any]]] = {}
+    for j in detail:
+        by_study.setdefault(j["study"]["StudyInstanceUID"], []).append(j)
+    repeated = {
+        uid: [
+            (j["id"], j["state"], {r: s.get("instances") for r, s in (j.get("series") or {}).items()})
+            for j in js
+        ]
+        for uid, js in by_study.items()
+        if len(js) > 1
+    }
+    assert len(detail) == n, (
+        f"one job per study expected; studies with several jobs (id, state, instances per role): {repeated}"
+    )
     assert all(j["state"] == "succeeded" for j in detail), (
         f"faults {faults}: {summary}\n{orthanc_log(orthanc)}"
     )
@@ -384,7 +402,12 @@ def test_fhir_down_during_burst_then_all_arrive_once(
     uids = {uid for uid, _ in studies}
 
     def mine(state: str) -> list[dict[str, Any]]:
-        return [j for j in all_jobs(api) if j["study"]["StudyInstanceUID"] in uids and j["state"] == state]
+        """This burst's jobs in ``state``, those superseded by a later job of their study left out."""
+        return [
+            j
+            for j in all_jobs(api)
+            if j["study"]["StudyInstanceUID"] in uids and j["state"] == state and not j["superseded_by"]
+        ]
 
     # The EHR goes down once the first report is on its way, while the rest are being computed.
     wait_for("a first job to succeed", lambda: mine("succeeded"), timeout=120, orthanc=orthanc)
@@ -402,7 +425,11 @@ def test_fhir_down_during_burst_then_all_arrive_once(
         lambda: any((api.get(f"/ai/jobs/{j['id']}").json()["delivery"] or {}).get("last_error") for j in failing),
         timeout=30, orthanc=orthanc,
     )  # fmt: skip
-    time.sleep(2)  # a few more failed attempts with the capped backoff
+    wait_for(
+        "a held-back report retried while the EHR is down",
+        lambda: any((api.get(f"/ai/jobs/{j['id']}").json()["delivery"] or {}).get("attempts", 0) >= 2 for j in failing),
+        timeout=30, orthanc=orthanc,
+    )  # fmt: skip
     assert api.get("/ai/health").json()["fhir_backlog"] >= len(failing)
     ehr.start(ORTHANC_TOKEN)
     wait_for(

@@ -237,7 +237,11 @@ def test_ehr_down_during_three_jobs_then_each_report_arrives_once(
         st = wait_delivery(api, j["id"], "failing", orthanc=orthanc_fhir)
         assert st["last_error"].startswith(f"cannot connect to the EHR at {ehr.url}"), st
     assert api.get("/ai/health").json()["fhir_backlog"] == 3
-    time.sleep(3)  # a few more failed attempts, up to the capped backoff
+    wait_for(
+        "a second failed attempt of each report",
+        lambda: all(delivery(api, j["id"])["attempts"] >= 2 for j in jobs),
+        timeout=60, orthanc=orthanc_fhir,
+    )  # fmt: skip
     assert all(delivery(api, j["id"])["state"] in ("failing", "delivering") for j in jobs)
     # The outbox outlives the processes: Orthanc and its workers restart before the EHR is back.
     orthanc_fhir.stop()

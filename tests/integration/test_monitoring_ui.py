@@ -139,7 +139,11 @@ def test_review_view_lists_pending_jobs_oldest_first_and_records_decisions(
         assert [r["id"] for r in report["reviewAfter"]] == unreviewed[2:] == [j["id"] for j in pending]
         first, second = before[0]["id"], before[1]["id"]
         uid = jobs[first]["study"]["StudyInstanceUID"]
-        assert before[0]["href"] == viewer.viewer_url(uid) == report["viewerOpened"]
+        assert (
+            before[0]["href"]
+            == f"{viewer.url}/segmentation?StudyInstanceUIDs={uid}"
+            == report["viewerOpened"]
+        )
         assert "nodule" in before[0]["cells"][3] and "mL" in before[0]["cells"][3]
         assert "accepted" in report["acceptMessage"]
         assert "HTTP 400" in report["refusal"] and "needs a reason" in report["refusal"], report["refusal"]

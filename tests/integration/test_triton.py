@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -130,6 +131,24 @@ def test_server_is_ready_and_local_only(stack: Stack, client: TritonClient) -> N
     assert "--http-address=127.0.0.1" in command and "--grpc-address=127.0.0.1" in command
 
 
+def test_server_runs_niced_as_the_tritonserver_process(stack: Stack) -> None:
+    """Niceness 10 by default, and the pid is tritonserver's own (``nice`` execs it).
+
+    Checked on the main thread and the gRPC/HTTP threads it starts; Triton itself sets the model
+    instance threads' priority from the model config (0 by default), as it did before.
+    """
+    pid = stack.server.pid
+    assert pid is not None
+    assert os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "tritonserver"
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == expected
+    nice = [  # field 19 of /proc/PID/task/TID/stat is the thread's nice value
+        int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    ]
+    assert nice.count(expected) > len(nice) // 2, nice
+
+
 def test_model_info(client: TritonClient) -> None:
     info = client.model_info("tiny")
     assert info.name == "tiny"
@@ -178,6 +197,28 @@ def test_shared_memory_is_registered_and_released(stack: Stack) -> None:
         assert len(ours) == 2 and all(name.startswith("orthanc-ai-") for name in ours)  # input + output
         # Triton has mapped them; their names are already gone from /dev/shm.
         assert not list(Path("/dev/shm").glob(f"orthanc_ai_*_{os.getpid()}_*"))
+    assert not _regions(stack) & ours
+
+
+def test_regions_are_unregistered_from_a_server_slow_to_answer(stack: Stack) -> None:
+    """A Triton that answers late (stopped for 7 s here, starved of CPU in real life) still gets
+    the regions unregistered when the client closes; a 5 s deadline used to leave them behind."""
+    pid = stack.server.pid
+    assert pid is not None
+    before = _regions(stack)
+    client = TritonClient(stack.server.grpc_url)
+    client.infer("tiny", {"image": _image(1)}, ["probabilities"])
+    ours = _regions(stack) - before
+    assert len(ours) == 2
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(7.0, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        started = time.monotonic()
+        client.close()
+        assert time.monotonic() - started >= 6.0  # it did wait for the stopped server
+    finally:
+        resume.join()
     assert not _regions(stack) & ours
 
 

@@ -21,7 +21,7 @@ with warnings.catch_warnings():
 from devstack.ehr_server import create_app
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.results import AlgorithmInfo, OutputUIDs, SegmentSpec, StudyRef, VolumeMeasurement
-from orthanc_plugin.fhir.report import URI_SYSTEM, build_diagnostic_report
+from orthanc_plugin.fhir.report import URI_SYSTEM, as_update, build_diagnostic_report
 
 FHIR = "application/fhir+json"
 LUNG = SegmentSpec(
@@ -193,3 +193,24 @@ def test_capability_statement_is_valid() -> None:
     with TestClient(create_app()) as c:
         body = c.get("/metadata").json()
     assert CapabilityStatement.model_validate(body).fhirVersion == "4.0.1"
+
+
+def test_a_superseding_report_updates_the_same_resources(client: TestClient) -> None:
+    client.post("/", json=report_bundle()).raise_for_status()
+    (report,) = search(client, "/DiagnosticReport")
+    newer = as_update(report_bundle())
+    for entry in newer["entry"]:
+        if entry["resource"]["resourceType"] == "Observation":
+            entry["resource"]["valueQuantity"]["value"] = 1234.5
+    answer = client.post("/", json=newer).json()
+    assert [e["response"]["status"] for e in answer["entry"]] == ["200 OK"] * 3
+    (updated,) = search(client, "/DiagnosticReport")
+    assert updated["id"] == report["id"] and updated["meta"]["versionId"] == "2"
+    (obs,) = search(client, "/Observation")
+    assert obs["valueQuantity"]["value"] == 1234.5 and obs["meta"]["versionId"] == "2"
+    assert client.get(f"/{updated['result'][0]['reference']}").json()["id"] == obs["id"]
+    assert client.get("/_stats").json()["resources"] == {"Device": 1, "DiagnosticReport": 1, "Observation": 1}
+    # An update whose resource does not exist yet creates it (the first report never arrived).
+    fresh = as_update(report_bundle("job-c"))
+    answer = client.post("/", json=fresh).json()
+    assert [e["response"]["status"] for e in answer["entry"]][1:] == ["201 Created"] * 2

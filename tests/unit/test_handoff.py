@@ -22,6 +22,15 @@ def test_job_input_round_trips_through_json() -> None:
     assert again == original and again.roles["ct"].instances == ("a", "b")
 
 
+def test_supersession_fields_are_written_only_when_set() -> None:
+    first = JobInput(roles={"ct": RoleInput(series_id="s1", series_uid="1.2.3", instances=("a",))})
+    # A first job's input is what the release before supersession wrote: older workers read it.
+    assert set(first.to_json()) == {"version", "roles", "problem", "urgent"}
+    later = JobInput(roles=first.roles, supersedes="0123", output_key="1.2|ct-lung|1|ab")
+    assert later.to_json()["supersedes"] == "0123"
+    assert JobInput.from_json(json.loads(json.dumps(later.to_json()))) == later
+
+
 def test_job_outputs_round_trip_keeps_dicom_names() -> None:
     original = outputs(seg="1.2.3.4", sr="1.2.3.5")
     data = original.to_json()

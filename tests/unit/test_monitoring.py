@@ -172,6 +172,15 @@ def test_a_shifted_input_and_output_raise_the_alert(db: tuple[JobStore, Reviews]
     assert value(samples, "orthanc_ai_model_drift_alert", model="ct_lung", version="1", kind="input",
                  check="manufacturer") == 1  # fmt: skip
     assert value(samples, "orthanc_ai_model_jobs", model="ct_lung", version="1", review="unreviewed") == 60
+    # ... and the statistics behind it, named by attribute and by measurement
+    default = model_report(load_records(store, reviews), "ct_lung")["versions"][0]["drift"]
+    psi = value(samples, "orthanc_ai_model_input_psi", model="ct_lung", version="1", attribute="manufacturer")
+    ks = value(
+        samples, "orthanc_ai_model_output_ks", model="ct_lung", version="1", measurement="nodule volume_ml"
+    )
+    by_attribute = {x["attribute"]: x["statistic"] for x in default["input_drift"]}
+    assert psi > 0.25 and psi == pytest.approx(by_attribute["manufacturer"], abs=1e-4), default
+    assert ks > 0.4 and ks == pytest.approx(default["output_drift"][0]["statistic"], abs=1e-4), default
 
 
 def test_an_unshifted_window_raises_no_alert(db: tuple[JobStore, Reviews]) -> None:

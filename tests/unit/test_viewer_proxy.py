@@ -1,15 +1,17 @@
-"""The viewer proxy forwards only reads of DICOMweb/WADO paths, whatever the path is dressed as."""
+"""The viewer proxy forwards reads of DICOMweb/WADO paths, and STOW-RS only from its own pages,
+whatever the path is dressed as."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from devstack.viewer import create_app, upstream_path
+from devstack.viewer import create_app, local_origins, upstream_path
 
 
 @pytest.mark.parametrize(
@@ -50,10 +52,123 @@ def client(tmp_path: Path) -> TestClient:
     return TestClient(create_app("http://127.0.0.1:9", dist, config))
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
-def test_only_reads_are_forwarded(client: TestClient, method: str) -> None:
-    for path in ("/dicom-web/studies", "/wado"):
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_only_reads_and_stow_are_forwarded(client: TestClient, method: str) -> None:
+    for path in ("/dicom-web/studies", "/dicom-web/studies/1.2.3", "/wado"):
         assert client.request(method, path).status_code == 405
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Orthanc's stand-in: answers 200 to everything and keeps (method, path, headers, body)."""
+
+    seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        type(self).seen.append((self.command, self.path, dict(self.headers.items()), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+ORIGIN = "http://127.0.0.1:3000"
+STOW = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b', "Origin": ORIGIN}
+
+
+@pytest.fixture
+def stow_client(tmp_path: Path) -> Iterator[tuple[TestClient, type[_Recorder]]]:
+    recorder = type("Recorder", (_Recorder,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text("<html>OHIF</html>")
+    config = tmp_path / "app-config.js"
+    config.write_text("window.config = {};")
+    app = create_app(f"http://127.0.0.1:{server.server_port}", dist, config, local_origins(3000))
+    try:
+        yield TestClient(app, base_url=ORIGIN), recorder
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("path", ["/dicom-web/studies", "/dicom-web/studies/1.2.840.113619.2.1"])
+def test_stow_from_the_viewers_own_page_reaches_orthanc_with_the_users_credentials(
+    stow_client: tuple[TestClient, type[_Recorder]], path: str
+) -> None:
+    client, orthanc = stow_client
+    r = client.post(path, content=b"--b\r\n...", headers=STOW, auth=("rad", "secret"))
+    assert r.status_code == 200, r.text
+    ((method, upstream, headers, body),) = orthanc.seen
+    assert (method, upstream, body) == ("POST", path, b"--b\r\n...")
+    credentials = {k.lower(): v for k, v in headers.items()}["authorization"]
+    assert credentials == "Basic cmFkOnNlY3JldA=="  # rad:secret, for Orthanc to check
+    # without an Origin header, the Referer's origin counts (older browsers, some fetches)
+    referer = {**STOW, "Referer": f"{ORIGIN}/viewer?StudyInstanceUIDs=1.2"}
+    del referer["Origin"]
+    assert client.post(path, content=b"x", headers=referer).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {**STOW, "Origin": "https://evil.example"},  # a form or script on another site
+        {**STOW, "Origin": "http://127.0.0.1:3001"},  # another local port is another origin
+        {**STOW, "Origin": "null"},  # a sandboxed frame or a file:// page
+        {"Content-Type": STOW["Content-Type"]},  # neither Origin nor Referer
+        {"Content-Type": STOW["Content-Type"], "Referer": "https://evil.example/form.html"},
+        {**STOW, "Sec-Fetch-Site": "cross-site"},
+        {**STOW, "Content-Type": "multipart/form-data; boundary=b"},  # what a cross-site form sends
+        {**STOW, "Content-Type": "text/plain"},
+    ],
+)
+def test_stow_from_anywhere_else_is_refused_before_orthanc(
+    stow_client: tuple[TestClient, type[_Recorder]], headers: dict[str, str]
+) -> None:
+    client, orthanc = stow_client
+    r = client.post("/dicom-web/studies", content=b"--b\r\n...", headers=headers)
+    assert r.status_code == 403, r.text
+    assert orthanc.seen == []
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/dicom-web/studies/1.2.3/series", 405),  # STOW-RS only: no other DICOMweb write
+        ("/dicom-web/studies/1.2.3/series/4.5/instances", 405),
+        ("/wado", 405),
+        ("/app-config.js", 405),
+        ("/instances", 405),  # Orthanc's own REST API is never reached
+        ("/tools/execute-script", 405),
+        # Dot segments and encoded slashes: refused as a path (400), or never routed to STOW (405)
+        ("/dicom-web/studies/..", 405),
+        ("/dicom-web/studies/%2e%2e", 400),
+        ("/dicom-web/studies/%2e%2e%2f..%2finstances", 405),
+        ("/dicom-web/studies/1.2%2f..%2f..%2finstances", 405),
+        ("/dicom-web/studies/1.2%5c..%5cinstances", 400),  # an encoded backslash
+        ("/dicom-web/studies/1.2.3%00", 400),
+        ("/dicom-web/studies/1.2.abc", 403),
+    ],
+)
+def test_posts_to_other_paths_are_refused_before_orthanc(
+    stow_client: tuple[TestClient, type[_Recorder]], path: str, status: int
+) -> None:
+    client, orthanc = stow_client
+    r = client.post(path, content=b"--b\r\n...", headers=STOW)
+    assert r.status_code == status, (path, r.status_code, r.text)
+    assert orthanc.seen == []
+
+
+def test_without_origins_nothing_is_stored(client: TestClient) -> None:
+    r = client.post("/dicom-web/studies", content=b"x", headers={**STOW, "Origin": "http://testserver"})
+    assert r.status_code == 403 and "not enabled" in r.text
 
 
 def test_a_dot_segment_request_is_answered_400_before_orthanc(client: TestClient) -> None:

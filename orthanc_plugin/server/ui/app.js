@@ -177,7 +177,7 @@ function reviewRow(job) {
   const reason = el('input', { type: 'text', class: 'reason', maxlength: 1000, placeholder: 'reason (needed to reject)',
     'aria-label': `reason for job ${job.id}` });
   const link = viewerUrl
-    ? el('a', { class: 'open-viewer', href: `${viewerUrl}/viewer?StudyInstanceUIDs=${encodeURIComponent(uid)}`,
+    ? el('a', { class: 'open-viewer', href: `${viewerUrl}/segmentation?StudyInstanceUIDs=${encodeURIComponent(uid)}`,
       target: '_blank', rel: 'noopener' }, 'Open in OHIF')
     : el('span', { class: 'muted', title: 'set OrthancAI.ViewerUrl', text: 'no viewer configured' });
   return el('tr', { 'data-job-id': job.id, 'data-pipeline': job.pipeline },

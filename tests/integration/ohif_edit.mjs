@@ -1,0 +1,271 @@
+// SPDX-License-Identifier: AGPL-3.0-or-later
+// A reviewer's edit in OHIF 3.13, driven in headless Debian Chromium (playwright-core) for
+// tests/integration/test_ohif_edit.py: opens one study in OHIF's segmentation mode, loads the
+// AI's SEG (double-click in the study browser, confirm), picks OHIF's Eraser in the Segmentation
+// panel, erases the lateral part of one segment with mouse strokes on several slices (scrolling
+// between them with the mouse wheel), and stores the result to the data source with OHIF's own
+// action (Segmentation panel menu > Export > DICOM SEG > Save), which is a STOW-RS.
+//
+//   node tests/integration/ohif_edit.mjs --url <viewer url> --out <artefact dir> --seg <SeriesDescription>
+//     --segment <label to erase> --slices <n> [--user U --password P] [--chromium PATH] [--timeout ms]
+//
+// Prints one JSON object on the last line of stdout; the Python test makes the assertions.
+// Exit status 0 when the report was written (even if OHIF misbehaved), 2 on a usage error.
+import { createRequire } from 'node:module';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const require = createRequire(path.join(here, '..', '..', 'viewer', 'package.json'));
+const { chromium } = require('playwright-core');
+
+function parseArgs(argv) {
+  const args = { chromium: '/usr/bin/chromium', timeout: 90000, slices: '4' };
+  for (let i = 0; i < argv.length; i += 2) args[argv[i].replace(/^--/, '')] = argv[i + 1];
+  args.timeout = Number(args.timeout);
+  args.slices = Number(args.slices);
+  if (!args.url || !args.out || !args.seg || !args.segment) {
+    console.error('usage: ohif_edit.mjs --url <viewer url> --out <dir> --seg <SeriesDescription> --segment <label>');
+    process.exit(2);
+  }
+  return args;
+}
+
+const CHROMIUM_FLAGS = [
+  '--headless=new', '--no-sandbox', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--use-gl=angle',
+  '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist',
+];
+
+const args = parseArgs(process.argv.slice(2));
+fs.mkdirSync(args.out, { recursive: true });
+const report = {
+  ok: false, step: 'launch', error: null, timings: {}, console: [], errorBoundary: [], screenshots: [],
+  httpErrors: [], strokes: [], before: null, after: null, stow: null,
+};
+const t0 = Date.now();
+const mark = (name) => { report.timings[name] = (Date.now() - t0) / 1000; };
+
+let browser;
+try {
+  browser = await chromium.launch({ executablePath: args.chromium, args: CHROMIUM_FLAGS, timeout: args.timeout });
+  const context = await browser.newContext({
+    viewport: { width: 1600, height: 1000 },
+    // Orthanc's authentication, answered through the proxy like a person at the login prompt.
+    httpCredentials: args.user ? { username: args.user, password: args.password } : undefined,
+  });
+  await context.addInitScript(() => {
+    localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour', 'segmentationTour']));
+    sessionStorage.setItem('investigationalUseDialog', 'hidden');
+  });
+  const page = await context.newPage();
+  page.setDefaultTimeout(args.timeout);
+  page.on('console', (msg) => {
+    const text = msg.text();
+    const entry = { type: msg.type(), step: report.step, t: (Date.now() - t0) / 1000, text: text.slice(0, 2000) };
+    if (/error boundary/i.test(text)) report.errorBoundary.push(entry);
+    if (['error', 'warning'].includes(msg.type())) report.console.push(entry);
+  });
+  page.on('response', (r) => {
+    if (r.status() >= 400) report.httpErrors.push({ status: r.status(), method: r.request().method(), url: r.url().slice(0, 300) });
+  });
+  page.on('pageerror', (err) => report.console.push({
+    type: 'pageerror', step: report.step, t: (Date.now() - t0) / 1000, text: String(err.stack || err).slice(0, 2000),
+  }));
+  const shot = async (name) => {
+    const file = path.join(args.out, name);
+    await page.screenshot({ path: file });
+    report.screenshots.push(file);
+  };
+
+  report.step = 'open the study';
+  await page.goto(args.url);
+  await page.waitForFunction((description) => {
+    const sets = window.services?.displaySetService?.getActiveDisplaySets() ?? [];
+    return sets.some((d) => d.Modality === 'SEG' && d.SeriesDescription === description);
+  }, args.seg);
+  const segUid = await page.evaluate((description) => window.services.displaySetService.getActiveDisplaySets()
+    .find((d) => d.Modality === 'SEG' && d.SeriesDescription === description).displaySetInstanceUID, args.seg);
+  await page.waitForFunction(() => (window.cornerstone?.getEnabledElements() ?? [])
+    .some((e) => e.viewport?.getCurrentImageId?.()));
+  mark('ct_shown');
+
+  report.step = 'load the SEG';
+  await page.locator(`#thumbnail-${segUid}`).dblclick();
+  // Answer "open this Segmentation?" whenever it shows; done once the active viewport has shown
+  // the CT with the segmentation for a second (OHIF replaces the viewport while it loads).
+  await page.waitForFunction(() => {
+    const yes = [...document.querySelectorAll('button')].find((b) => b.textContent.trim() === 'Yes');
+    if (yes && /open this/i.test(document.body.innerText)) yes.click();
+    const { segmentationService, viewportGridService, displaySetService } = window.services;
+    const id = viewportGridService.getActiveViewportId();
+    const shown = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
+    const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
+    const ready = segmentationService.getSegmentations().length > 0
+      && segmentationService.getSegmentationRepresentations(id).length > 0
+      && shown.some((uid) => displaySetService.getDisplaySetByUID(uid)?.Modality === 'CT')
+      && viewport?.getCurrentImageId?.();
+    const now = performance.now();
+    if (!ready || window.__editViewport !== viewport) {
+      window.__editViewport = ready ? viewport : null;
+      window.__editSince = now;
+      return false;
+    }
+    return now - window.__editSince > 1000;
+  }, null, { polling: 200 });
+  const segmentIndex = await page.evaluate((label) => {
+    const [s] = window.services.segmentationService.getSegmentations();
+    return Number(Object.values(s.segments).find((x) => x && x.label === label)?.segmentIndex ?? 0);
+  }, args.segment);
+  if (!segmentIndex) throw new Error(`the loaded SEG has no segment '${args.segment}'`);
+  report.segmentIndex = segmentIndex;
+  report.before = await page.evaluate(countVoxels);
+  mark('seg_loaded');
+
+  report.step = 'pick the Eraser';
+  await page.locator('[data-cy="Eraser-btn"]').click();
+  await page.waitForFunction(() => window.cornerstoneTools.ToolGroupManager.getAllToolGroups()
+    .some((g) => g.getActivePrimaryMouseButtonTool() === 'CircularEraser'));
+  // Show the middle of the segment to erase.
+  await page.evaluate((index) => {
+    const { segmentationService, viewportGridService } = window.services;
+    const [s] = segmentationService.getSegmentations();
+    segmentationService.jumpToSegmentCenter(s.segmentationId, index, viewportGridService.getActiveViewportId(), 0.9, false, 0);
+  }, segmentIndex);
+  await page.waitForTimeout(500); // the jump renders asynchronously
+
+  report.step = 'erase';
+  for (let n = 0; n < args.slices; n++) {
+    // Where the segment's lateral part lies on screen on this slice (page coordinates).
+    const stroke = await page.evaluate(strokeOnSlice, segmentIndex);
+    if (!stroke) throw new Error(`no '${args.segment}' voxels on the slice shown (stroke ${n + 1})`);
+    await page.mouse.move(stroke.points[0][0], stroke.points[0][1]);
+    await page.mouse.down();
+    for (const [x, y] of stroke.points.slice(1)) await page.mouse.move(x, y);
+    await page.mouse.up();
+    // The eraser works on the labelmap as the mouse moves: done once the slice has fewer voxels.
+    await page.waitForFunction(([index, voxels]) => window.__countShown(index) < voxels,
+      [segmentIndex, stroke.voxels], { polling: 100, timeout: 20000 })
+      .catch(() => { throw new Error(`the eraser stroke changed nothing on slice ${stroke.imageIndex}`); });
+    report.strokes.push({ imageIndex: stroke.imageIndex, points: stroke.points.length, voxelsBefore: stroke.voxels });
+    if (n === 0) await shot('ohif-edit-erased.png');
+    if (n + 1 < args.slices) {
+      // Next slice: the mouse wheel over the image, as a person scrolls.
+      const viewportBox = stroke.viewportCentre;
+      await page.mouse.move(viewportBox[0], viewportBox[1]);
+      await page.mouse.wheel(0, 120);
+      await page.waitForFunction((previous) => {
+        const { viewportGridService } = window.services;
+        const id = viewportGridService.getActiveViewportId();
+        const vp = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
+        return vp && vp.getCurrentImageIdIndex() !== previous;
+      }, stroke.imageIndex, { polling: 100, timeout: 15000 });
+      await page.waitForTimeout(300); // the new slice's overlay is drawn on the next frame
+    }
+  }
+  report.after = await page.evaluate(countVoxels);
+  await shot('ohif-edit-after.png');
+  mark('erased');
+
+  report.step = 'store the SEG';
+  await page.locator('[data-cy="segmentation-collapsed-more-btn-Labelmap"]').click();
+  await page.getByText('Export', { exact: true }).click();
+  await page.getByText('DICOM SEG', { exact: true }).click();
+  await page.getByText('Store Segmentation').waitFor();
+  await shot('ohif-edit-store-dialog.png');
+  const stored = page.waitForResponse((r) => r.request().method() === 'POST' && /\/dicom-web\/studies/.test(r.url()));
+  await page.locator('[data-cy="input-dialog-save-button"] button').click();
+  const answer = await stored;
+  const text = await answer.text();
+  report.stow = { status: answer.status(), url: answer.url(), sopInstanceUIDs: [] };
+  try {
+    const body = JSON.parse(text);
+    for (const item of body?.['00081199']?.Value ?? []) report.stow.sopInstanceUIDs.push(item['00081155']?.Value?.[0]);
+  } catch {
+    report.stow.body = text.slice(0, 2000);
+  }
+  await page.waitForTimeout(1500); // OHIF shows the stored series in the study browser
+  await shot('ohif-edit-stored.png');
+  mark('stored');
+  report.ok = true;
+  report.step = 'done';
+} catch (err) {
+  report.error = String(err && err.message ? err.message : err);
+  try {
+    const pages = browser ? browser.contexts().flatMap((c) => c.pages()) : [];
+    if (pages.length) {
+      const file = path.join(args.out, 'ohif-edit-failure.png');
+      await pages[0].screenshot({ path: file });
+      report.screenshots.push(file);
+    }
+  } catch { /* the screenshot is a bonus */ }
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  mark('total');
+  console.log(JSON.stringify(report));
+}
+
+// Runs in the page: voxels per segment on every slice of the loaded labelmap, and installs
+// window.__countShown(segment), the voxels on the labelmap slice under the CT slice on screen.
+function countVoxels() {
+  const { segmentationService, viewportGridService } = window.services;
+  const [s] = segmentationService.getSegmentations();
+  const { imageIds } = s.representationData.Labelmap;
+  const countImage = (index, imageId) => {
+    const image = imageId && window.cornerstone.cache.getImage(imageId);
+    if (!image) return undefined;
+    const data = image.getPixelData();
+    let n = 0;
+    for (let i = 0; i < data.length; i++) if (data[i] === index) n++;
+    return n;
+  };
+  const count = (index, z) => countImage(index, imageIds[z]);
+  window.__countShown = (index) => countImage(index, window.cornerstoneTools.segmentation.state
+    .getCurrentLabelmapImageIdForViewport(viewportGridService.getActiveViewportId(), s.segmentationId));
+  const out = {};
+  for (const index of Object.keys(s.segments).map(Number)) {
+    out[index] = imageIds.map((_, z) => count(index, z) ?? -1);
+  }
+  return out;
+}
+
+// Runs in the page: a vertical stroke through the lateral quarter of the segment on the slice
+// shown (the patient's left is on the screen's right in an axial view; for a right-sided segment
+// the lateral side is the screen's left), as page coordinates, and where the slice is.
+function strokeOnSlice(index) {
+  const { segmentationService, viewportGridService } = window.services;
+  const viewportId = viewportGridService.getActiveViewportId();
+  const enabled = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === viewportId);
+  const viewport = enabled.viewport;
+  const [s] = segmentationService.getSegmentations();
+  const imageIndex = viewport.getCurrentImageIdIndex();
+  const ctImageId = viewport.getCurrentImageId();
+  const labelmapId = window.cornerstoneTools.segmentation.state
+    .getCurrentLabelmapImageIdForViewport(viewportId, s.segmentationId);
+  const lm = labelmapId && window.cornerstone.cache.getImage(labelmapId);
+  if (!lm) return null;
+  const data = lm.getPixelData();
+  let voxels = 0; let minC = Infinity; let maxC = -1; let minR = Infinity; let maxR = -1; let colSum = 0;
+  for (let i = 0; i < data.length; i++) {
+    if (data[i] !== index) continue;
+    const r = Math.floor(i / lm.columns); const c = i % lm.columns;
+    voxels++; colSum += c;
+    minC = Math.min(minC, c); maxC = Math.max(maxC, c); minR = Math.min(minR, r); maxR = Math.max(maxR, r);
+  }
+  if (voxels < 200) return null;
+  const leftOfScreen = colSum / voxels < lm.columns / 2;
+  const column = leftOfScreen ? minC + (maxC - minC) * 0.2 : maxC - (maxC - minC) * 0.2;
+  const rect = viewport.canvas.getBoundingClientRect();
+  const toPage = (col, row) => {
+    const world = window.cornerstone.utilities.imageToWorldCoords(ctImageId, [col, row]);
+    const [x, y] = viewport.worldToCanvas(world);
+    return [rect.left + x, rect.top + y];
+  };
+  const points = [];
+  for (let k = 0; k <= 8; k++) points.push(toPage(column, minR + ((maxR - minR) * (0.15 + 0.7 * k / 8))));
+  return {
+    imageIndex, voxels, points,
+    viewportCentre: [rect.left + rect.width / 2, rect.top + rect.height / 2],
+  };
+}
