@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
+from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
@@ -64,11 +65,25 @@ def slice_contours(mask: NDArray[np.bool_]) -> dict[int, list[NDArray[np.float64
     """
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3D (slice, row, column), got shape {mask.shape}")
-    graph = _CrackGraph(np.asarray(mask, dtype=bool))
+    mask = np.asarray(mask, dtype=bool)
+    # The boundaries are traced in the region's bounding box (a lung is a fifth of a chest CT's
+    # grid): slices are independent and the box's frame is background as the grid's is, so the
+    # loops, their order and their corners are the same, moved by the box's corner.
+    slice_rows = mask.any(axis=2)
+    in_slices, in_rows = np.flatnonzero(slice_rows.any(axis=1)), np.flatnonzero(slice_rows.any(axis=0))
+    if in_slices.size == 0:
+        return {}
+    z0, z1, r0, r1 = int(in_slices[0]), int(in_slices[-1]) + 1, int(in_rows[0]), int(in_rows[-1]) + 1
+    in_cols = np.flatnonzero(mask[z0:z1, r0:r1].any(axis=(0, 1)))
+    c0, c1 = int(in_cols[0]), int(in_cols[-1]) + 1
+    graph = _CrackGraph(mask[z0:z1, r0:r1, c0:c1])
     roots, _ = graph.loops()
+    shift = np.array([c0, r0], dtype=np.float64)
     out: dict[int, list[NDArray[np.float64]]] = {}
     for edge in roots.tolist():
-        out.setdefault(int(graph.slice_of[edge]), []).append(graph.corners(edge))
+        corners = graph.corners(edge)
+        corners += shift
+        out.setdefault(z0 + int(graph.slice_of[edge]), []).append(corners)
     return out
 
 
@@ -90,15 +105,30 @@ def _to_patient(corners: NDArray[np.float64], image: Dataset) -> NDArray[np.floa
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 
-def _decimal_strings(points: NDArray[np.float64], decimals: int) -> RawDataElement:
-    """Contour Data as the bytes pydicom would write for these values as DS strings (joined by
-    backslashes, padded to even length), kept raw: a contour set holds 10^5 numbers, and
-    pydicom validates each DS value it is given one by one (a second on a 64-slice chest CT)."""
-    text = "\\".join(f"{v:.{decimals}f}".rstrip("0").rstrip(".") or "0" for v in points.ravel())
-    value = text.encode("ascii")
-    if len(value) % 2:
-        value += b" "
-    return RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True)
+def _decimal_strings(points: Sequence[NDArray[np.float64]], decimals: int) -> list[RawDataElement]:
+    """Contour Data of each contour as the bytes pydicom would write for these values as DS
+    strings (joined by backslashes, padded to even length), kept raw: a contour set holds 10^5
+    numbers, and pydicom validates each DS value it is given one by one (a second on a 64-slice
+    chest CT). A contour set takes few distinct values (a coordinate is a pixel corner on one
+    of the slices), so each distinct value is formatted once."""
+    if not points:
+        return []
+    flat = np.concatenate([p.ravel() for p in points])
+    # Distinct by bit pattern: -0.0 and 0.0 are written differently ("-0" and "0").
+    distinct, which = np.unique(flat.view(np.int64), return_inverse=True)
+    text = np.array(
+        [f"{v:.{decimals}f}".rstrip("0").rstrip(".") or "0" for v in distinct.view(np.float64).tolist()],
+        dtype=object,
+    )[which.ravel()].tolist()
+    out = []
+    start = 0
+    for p in points:
+        value = "\\".join(text[start : start + p.size]).encode("ascii")
+        start += p.size
+        if len(value) % 2:
+            value += b" "
+        out.append(RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True))
+    return out
 
 
 def _ds(**attrs: Any) -> Dataset:
@@ -181,12 +211,13 @@ def build_rtstruct(
         if not per_slice:
             continue
         number += 1
-        contours = []
+        contours, all_points = [], []
         for z in sorted(per_slice):
             image = source_images[z]
             contoured.add(z)
             for corners in per_slice[z]:
                 points = np.round(_to_patient(corners, image), decimals)
+                all_points.append(points)
                 contours.append(
                     _ds(
                         ContourImageSequence=[
@@ -199,7 +230,11 @@ def build_rtstruct(
                         NumberOfContourPoints=len(points),
                     )
                 )
-                contours[-1][_CONTOUR_DATA] = _decimal_strings(points, decimals)
+        for item, data in zip(contours, _decimal_strings(all_points, decimals), strict=True):
+            item[_CONTOUR_DATA] = data
+            # Written as explicit VR little endian in the default character set, as created:
+            # pydicom then writes the raw Contour Data as it is instead of decoding each value.
+            item.set_original_encoding(False, True, default_encoding)
         roi_items.append(
             _ds(
                 ROINumber=number,
