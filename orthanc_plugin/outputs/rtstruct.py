@@ -66,24 +66,43 @@ def slice_contours(mask: NDArray[np.bool_]) -> dict[int, list[NDArray[np.float64
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3D (slice, row, column), got shape {mask.shape}")
     mask = np.asarray(mask, dtype=bool)
-    # The boundaries are traced in the region's bounding box (a lung is a fifth of a chest CT's
-    # grid): slices are independent and the box's frame is background as the grid's is, so the
-    # loops, their order and their corners are the same, moved by the box's corner.
-    slice_rows = mask.any(axis=2)
+    box = _bounding_box(mask, True)
+    return {} if box is None else _traced(mask[box], box)
+
+
+def _bounding_box(labels: NDArray[Any], label: Any) -> tuple[slice, slice, slice] | None:
+    """The bounding box of the voxels equal to ``label`` (None when there is none), from
+    projections made a few slices at a time: no grid-sized temporary."""
+    slabs = range(0, labels.shape[0], _SLAB)
+    slice_rows = np.concatenate([(labels[z : z + _SLAB] == label).any(axis=2) for z in slabs])
     in_slices, in_rows = np.flatnonzero(slice_rows.any(axis=1)), np.flatnonzero(slice_rows.any(axis=0))
     if in_slices.size == 0:
-        return {}
+        return None
     z0, z1, r0, r1 = int(in_slices[0]), int(in_slices[-1]) + 1, int(in_rows[0]), int(in_rows[-1]) + 1
-    in_cols = np.flatnonzero(mask[z0:z1, r0:r1].any(axis=(0, 1)))
-    c0, c1 = int(in_cols[0]), int(in_cols[-1]) + 1
-    graph = _CrackGraph(mask[z0:z1, r0:r1, c0:c1])
+    cols = np.zeros(labels.shape[2], dtype=bool)
+    for z in range(z0, z1, _SLAB):
+        cols |= (labels[z : min(z + _SLAB, z1), r0:r1] == label).any(axis=(0, 1))
+    in_cols = np.flatnonzero(cols)
+    return slice(z0, z1), slice(r0, r1), slice(int(in_cols[0]), int(in_cols[-1]) + 1)
+
+
+#: Slices per step of :func:`_bounding_box`.
+_SLAB = 16
+
+
+def _traced(mask: NDArray[np.bool_], box: tuple[slice, slice, slice]) -> dict[int, list[NDArray[np.float64]]]:
+    """The boundaries of ``mask``, the contents of ``box`` of a larger grid, in that grid's
+    coordinates. Slices are independent and the box's frame is background as the grid's is, so
+    the loops, their order and their corners are those of the whole grid, moved by the box's
+    corner (a lung is a fifth of a chest CT's grid)."""
+    graph = _CrackGraph(mask)
     roots, _ = graph.loops()
-    shift = np.array([c0, r0], dtype=np.float64)
+    shift = np.array([box[2].start, box[1].start], dtype=np.float64)
     out: dict[int, list[NDArray[np.float64]]] = {}
     for edge in roots.tolist():
         corners = graph.corners(edge)
         corners += shift
-        out.setdefault(z0 + int(graph.slice_of[edge]), []).append(corners)
+        out.setdefault(box[0].start + int(graph.slice_of[edge]), []).append(corners)
     return out
 
 
@@ -207,7 +226,8 @@ def build_rtstruct(
     roi_items, contour_items, observation_items = [], [], []
     number = 0
     for spec in sorted(segments, key=lambda s: s.label):
-        per_slice = slice_contours(lab == spec.label)
+        box = _bounding_box(lab, spec.label)
+        per_slice = {} if box is None else _traced(lab[box] == spec.label, box)
         if not per_slice:
             continue
         number += 1

@@ -21,7 +21,7 @@ from pydicom.filebase import DicomBytesIO
 
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec
-from orthanc_plugin.outputs.rtstruct import _decimal_strings, build_rtstruct, slice_contours
+from orthanc_plugin.outputs.rtstruct import _bounding_box, _decimal_strings, build_rtstruct, slice_contours
 from orthanc_plugin.outputs.sr import _CrackGraph
 from triton_models.ct_lung.reference_labels import reference_labels
 
@@ -209,6 +209,19 @@ def test_contours_traced_in_the_box_equal_those_of_the_whole_grid() -> None:
             for a, b in zip(ours[z], plain[z], strict=True):
                 assert a.dtype == b.dtype and np.array_equal(a, b)
     assert slice_contours(np.zeros((3, 4, 5), dtype=bool)) == {}
+
+
+def test_bounding_box_of_a_label() -> None:
+    labels = shapes((40, 512, 512))  # more slices than a step of the search
+    labels[37, 500, 3] = 3
+    for label in (1, 2, 3):
+        where = np.argwhere(labels == label)
+        expected = tuple(
+            slice(int(lo), int(hi) + 1) for lo, hi in zip(where.min(0), where.max(0), strict=True)
+        )
+        assert _bounding_box(labels, label) == expected
+        assert _bounding_box(labels == label, True) == expected
+    assert _bounding_box(labels, 4) is None
 
 
 def test_contour_data_text_is_each_value_formatted_alone() -> None:
