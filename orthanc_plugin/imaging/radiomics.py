@@ -255,11 +255,8 @@ def intensity(values: FloatArray) -> dict[str, float]:
     np.abs(d, out=d)
     mad = float(d.mean())
     del d
-    # One partition (of a copy) for the five quantiles (the median is the 50th, linearly interpolated).
-    np.copyto(buf, x)
-    p10, p25, median, p75, p90 = (
-        float(v) for v in np.percentile(buf, [10, 25, 50, 75, 90], overwrite_input=True)
-    )
+    lowest, highest = float(np.min(x)), float(np.max(x))
+    p10, p25, median, p75, p90 = _percentiles(x, (10, 25, 50, 75, 90), lowest, highest, buf)
     np.subtract(x, median, out=buf)
     np.abs(buf, out=buf)
     medad = float(buf.mean())
@@ -267,7 +264,6 @@ def intensity(values: FloatArray) -> dict[str, float]:
     robust = x[(x >= p10) & (x <= p90)]
     rmad = float(np.abs(robust - robust.mean()).mean())
     del robust
-    lowest, highest = float(np.min(x)), float(np.max(x))
     energy = float(np.dot(x, x))
     return {
         "stat.mean": mu,
@@ -289,6 +285,45 @@ def intensity(values: FloatArray) -> dict[str, float]:
         "stat.energy": energy,
         "stat.rms": math.sqrt(energy / x.size),
     }
+
+
+def _percentiles(
+    x: FloatArray, q: Sequence[float], lowest: float, highest: float, buf: FloatArray
+) -> list[float]:
+    """``np.percentile(x, q)`` (linear interpolation between the order statistics around
+    ``(n - 1) q / 100``, computed as NumPy does), ``buf`` a scratch array of ``x``'s size.
+
+    Integer intensities over a range of at most 2^16 (CT in HU) take their order statistics from
+    a count per value instead of a partition of a copy of the region."""
+    if highest - lowest < _MAX_SPAN and lowest == math.floor(lowest):
+        np.subtract(x, lowest, out=buf)  # exact for integers
+        offsets = buf.astype(np.intp)
+        if np.array_equal(offsets, buf):
+            below = np.cumsum(np.bincount(offsets, minlength=int(highest - lowest) + 1))
+            del offsets
+            n = x.size
+
+            def order(k: int) -> float:  # the k-th smallest value, from 0
+                return lowest + float(np.searchsorted(below, k, side="right"))
+
+            out = []
+            for pct in q:
+                v = (n - 1) * (pct / 100)
+                if v >= n - 1:
+                    out.append(order(n - 1))
+                    continue
+                k = math.floor(v)
+                a, b, t = order(k), order(k + 1), v - k
+                diff = b - a
+                out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+            return out
+        del offsets
+    np.copyto(buf, x)
+    return [float(v) for v in np.percentile(buf, q, overwrite_input=True)]
+
+
+#: Widest integer range that :func:`_percentiles` counts per value.
+_MAX_SPAN = 1 << 16
 
 
 #: The 13 unique directions of the 26-neighbourhood (dz, dy, dx), distance 1 (Chebyshev).

@@ -132,3 +132,20 @@ def test_region_features_equal_the_plain_computations(seed: int) -> None:
     assert ours["morph.com"] == pytest.approx(com, rel=1e-9)
     major = np.sort(np.linalg.eigvalsh(np.cov(coords.T)))[::-1][0]
     assert ours["morph.pca.major"] == pytest.approx(4 * math.sqrt(major), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 10, 11, 1000, 12345])
+def test_percentiles_from_counts_equal_numpy(n: int) -> None:
+    rng = np.random.default_rng(n)
+    q = (10, 25, 50, 75, 90)
+    for x in (
+        np.round(rng.normal(-600, 300, n)),  # integers: counted per value
+        rng.integers(-3, 4, n).astype(np.float64),  # many ties
+        np.array(
+            [-15853, 15262, -4254, -6021, -24464, 8395, 5556], dtype=np.float64
+        ),  # where NumPy interpolates from above
+        rng.normal(-600, 300, n),  # not integers: partitioned
+        np.round(rng.normal(0, 1e6, n)),  # integers over too wide a range: partitioned
+    ):
+        ours = radiomics._percentiles(x, q, float(x.min()), float(x.max()), np.empty_like(x))
+        assert ours == [float(v) for v in np.percentile(x, q)]
