@@ -32,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 from scipy.spatial import ConvexHull
+from scipy.spatial.distance import pdist
 
 # The feature table is the shared kernel's (the configuration names features); re-exported here.
 from orthanc_plugin.core.features import FEATURES as FEATURES
@@ -111,7 +112,12 @@ def discretise(values: FloatArray, settings: RadiomicsSettings) -> tuple[NDArray
     """Discretised grey levels (1..Ng) of ``values`` and Ng."""
     if settings.bin_width is not None:
         low = settings.resegment[0] if settings.resegment is not None else float(np.min(values))
-        levels = np.floor((values - low) / settings.bin_width).astype(np.int64) + 1
+        scaled = values - low
+        scaled /= settings.bin_width
+        np.floor(scaled, out=scaled)
+        levels = scaled.astype(np.int64)
+        del scaled
+        levels += 1
         return levels, int(np.max(levels))
     assert settings.bin_count is not None
     lo, hi = float(np.min(values)), float(np.max(values))
@@ -131,12 +137,13 @@ def morphology(
     from skimage.measure import marching_cubes
 
     sp = np.asarray(spacing_zyx, dtype=np.float64)
-    padded = np.pad(morph_mask.astype(np.float32), 1)
+    padded = np.zeros(tuple(k + 2 for k in morph_mask.shape), dtype=np.float32)
+    padded[1:-1, 1:-1, 1:-1] = morph_mask
     verts, faces, _, _ = marching_cubes(padded, level=0.5, spacing=tuple(sp))  # type: ignore[no-untyped-call]
-    a, b, c = (verts[faces[:, k]] for k in range(3))
-    volume = abs(float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum()) / 6.0)
-    area = float(np.linalg.norm(np.cross(b - a, c - a), axis=1).sum() / 2.0)
-    approx = float(morph_mask.sum() * np.prod(sp))
+    del padded
+    volume, area = _mesh_volume_and_area(verts, faces)
+    n_voxels, geom, cov = _centre_and_covariance(morph_mask, sp)
+    approx = float(n_voxels * np.prod(sp))
     f: dict[str, float] = {
         "morph.vol": volume,
         "morph.approx.vol": approx,
@@ -148,7 +155,6 @@ def morphology(
         "morph.sphericity": (36 * math.pi * volume**2) ** (1 / 3) / area,
         "morph.asphericity": (area**3 / (36 * math.pi * volume**2)) ** (1 / 3) - 1,
     }
-    geom, cov = _centre_and_covariance(morph_mask, sp)
     f["morph.com"] = float(np.linalg.norm(geom - _weighted_centre(image, int_mask, sp)))
     hull_points = verts
     if len(verts) >= 4:
@@ -156,8 +162,9 @@ def morphology(
             hull_points = verts[ConvexHull(verts).vertices]
         except Exception:  # noqa: BLE001 - degenerate (flat) meshes: use every vertex
             hull_points = verts
-    d2 = ((hull_points[:, None, :] - hull_points[None, :, :]) ** 2).sum(axis=2)
-    f["morph.diam"] = float(math.sqrt(d2.max()))
+    f["morph.diam"] = (
+        float(math.sqrt(pdist(hull_points, "sqeuclidean").max())) if len(hull_points) > 1 else 0.0
+    )
     eig = np.sort(np.linalg.eigvalsh(cov))[::-1] if cov is not None else np.zeros(3)
     major, minor, least = (max(float(e), 0.0) for e in eig)
     f["morph.pca.major"] = 4 * math.sqrt(major)
@@ -171,8 +178,8 @@ def morphology(
     return f
 
 
-def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[FloatArray, FloatArray | None]:
-    """Mean and sample covariance (mm) of the voxel centres of ``mask``, from the voxel counts
+def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[int, FloatArray, FloatArray | None]:
+    """Voxel count, mean and sample covariance (mm) of the voxel centres of ``mask``, from the voxel counts
     of its planes (exact integer moments): no N x 3 coordinate array for a region of 10^7 voxels."""
     n = int(np.count_nonzero(mask))
     idx = [np.arange(k, dtype=np.float64) for k in mask.shape]
@@ -183,14 +190,38 @@ def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[FloatArray,
     first = np.array([idx[0] @ z, idx[1] @ y, idx[2] @ x])
     mean = first / n
     if n < 2:
-        return mean * sp, None
+        return n, mean * sp, None
     second = np.empty((3, 3))
     second[0, 0], second[1, 1], second[2, 2] = (idx[0] ** 2) @ z, (idx[1] ** 2) @ y, (idx[2] ** 2) @ x
     second[0, 1] = second[1, 0] = idx[0] @ zy @ idx[1]
     second[0, 2] = second[2, 0] = idx[0] @ zx @ idx[2]
     second[1, 2] = second[2, 1] = idx[1] @ yx @ idx[2]
     cov = (second - np.outer(first, first) / n) / (n - 1)
-    return mean * sp, cov * np.outer(sp, sp)
+    return n, mean * sp, cov * np.outer(sp, sp)
+
+
+def _mesh_volume_and_area(verts: FloatArray, faces: NDArray[np.integer[Any]]) -> tuple[float, float]:
+    """Volume (divergence theorem: signed tetrahedra from the origin) and area of a closed
+    triangle mesh, from one cross product per face, coordinate by coordinate, a block of faces
+    at a time."""
+    v = [np.ascontiguousarray(verts[:, k]) for k in range(3)]
+    six_volume = 0.0
+    twice_area = 0.0
+    for start in range(0, len(faces), _FACES):
+        block = faces[start : start + _FACES]
+        i, j, k = (np.ascontiguousarray(block[:, c]) for c in range(3))
+        a = [c[i] for c in v]
+        ab = [c[j] - a0 for c, a0 in zip(v, a, strict=True)]
+        ac = [c[k] - a0 for c, a0 in zip(v, a, strict=True)]
+        # n = (b - a) x (c - a); a . n = a . (b x c), six times the tetrahedron's signed volume.
+        n = [ab[1] * ac[2] - ab[2] * ac[1], ab[2] * ac[0] - ab[0] * ac[2], ab[0] * ac[1] - ab[1] * ac[0]]
+        six_volume += float((a[0] * n[0] + a[1] * n[1] + a[2] * n[2]).sum())
+        twice_area += float(np.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sum())
+    return abs(six_volume) / 6.0, twice_area / 2.0
+
+
+#: Mesh faces per step of :func:`_mesh_volume_and_area`.
+_FACES = 1 << 16
 
 
 def _weighted_centre(image: NDArray[Any], mask: BoolArray, sp: FloatArray, slab: int = 16) -> FloatArray:
@@ -211,20 +242,28 @@ def _weighted_centre(image: NDArray[Any], mask: BoolArray, sp: FloatArray, slab:
 def intensity(values: FloatArray) -> dict[str, float]:
     x = np.asarray(values, dtype=np.float64)  # no copy when it is float64 already
     mu = float(x.mean())
+    # Two region-sized buffers however many moments: d = x - mu, and powers of it in turn.
     d = x - mu
-    d2 = d * d
-    var = float(d2.mean())
+    buf = d * d
+    var = float(buf.mean())
     sd = math.sqrt(var)
-    # One partition for the five quantiles (the median is the 50th, linearly interpolated).
-    p10, p25, median, p75, p90 = (float(v) for v in np.percentile(x, [10, 25, 50, 75, 90]))
-    robust = x[(x >= p10) & (x <= p90)]
+    np.multiply(buf, d, out=buf)
+    third = float(buf.mean())
+    np.multiply(d, d, out=buf)
+    np.multiply(buf, buf, out=buf)
+    fourth = float(buf.mean())
     np.abs(d, out=d)
     mad = float(d.mean())
-    third = float((d2 * (x - mu)).mean())
-    np.multiply(d2, d2, out=d2)
-    fourth = float(d2.mean())
-    del d, d2
+    del d
     lowest, highest = float(np.min(x)), float(np.max(x))
+    p10, p25, median, p75, p90 = _percentiles(x, (10, 25, 50, 75, 90), lowest, highest, buf)
+    np.subtract(x, median, out=buf)
+    np.abs(buf, out=buf)
+    medad = float(buf.mean())
+    del buf
+    robust = x[(x >= p10) & (x <= p90)]
+    rmad = float(np.abs(robust - robust.mean()).mean())
+    del robust
     energy = float(np.dot(x, x))
     return {
         "stat.mean": mu,
@@ -239,13 +278,52 @@ def intensity(values: FloatArray) -> dict[str, float]:
         "stat.iqr": p75 - p25,
         "stat.range": highest - lowest,
         "stat.mad": mad,
-        "stat.rmad": float(np.abs(robust - robust.mean()).mean()),
-        "stat.medad": float(np.abs(x - median).mean()),
+        "stat.rmad": rmad,
+        "stat.medad": medad,
         "stat.cov": sd / mu if mu != 0 else math.nan,
         "stat.qcod": (p75 - p25) / (p75 + p25) if (p75 + p25) != 0 else math.nan,
         "stat.energy": energy,
         "stat.rms": math.sqrt(energy / x.size),
     }
+
+
+def _percentiles(
+    x: FloatArray, q: Sequence[float], lowest: float, highest: float, buf: FloatArray
+) -> list[float]:
+    """``np.percentile(x, q)`` (linear interpolation between the order statistics around
+    ``(n - 1) q / 100``, computed as NumPy does), ``buf`` a scratch array of ``x``'s size.
+
+    Integer intensities over a range of at most 2^16 (CT in HU) take their order statistics from
+    a count per value instead of a partition of a copy of the region."""
+    if highest - lowest < _MAX_SPAN and lowest == math.floor(lowest):
+        np.subtract(x, lowest, out=buf)  # exact for integers
+        offsets = buf.astype(np.intp)
+        if np.array_equal(offsets, buf):
+            below = np.cumsum(np.bincount(offsets, minlength=int(highest - lowest) + 1))
+            del offsets
+            n = x.size
+
+            def order(k: int) -> float:  # the k-th smallest value, from 0
+                return lowest + float(np.searchsorted(below, k, side="right"))
+
+            out = []
+            for pct in q:
+                v = (n - 1) * (pct / 100)
+                if v >= n - 1:
+                    out.append(order(n - 1))
+                    continue
+                k = math.floor(v)
+                a, b, t = order(k), order(k + 1), v - k
+                diff = b - a
+                out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+            return out
+        del offsets
+    np.copyto(buf, x)
+    return [float(v) for v in np.percentile(buf, q, overwrite_input=True)]
+
+
+#: Widest integer range that :func:`_percentiles` counts per value.
+_MAX_SPAN = 1 << 16
 
 
 #: The 13 unique directions of the 26-neighbourhood (dz, dy, dx), distance 1 (Chebyshev).
@@ -255,36 +333,61 @@ DIRECTIONS: tuple[tuple[int, ...], ...] = tuple(
 
 
 def glcm_matrices(levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: int) -> list[FloatArray]:
-    """One symmetric co-occurrence count matrix per direction (pairs with both voxels in ``mask``).
+    """One symmetric co-occurrence count matrix per direction (pairs with both voxels in ``mask``)."""
+    return _cooccurrences(_level_grid(levels, mask, n_levels), n_levels)
+
+
+def _level_grid(levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: int) -> NDArray[np.integer[Any]]:
+    """The grey levels of ``mask`` in a grid one voxel larger on every side, 0 elsewhere (in the
+    smallest unsigned type that holds 0..n_levels: a byte for the usual 8 to 128 bins)."""
+    g = np.zeros(tuple(k + 2 for k in mask.shape), dtype=_level_type(n_levels))
+    np.copyto(g[1:-1, 1:-1, 1:-1], levels, where=mask, casting="unsafe")
+    return g
+
+
+def _level_type(n_levels: int) -> type[np.unsignedinteger[Any]] | type[np.int64]:
+    if n_levels <= np.iinfo(np.uint8).max:
+        return np.uint8
+    if n_levels <= np.iinfo(np.uint16).max:
+        return np.uint16
+    return np.int64
+
+
+def _cooccurrences(g: NDArray[np.integer[Any]], n_levels: int) -> list[FloatArray]:
+    """The co-occurrence matrices of the padded level grid ``g`` (0 = outside the region).
 
     Works on the region's voxels only: each one's neighbour in a direction is a fixed offset in
-    the flattened, zero-padded grid (0 = outside the region)."""
-    dtype = np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
-    g: NDArray[np.integer[Any]] = np.pad(np.where(mask, levels, 0).astype(dtype), 1)
+    the flattened grid (positive for the 13 directions, the grid being padded). Outside counts
+    as level 0, an extra column of the count matrix that is dropped at the end: no mask per
+    direction, one gather, one sum and one count."""
+    flat = g.ravel()
     strides = np.array([g.shape[1] * g.shape[2], g.shape[2], 1], dtype=np.intp)
     offsets = [int(np.dot(d, strides)) for d in DIRECTIONS]
-    flat = g.ravel()
-    where = np.flatnonzero(flat > 0)
-    counts = np.zeros((len(DIRECTIONS), n_levels * n_levels), dtype=np.int64)
-    # A million voxels at a time: the index arrays of a 10^7-voxel lung would take gigabytes.
-    for start in range(0, where.size, _CHUNK):
-        at = where[start : start + _CHUNK]
-        own = flat[at].astype(np.intp) - 1
-        own *= n_levels
+    width = n_levels + 1  # neighbour levels 0 (outside) .. n_levels
+    counts = np.zeros((len(DIRECTIONS), n_levels * width), dtype=np.int64)
+    # A million grid positions at a time: bounded index arrays however large the region.
+    for start in range(0, flat.size, _CHUNK):
+        at = np.flatnonzero(flat[start : start + _CHUNK])
+        if at.size == 0:
+            continue
+        at += start
+        row = flat[at].astype(np.intp)  # (own level - 1) * width: the row of the pair's key
+        row -= 1
+        row *= width
+        other = np.empty(at.size, dtype=flat.dtype)
+        key = np.empty(at.size, dtype=np.intp)
         for k, offset in enumerate(offsets):
-            other = flat[at + offset]
-            both = other > 0
-            counts[k] += np.bincount(
-                own[both] + (other[both].astype(np.intp) - 1), minlength=n_levels * n_levels
-            )
+            np.take(flat[offset:], at, out=other, mode="clip")
+            np.add(row, other, out=key)
+            counts[k] += np.bincount(key, minlength=n_levels * width)
     out = []
     for k in range(len(DIRECTIONS)):
-        c = counts[k].reshape(n_levels, n_levels).astype(np.float64)
+        c = counts[k].reshape(n_levels, width)[:, 1:].astype(np.float64)
         out.append(c + c.T)
     return out
 
 
-#: Region voxels per step of :func:`glcm_matrices`.
+#: Grid positions per step of :func:`_cooccurrences`.
 _CHUNK = 1 << 20
 
 
@@ -350,7 +453,10 @@ def glcm_features(counts: FloatArray) -> dict[str, float]:
 def glcm(
     levels: NDArray[np.integer[Any]], mask: BoolArray, n_levels: int, aggregation: str
 ) -> dict[str, float]:
-    matrices = glcm_matrices(levels, mask, n_levels)
+    return _aggregate(glcm_matrices(levels, mask, n_levels), n_levels, aggregation)
+
+
+def _aggregate(matrices: list[FloatArray], n_levels: int, aggregation: str) -> dict[str, float]:
     if aggregation == "3D_merged":
         return glcm_features(np.sum(matrices, axis=0))
     per_direction = [glcm_features(m) for m in matrices if m.sum() > 0]
@@ -392,14 +498,14 @@ def compute_features(
             raise RadiomicsError(
                 f"no voxel of the region lies in the re-segmentation range {list(settings.resegment)}"
             )
+    # One family after the other, each one's temporaries gone before the next one's.
+    out = morphology(img, morph_mask, int_mask, spacing)
     values = np.asarray(img[int_mask], dtype=np.float64)
     levels_flat, n_levels = discretise(values, settings)
-    levels: NDArray[np.integer[Any]] = np.zeros(
-        img.shape, dtype=np.int16 if n_levels < np.iinfo(np.int16).max else np.int64
-    )
-    levels[int_mask] = levels_flat
+    grid = np.zeros(tuple(k + 2 for k in int_mask.shape), dtype=_level_type(n_levels))
+    grid[1:-1, 1:-1, 1:-1][int_mask] = levels_flat
     del levels_flat
-    out = morphology(img, morph_mask, int_mask, spacing)
     out.update(intensity(values))
-    out.update(glcm(levels, int_mask, n_levels, settings.glcm_aggregation))
+    del values
+    out.update(_aggregate(_cooccurrences(grid, n_levels), n_levels, settings.glcm_aggregation))
     return {f.id: out[f.id] for f in FEATURES}

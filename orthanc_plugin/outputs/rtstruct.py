@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
+from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
@@ -64,11 +65,44 @@ def slice_contours(mask: NDArray[np.bool_]) -> dict[int, list[NDArray[np.float64
     """
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3D (slice, row, column), got shape {mask.shape}")
-    graph = _CrackGraph(np.asarray(mask, dtype=bool))
+    mask = np.asarray(mask, dtype=bool)
+    box = _bounding_box(mask, True)
+    return {} if box is None else _traced(mask[box], box)
+
+
+def _bounding_box(labels: NDArray[Any], label: Any) -> tuple[slice, slice, slice] | None:
+    """The bounding box of the voxels equal to ``label`` (None when there is none), from
+    projections made a few slices at a time: no grid-sized temporary."""
+    slabs = range(0, labels.shape[0], _SLAB)
+    slice_rows = np.concatenate([(labels[z : z + _SLAB] == label).any(axis=2) for z in slabs])
+    in_slices, in_rows = np.flatnonzero(slice_rows.any(axis=1)), np.flatnonzero(slice_rows.any(axis=0))
+    if in_slices.size == 0:
+        return None
+    z0, z1, r0, r1 = int(in_slices[0]), int(in_slices[-1]) + 1, int(in_rows[0]), int(in_rows[-1]) + 1
+    cols = np.zeros(labels.shape[2], dtype=bool)
+    for z in range(z0, z1, _SLAB):
+        cols |= (labels[z : min(z + _SLAB, z1), r0:r1] == label).any(axis=(0, 1))
+    in_cols = np.flatnonzero(cols)
+    return slice(z0, z1), slice(r0, r1), slice(int(in_cols[0]), int(in_cols[-1]) + 1)
+
+
+#: Slices per step of :func:`_bounding_box`.
+_SLAB = 16
+
+
+def _traced(mask: NDArray[np.bool_], box: tuple[slice, slice, slice]) -> dict[int, list[NDArray[np.float64]]]:
+    """The boundaries of ``mask``, the contents of ``box`` of a larger grid, in that grid's
+    coordinates. Slices are independent and the box's frame is background as the grid's is, so
+    the loops, their order and their corners are those of the whole grid, moved by the box's
+    corner (a lung is a fifth of a chest CT's grid)."""
+    graph = _CrackGraph(mask)
     roots, _ = graph.loops()
+    shift = np.array([box[2].start, box[1].start], dtype=np.float64)
     out: dict[int, list[NDArray[np.float64]]] = {}
     for edge in roots.tolist():
-        out.setdefault(int(graph.slice_of[edge]), []).append(graph.corners(edge))
+        corners = graph.corners(edge)
+        corners += shift
+        out.setdefault(box[0].start + int(graph.slice_of[edge]), []).append(corners)
     return out
 
 
@@ -90,15 +124,30 @@ def _to_patient(corners: NDArray[np.float64], image: Dataset) -> NDArray[np.floa
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 
-def _decimal_strings(points: NDArray[np.float64], decimals: int) -> RawDataElement:
-    """Contour Data as the bytes pydicom would write for these values as DS strings (joined by
-    backslashes, padded to even length), kept raw: a contour set holds 10^5 numbers, and
-    pydicom validates each DS value it is given one by one (a second on a 64-slice chest CT)."""
-    text = "\\".join(f"{v:.{decimals}f}".rstrip("0").rstrip(".") or "0" for v in points.ravel())
-    value = text.encode("ascii")
-    if len(value) % 2:
-        value += b" "
-    return RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True)
+def _decimal_strings(points: Sequence[NDArray[np.float64]], decimals: int) -> list[RawDataElement]:
+    """Contour Data of each contour as the bytes pydicom would write for these values as DS
+    strings (joined by backslashes, padded to even length), kept raw: a contour set holds 10^5
+    numbers, and pydicom validates each DS value it is given one by one (a second on a 64-slice
+    chest CT). A contour set takes few distinct values (a coordinate is a pixel corner on one
+    of the slices), so each distinct value is formatted once."""
+    if not points:
+        return []
+    flat = np.concatenate([p.ravel() for p in points])
+    # Distinct by bit pattern: -0.0 and 0.0 are written differently ("-0" and "0").
+    distinct, which = np.unique(flat.view(np.int64), return_inverse=True)
+    text = np.array(
+        [f"{v:.{decimals}f}".rstrip("0").rstrip(".") or "0" for v in distinct.view(np.float64).tolist()],
+        dtype=object,
+    )[which.ravel()].tolist()
+    out = []
+    start = 0
+    for p in points:
+        value = "\\".join(text[start : start + p.size]).encode("ascii")
+        start += p.size
+        if len(value) % 2:
+            value += b" "
+        out.append(RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True))
+    return out
 
 
 def _ds(**attrs: Any) -> Dataset:
@@ -177,16 +226,18 @@ def build_rtstruct(
     roi_items, contour_items, observation_items = [], [], []
     number = 0
     for spec in sorted(segments, key=lambda s: s.label):
-        per_slice = slice_contours(lab == spec.label)
+        box = _bounding_box(lab, spec.label)
+        per_slice = {} if box is None else _traced(lab[box] == spec.label, box)
         if not per_slice:
             continue
         number += 1
-        contours = []
+        contours, all_points = [], []
         for z in sorted(per_slice):
             image = source_images[z]
             contoured.add(z)
             for corners in per_slice[z]:
                 points = np.round(_to_patient(corners, image), decimals)
+                all_points.append(points)
                 contours.append(
                     _ds(
                         ContourImageSequence=[
@@ -199,7 +250,11 @@ def build_rtstruct(
                         NumberOfContourPoints=len(points),
                     )
                 )
-                contours[-1][_CONTOUR_DATA] = _decimal_strings(points, decimals)
+        for item, data in zip(contours, _decimal_strings(all_points, decimals), strict=True):
+            item[_CONTOUR_DATA] = data
+            # Written as explicit VR little endian in the default character set, as created:
+            # pydicom then writes the raw Contour Data as it is instead of decoding each value.
+            item.set_original_encoding(False, True, default_encoding)
         roi_items.append(
             _ds(
                 ROINumber=number,

@@ -7,6 +7,7 @@ our writer documents. Its mask is compared with our label map voxel by voxel (Di
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from numpy.typing import NDArray
+from pydicom.filebase import DicomBytesIO
 
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec
-from orthanc_plugin.outputs.rtstruct import build_rtstruct, slice_contours
+from orthanc_plugin.outputs.rtstruct import _bounding_box, _decimal_strings, build_rtstruct, slice_contours
+from orthanc_plugin.outputs.sr import _CrackGraph
 from triton_models.ct_lung.reference_labels import reference_labels
 
 from ..conftest import CT_A0001, CT_B40, read_series
@@ -181,3 +184,75 @@ def test_same_input_same_object(ct: list[pydicom.Dataset]) -> None:
 def test_nothing_to_contour_is_an_error(ct: list[pydicom.Dataset]) -> None:
     with pytest.raises(ValueError, match="nothing to contour"):
         make(ct, np.zeros((len(ct), int(ct[0].Rows), int(ct[0].Columns)), np.uint8), SHAPES)
+
+
+def plain_slice_contours(mask: Array) -> dict[int, list[Array]]:
+    """The boundaries traced over the whole grid, one contour at a time (the plain way)."""
+    graph = _CrackGraph(mask)
+    roots, _ = graph.loops()
+    out: dict[int, list[Array]] = {}
+    for edge in roots.tolist():
+        out.setdefault(int(graph.slice_of[edge]), []).append(graph.corners(edge))
+    return out
+
+
+def test_contours_traced_in_the_box_equal_those_of_the_whole_grid() -> None:
+    labels = shapes((24, 512, 512))
+    labels[0, :5, :7] = 2  # touching the grid's first row, column and slice
+    labels[-1, -3:, -4:] = 1  # and its last ones
+    for label in (1, 2):
+        mask = labels == label
+        ours, plain = slice_contours(mask), plain_slice_contours(mask)
+        assert list(ours) == list(plain)
+        for z in plain:
+            assert len(ours[z]) == len(plain[z])
+            for a, b in zip(ours[z], plain[z], strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert slice_contours(np.zeros((3, 4, 5), dtype=bool)) == {}
+
+
+def test_bounding_box_of_a_label() -> None:
+    labels = shapes((40, 512, 512))  # more slices than a step of the search
+    labels[37, 500, 3] = 3
+    for label in (1, 2, 3):
+        where = np.argwhere(labels == label)
+        expected = tuple(
+            slice(int(lo), int(hi) + 1) for lo, hi in zip(where.min(0), where.max(0), strict=True)
+        )
+        assert _bounding_box(labels, label) == expected
+        assert _bounding_box(labels == label, True) == expected
+    assert _bounding_box(labels, 4) is None
+
+
+def test_contour_data_text_is_each_value_formatted_alone() -> None:
+    rng = np.random.default_rng(7)
+    points: list[NDArray[np.float64]] = [
+        np.round(rng.integers(-600, 600, (n, 3)) * 0.841796875 + rng.normal(0, 1e-4, (n, 3)), 3).astype(
+            np.float64
+        )
+        for n in (1, 5, 200)
+    ]
+    points.append(np.array([[-0.0, 0.0, 1.5], [-2.25, 123456.789, -0.001]]))
+    for decimals in (3, 1):
+        for element, p in zip(_decimal_strings(points, decimals), points, strict=True):
+            text = "\\".join(f"{v:.{decimals}f}".rstrip("0").rstrip(".") or "0" for v in p.ravel())
+            value = text.encode() + (b" " if len(text) % 2 else b"")
+            assert element.value == value and element.length == len(value) and element.VR == "DS"
+    assert _decimal_strings(points, 3)[-1].value == b"-0\\0\\1.5\\-2.25\\123456.789\\-0.001"
+
+
+def encoded(ds: pydicom.Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_raw_contour_data_is_written_as_pydicom_writes_the_values(ct: list[pydicom.Dataset]) -> None:
+    rt = make(ct, shapes((len(ct), int(ct[0].Rows), int(ct[0].Columns))), SHAPES)
+    plain = copy.deepcopy(rt)
+    for roi in plain.ROIContourSequence:
+        for item in roi.ContourSequence:
+            item.set_original_encoding(None, None)  # pydicom decodes each DS value and writes it again
+            assert isinstance(item.ContourData[0], pydicom.valuerep.DSfloat)
+    assert encoded(rt) == encoded(plain)
+    assert rt.ROIContourSequence[0].ContourSequence[0].get_item(0x30060050).is_raw
