@@ -215,10 +215,14 @@ def confidence(probabilities: NDArray[np.floating[Any]], labels: list[int]) -> d
 @dataclass(frozen=True)
 class Airway:
     """The trachea and main bronchi found by :func:`find_airway`: ``mask`` inside ``box`` of the
-    volume (``None`` when no trachea was found at the top of the segments)."""
+    volume (``None`` when no trachea was found at the top of the segments). ``measurable`` is
+    False where the series cannot show it: not axial, or the segments reach the volume's cranial
+    end (the apex is not covered, so the top slice of the lungs shows bronchi and lung, not the
+    trachea above them)."""
 
     mask: NDArray[np.bool_] | None
     box: tuple[slice, slice, slice]
+    measurable: bool = True
 
 
 def find_airway(
@@ -242,7 +246,8 @@ def find_airway(
     """
     empty = Airway(None, (slice(0, 0),) * 3)
     if abs(volume.normal[2]) < 0.8 or not lungs.any():
-        return empty  # not axial: the midline and the cranial end are not what this assumes
+        # not axial: the midline and the cranial end are not what this assumes
+        return Airway(None, empty.box, measurable=False)
     _, dy, dx = volume.spacing
     zs = np.flatnonzero(lungs.any(axis=(1, 2)))
     rows = np.flatnonzero(lungs[zs[0] : zs[-1] + 1].any(axis=(0, 2)))
@@ -253,6 +258,12 @@ def find_airway(
     # The patient's head is where the normal points (+z, superior, in DICOM's patient axes).
     cranial_last = volume.normal[2] > 0
     top = int(zs[-1]) if cranial_last else int(zs[0])
+    # Lung beside the midline band in the volume's cranial end slice: the apices are cut off, and
+    # the top slice shows bronchi and lung, not the trachea above them. (A trachea taken for lung
+    # may reach that slice: it lies within the band.)
+    edge = lungs[lungs.shape[0] - 1 if cranial_last else 0]
+    if edge[:, :x0].any() or edge[:, x1:].any():
+        return Airway(None, empty.box, measurable=False)
     z = slice(0, top + 1) if cranial_last else slice(top, lungs.shape[0])
     box = (z, slice(int(rows[0]), int(rows[-1]) + 1), slice(x0, x1))
     air = np.asarray(volume.voxels[box] < air_below)
@@ -293,8 +304,11 @@ def airway_in_segments(
     volume: Volume, labels: NDArray[np.integer[Any]], values: list[int]
 ) -> dict[int, float]:
     """mL of the trachea and main bronchi (:func:`find_airway`) inside each segment of ``values``
-    (0.0 each when no trachea was found)."""
+    (0.0 each when no trachea was found; nothing, i.e. not measured, where the series cannot show
+    it)."""
     airway = find_airway(volume, np.isin(labels, values))
+    if not airway.measurable:
+        return {}
     if airway.mask is None:
         return dict.fromkeys(values, 0.0)
     inside = labels[airway.box][airway.mask]

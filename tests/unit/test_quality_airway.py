@@ -11,13 +11,14 @@ import onnxruntime as ort
 import pytest
 
 from devstack.common import ROOT
+from devstack.derive import sorted_slices
 from orthanc_plugin.core.config import load_pipelines
 from orthanc_plugin.imaging import model_input
 from orthanc_plugin.imaging.quality import airway_in_segments, find_airway
 from orthanc_plugin.imaging.volume import build_volume
 from orthanc_plugin.worker.pipeline import BadInput, measure
 
-from ..conftest import CT_A0001, CT_B40, read_series
+from ..conftest import CT_A0001, CT_B40, read_series, require_data
 from .test_quality import CT_SHAPE, CT_SPACING, RNG, chest, grid, mm, with_ct_header
 
 PIPELINE = {p.name: p for p in load_pipelines(ROOT / "config" / "pipelines.yaml")}["ct-lung"]
@@ -69,6 +70,41 @@ def test_trachea_counted_as_lung_fails_the_job() -> None:
 def test_no_trachea_in_view_measures_nothing() -> None:
     volume, labels = chest()  # no airway at all
     assert airway_in_segments(volume, labels, [1, 2]) == {1: 0.0, 2: 0.0}
+
+
+def test_lungs_reaching_the_top_slice_leave_the_airway_unmeasured() -> None:
+    """A series that starts below the lung apices shows no trachea above the lungs: the air
+    nearest the midline in the lungs' top slice is a bronchus or lung, so nothing is measured
+    (and the check cannot fail the job) rather than a wrong value."""
+    volume, labels, trachea, airway = chest_with_airway()
+    labels = np.where(airway, 0, labels).astype(np.uint8)
+    labels[trachea] = 1
+    z_lungs = np.flatnonzero((labels > 0).any(axis=(1, 2)))
+    cranial_last = volume.normal[2] > 0
+    cut = slice(0, int(z_lungs[-1]) - 3) if cranial_last else slice(int(z_lungs[0]) + 3, None)
+    cropped = grid(labels[cut].shape, CT_SPACING, volume.voxels[cut].copy())
+    assert not find_airway(cropped, labels[cut] > 0).measurable
+    assert airway_in_segments(cropped, labels[cut], [1, 2]) == {}
+    # the same phantom uncropped: measured (and failed), see test_trachea_counted_as_lung_fails_the_job
+    assert find_airway(volume, labels > 0).measurable
+
+
+def run_model(volume):  # type: ignore[no-untyped-def]
+    prepared = model_input.prepare(PIPELINE, {"ct": volume})
+    session = ort.InferenceSession(str(ROOT / "triton_models" / "ct_lung" / "1" / "model.onnx"))
+    (probs,) = session.run(["probabilities"], {"image": prepared.tensor})
+    return prepared, probs[0], prepared.labels(probs[0], True)
+
+
+def test_a_chest_ct_without_the_apices_passes() -> None:
+    """30 slices through the middle of the chest (the crop the scale-out test sends): the lungs
+    reach the first and last slice, no trachea is in view, and the job is not refused for one."""
+    require_data(CT_A0001)
+    volume = build_volume(sorted_slices(CT_A0001)[17:47])
+    prepared, probs, labels = run_model(volume)
+    _, _, quality = measure(PIPELINE, prepared.reference, labels, probs)
+    assert quality[1].airway_ml is None and quality[2].airway_ml is None
+    assert quality[1].partial and quality[2].partial
 
 
 @pytest.mark.parametrize(("folder", "most_ml"), [(CT_A0001, 6.0), (CT_B40, 0.5)], ids=["A0001", "A0002-B40f"])
