@@ -69,7 +69,7 @@ from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
     RadiomicsError,
     RadiomicsSettings,
-    compute_features,
+    label_features,
 )
 from orthanc_plugin.imaging.resample import build_regular, segment_volumes_ml, to_source
 from orthanc_plugin.imaging.volume import Geometry, PixelReader, Volume, VolumeError
@@ -339,7 +339,7 @@ def radiomics(
     out = []
     for spec in present:
         try:
-            values = compute_features(volume.voxels, labels == spec.label, spacing_zyx, settings)
+            values = label_features(volume.voxels, labels, spec.label, spacing_zyx, settings)
         except RadiomicsError as e:
             raise BadInput(f"radiomics of segment '{spec.name}': {e}") from None
         out.append(
@@ -716,6 +716,7 @@ def check_quality(
             tissue_above=checks.tissue_above if checks else None,
             shape_and_surroundings=checks is not None,
         )  # fmt: skip
+        del mask  # before the next segment's: one grid-sized mask at a time
         if spec.label in scores:
             q = replace(q, confidence=scores[spec.label][0], entropy=scores[spec.label][1])
         if spec.label in airway:
