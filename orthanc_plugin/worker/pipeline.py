@@ -83,6 +83,7 @@ from orthanc_plugin.outputs.pdf_report import ValidatedFor, build_encapsulated_p
 from orthanc_plugin.outputs.rtstruct import build_rtstruct
 from orthanc_plugin.outputs.seg import build_seg
 from orthanc_plugin.outputs.sr import build_sr
+from orthanc_plugin.worker.memory import release_free_heap
 
 T = TypeVar("T")
 Labels = NDArray[np.uint8]
@@ -167,6 +168,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
     roles = check_input(run)
     datasets = run.stage("fetch", lambda: fetch(run.orthanc, roles))
     volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels, p.volume))
+    release_free_heap()  # the instances' pixel data, dropped once the volume holds the pixels
     prepared = run.stage("preprocess", lambda: prepare_tensor(p, volumes))
     model = run.triton.model_info(p.model.name, p.model.version)
     probs = run.stage("inference", lambda: infer(run.triton, p, model, prepared.tensor))
