@@ -154,7 +154,7 @@ def _runs(lo: NDArray[np.intp], n_in: int) -> tuple[NDArray[np.intp], NDArray[np
 def keep_largest_components(labels: NDArray[np.uint8], values: Sequence[int] | range) -> None:
     """In place: keep only the largest 3D connected component of each label value."""
     for v in values:
-        box = _bounding_box(labels, v)
+        box = label_box(labels, v)
         if box is None:
             continue
         crop = labels[box] == v
@@ -177,19 +177,34 @@ def keep_largest_components(labels: NDArray[np.uint8], values: Sequence[int] | r
                 target[sl][comp[sl] == i] = 0
 
 
-def _bounding_box(labels: NDArray[np.uint8], v: int) -> tuple[slice, slice, slice] | None:
-    """The smallest box holding every voxel of value ``v``, or None: slices first (one
-    contiguous pass), then rows and columns inside those slices only."""
-    nz = labels.shape[0]
-    per_slice = (labels.reshape(nz, -1) == v).any(axis=1)
-    zs = np.flatnonzero(per_slice)
-    if zs.size == 0:
+def label_box(labels: NDArray[Any], label: Any) -> tuple[slice, slice, slice] | None:
+    """The smallest box (slice, row, column) holding every voxel equal to ``label``, or None
+    when there is none, from projections made a few slices at a time: no grid-sized temporary
+    (a 320-slice label map compared whole is an 84 MB mask)."""
+    slabs = range(0, labels.shape[0], BOX_SLAB)
+    slice_rows = np.concatenate([(labels[z : z + BOX_SLAB] == label).any(axis=2) for z in slabs])
+    in_slices, in_rows = np.flatnonzero(slice_rows.any(axis=1)), np.flatnonzero(slice_rows.any(axis=0))
+    if in_slices.size == 0:
         return None
-    z = slice(int(zs[0]), int(zs[-1]) + 1)
-    mask = labels[z] == v
-    rows = np.flatnonzero(mask.any(axis=(0, 2)))
-    cols = np.flatnonzero(mask.any(axis=(0, 1)))
-    return z, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+    z0, z1, r0, r1 = int(in_slices[0]), int(in_slices[-1]) + 1, int(in_rows[0]), int(in_rows[-1]) + 1
+    cols = np.zeros(labels.shape[2], dtype=bool)
+    for z in range(z0, z1, BOX_SLAB):
+        cols |= (labels[z : min(z + BOX_SLAB, z1), r0:r1] == label).any(axis=(0, 1))
+    in_cols = np.flatnonzero(cols)
+    return slice(z0, z1), slice(r0, r1), slice(int(in_cols[0]), int(in_cols[-1]) + 1)
+
+
+def label_mask(labels: NDArray[Any], values: Sequence[int]) -> NDArray[np.bool_]:
+    """``np.isin(labels, values)``, made a few slices at a time (np.isin on a whole 320-slice
+    label map has temporaries several times the mask's size)."""
+    out = np.empty(labels.shape, dtype=bool)
+    for z in range(0, labels.shape[0], BOX_SLAB):
+        out[z : z + BOX_SLAB] = np.isin(labels[z : z + BOX_SLAB], values)
+    return out
+
+
+#: Slices per step of :func:`label_box`.
+BOX_SLAB = 16
 
 
 def volumes_ml(

@@ -37,6 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from orthanc_plugin.imaging.postprocess import BOX_SLAB, label_box, label_mask
 from orthanc_plugin.imaging.volume import Volume
 
 #: Sub-sampling step for means over big segments (every other voxel along each axis is plenty).
@@ -110,7 +111,7 @@ def measure_segment(
         around_mean = float(around.mean())
         denominator = abs(mean) + abs(around_mean)
         contrast = abs(mean - around_mean) / denominator if denominator > 0 else 0.0
-        threshold = tissue_above if tissue_above is not None else 0.1 * float(np.percentile(voxels, 99.5))
+        threshold = tissue_above if tissue_above is not None else 0.1 * high_percentile(voxels, 99.5)
         enclosed = float(np.count_nonzero(around > threshold)) / around.size
     else:  # the segment fills every slice: nothing around it to compare with
         contrast, enclosed = 0.0, 0.0
@@ -122,8 +123,40 @@ def measure_segment(
         contrast=contrast,
         variation=variation,
         enclosed=enclosed,
-        compactness=sphericity(mask, volume.spacing),
+        compactness=sphericity(mask[label_box(mask, True) or ()], volume.spacing),
     )
+
+
+def high_percentile(voxels: NDArray[np.floating[Any]], q: float) -> float:
+    """``float(np.percentile(voxels, q))`` for a high ``q``, without its partition of a copy of
+    the whole volume (335 MB for 320 CT slices): the order statistics it interpolates between
+    are taken from the voxels at or above a bound estimated on every 4th voxel along each axis
+    (gathered a few slices at a time), then interpolated with NumPy's own operations. Falls back
+    to ``np.percentile`` when the bound is too high or a value is NaN."""
+    n = voxels.size
+    virtual = np.asanyarray((n - 1) * np.true_divide(q, 100))  # as NumPy's "linear" method
+    k = int(np.floor(virtual))
+    sample = voxels[::4, ::4, ::4]
+    if voxels.ndim != 3 or n < 2 or sample.size < 1000 or k + 1 >= n:
+        return float(np.percentile(voxels, q))
+    bound = np.percentile(sample, max(0.0, q - 0.5))
+    parts, below = [], 0
+    for z in range(0, voxels.shape[0], BOX_SLAB):
+        slab = voxels[z : z + BOX_SLAB]
+        high = slab >= bound
+        below += int(np.count_nonzero(slab < bound))
+        parts.append(slab[high])
+    top = np.concatenate(parts)
+    if below + top.size != n or below > k:  # NaNs, or the bound is above the k-th value
+        return float(np.percentile(voxels, q))
+    top.partition((k - below, k + 1 - below))
+    a, b = top[k - below : k - below + 1].reshape(()), top[k + 1 - below : k + 2 - below].reshape(())
+    t = np.asanyarray(virtual - np.floor(virtual))
+    # numpy's _lerp, operation for operation (so the rounding is the same).
+    diff = np.subtract(b, a)
+    out = np.asanyarray(np.add(a, diff * t))
+    np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return float(out[()])
 
 
 def _sampled(voxels: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
@@ -306,7 +339,7 @@ def airway_in_segments(
     """mL of the trachea and main bronchi (:func:`find_airway`) inside each segment of ``values``
     (0.0 each when no trachea was found; nothing, i.e. not measured, where the series cannot show
     it)."""
-    airway = find_airway(volume, np.isin(labels, values))
+    airway = find_airway(volume, label_mask(labels, values))
     if not airway.measurable:
         return {}
     if airway.mask is None:

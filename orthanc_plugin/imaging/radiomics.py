@@ -38,6 +38,7 @@ from scipy.spatial.distance import pdist
 from orthanc_plugin.core.features import FEATURES as FEATURES
 from orthanc_plugin.core.features import FEATURES_BY_ID as FEATURES_BY_ID
 from orthanc_plugin.core.features import FeatureDef as FeatureDef
+from orthanc_plugin.imaging.postprocess import label_box
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -468,6 +469,29 @@ def _aggregate(matrices: list[FloatArray], n_levels: int, aggregation: str) -> d
 # --------------------------------------------------------------------------- entry point
 
 
+def label_features(
+    image: NDArray[Any],
+    labels: NDArray[Any],
+    label: int,
+    spacing_zyx: Sequence[float],
+    settings: RadiomicsSettings,
+) -> dict[str, float]:
+    """:func:`compute_features` of the voxels of ``labels`` equal to ``label``, given only the
+    part of the grid it looks at (the label's box grown by the crop margin): no grid-sized mask."""
+    box = label_box(labels, label)
+    if box is None:
+        raise RadiomicsError("the region is empty")
+    grown = tuple(
+        slice(max(s.start - _MARGIN, 0), min(s.stop + _MARGIN, n))
+        for s, n in zip(box, labels.shape, strict=True)
+    )
+    return compute_features(image[grown], labels[grown] == label, spacing_zyx, settings)
+
+
+#: Voxels kept around a region's bounding box (for the texture and morphology neighbourhoods).
+_MARGIN = 2
+
+
 def compute_features(
     image: NDArray[Any], mask: NDArray[Any], spacing_zyx: Sequence[float], settings: RadiomicsSettings
 ) -> dict[str, float]:
@@ -480,7 +504,7 @@ def compute_features(
     morph_mask = np.asarray(mask, dtype=bool)
     if not morph_mask.any():
         raise RadiomicsError("the region is empty")
-    img, morph_mask = _crop(np.asarray(image), morph_mask, margin=2)
+    img, morph_mask = _crop(np.asarray(image), morph_mask, margin=_MARGIN)
     spacing = tuple(float(s) for s in spacing_zyx)
     if settings.resample_mm is not None:
         x, y, z = settings.resample_mm

@@ -30,6 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
 from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec, check_uid
+from orthanc_plugin.imaging.postprocess import label_box
 from orthanc_plugin.outputs.seg import (
     algorithm_equipment,
     check_labels,
@@ -66,28 +67,8 @@ def slice_contours(mask: NDArray[np.bool_]) -> dict[int, list[NDArray[np.float64
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3D (slice, row, column), got shape {mask.shape}")
     mask = np.asarray(mask, dtype=bool)
-    box = _bounding_box(mask, True)
+    box = label_box(mask, True)
     return {} if box is None else _traced(mask[box], box)
-
-
-def _bounding_box(labels: NDArray[Any], label: Any) -> tuple[slice, slice, slice] | None:
-    """The bounding box of the voxels equal to ``label`` (None when there is none), from
-    projections made a few slices at a time: no grid-sized temporary."""
-    slabs = range(0, labels.shape[0], _SLAB)
-    slice_rows = np.concatenate([(labels[z : z + _SLAB] == label).any(axis=2) for z in slabs])
-    in_slices, in_rows = np.flatnonzero(slice_rows.any(axis=1)), np.flatnonzero(slice_rows.any(axis=0))
-    if in_slices.size == 0:
-        return None
-    z0, z1, r0, r1 = int(in_slices[0]), int(in_slices[-1]) + 1, int(in_rows[0]), int(in_rows[-1]) + 1
-    cols = np.zeros(labels.shape[2], dtype=bool)
-    for z in range(z0, z1, _SLAB):
-        cols |= (labels[z : min(z + _SLAB, z1), r0:r1] == label).any(axis=(0, 1))
-    in_cols = np.flatnonzero(cols)
-    return slice(z0, z1), slice(r0, r1), slice(int(in_cols[0]), int(in_cols[-1]) + 1)
-
-
-#: Slices per step of :func:`_bounding_box`.
-_SLAB = 16
 
 
 def _traced(mask: NDArray[np.bool_], box: tuple[slice, slice, slice]) -> dict[int, list[NDArray[np.float64]]]:
@@ -226,7 +207,7 @@ def build_rtstruct(
     roi_items, contour_items, observation_items = [], [], []
     number = 0
     for spec in sorted(segments, key=lambda s: s.label):
-        box = _bounding_box(lab, spec.label)
+        box = label_box(lab, spec.label)
         per_slice = {} if box is None else _traced(lab[box] == spec.label, box)
         if not per_slice:
             continue

@@ -31,6 +31,7 @@ from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
 from orthanc_plugin.review.apply import ReviewContext, ReviewProblem, apply_review
+from orthanc_plugin.worker.memory import release_free_heap
 from orthanc_plugin.worker.pipeline import BadInput, JobAborted, Run, Superseded, run_pipeline
 from orthanc_plugin.worker.warmup import warm_up
 
@@ -224,6 +225,7 @@ def _collect_after() -> Iterator[None]:
     finally:
         gc.enable()
         gc.collect()
+        release_free_heap()  # what the job freed, for the other processes of the node
 
 
 def lower_priority(nice: int) -> None:

@@ -69,7 +69,7 @@ from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
     RadiomicsError,
     RadiomicsSettings,
-    compute_features,
+    label_features,
 )
 from orthanc_plugin.imaging.resample import build_regular, segment_volumes_ml, to_source
 from orthanc_plugin.imaging.volume import Geometry, PixelReader, Volume, VolumeError
@@ -83,6 +83,7 @@ from orthanc_plugin.outputs.pdf_report import ValidatedFor, build_encapsulated_p
 from orthanc_plugin.outputs.rtstruct import build_rtstruct
 from orthanc_plugin.outputs.seg import build_seg
 from orthanc_plugin.outputs.sr import build_sr
+from orthanc_plugin.worker.memory import release_free_heap
 
 T = TypeVar("T")
 Labels = NDArray[np.uint8]
@@ -167,6 +168,7 @@ def run_pipeline(run: Run) -> tuple[JobOutputs, Encoded]:
     roles = check_input(run)
     datasets = run.stage("fetch", lambda: fetch(run.orthanc, roles))
     volumes = run.stage("volume", lambda: assemble(roles, datasets, run.orthanc.pixels, p.volume))
+    release_free_heap()  # the instances' pixel data, dropped once the volume holds the pixels
     prepared = run.stage("preprocess", lambda: prepare_tensor(p, volumes))
     model = run.triton.model_info(p.model.name, p.model.version)
     probs = run.stage("inference", lambda: infer(run.triton, p, model, prepared.tensor))
@@ -339,7 +341,7 @@ def radiomics(
     out = []
     for spec in present:
         try:
-            values = compute_features(volume.voxels, labels == spec.label, spacing_zyx, settings)
+            values = label_features(volume.voxels, labels, spec.label, spacing_zyx, settings)
         except RadiomicsError as e:
             raise BadInput(f"radiomics of segment '{spec.name}': {e}") from None
         out.append(
@@ -716,6 +718,7 @@ def check_quality(
             tissue_above=checks.tissue_above if checks else None,
             shape_and_surroundings=checks is not None,
         )  # fmt: skip
+        del mask  # before the next segment's: one grid-sized mask at a time
         if spec.label in scores:
             q = replace(q, confidence=scores[spec.label][0], entropy=scores[spec.label][1])
         if spec.label in airway:

@@ -20,7 +20,12 @@ from scipy.spatial.distance import pdist
 from skimage.measure import marching_cubes
 
 from orthanc_plugin.imaging import radiomics
-from orthanc_plugin.imaging.radiomics import RadiomicsSettings, compute_features
+from orthanc_plugin.imaging.radiomics import (
+    RadiomicsError,
+    RadiomicsSettings,
+    compute_features,
+    label_features,
+)
 
 Array = NDArray[Any]
 SPACING = (2.5, 0.8, 0.7)
@@ -149,3 +154,24 @@ def test_percentiles_from_counts_equal_numpy(n: int) -> None:
     ):
         ours = radiomics._percentiles(x, q, float(x.min()), float(x.max()), np.empty_like(x))
         assert ours == [float(v) for v in np.percentile(x, q)]
+
+
+def test_features_of_a_label_from_its_box_equal_those_of_the_whole_grid() -> None:
+    """label_features hands compute_features only the label's box grown by the crop margin:
+    every feature is the same as from the whole grid and a grid-sized mask."""
+    settings = RadiomicsSettings(bin_width=25, resegment=(-1000, 400))
+    rng = np.random.default_rng(9)
+    image = rng.integers(-1000, 400, (30, 40, 44)).astype(np.float32)
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    labels[0:9, 3:20, 30:44] = 1  # touching the grid's edges: the grown box is clipped there
+    labels[12:25, 15:33, 5:21] = 2
+    labels[14:20, 20:28, 8:15] = 0
+    for label in (1, 2):
+        whole = compute_features(image, labels == label, (2.0, 0.7, 0.7), settings)
+        boxed = label_features(image, labels, label, (2.0, 0.7, 0.7), settings)
+        assert boxed.keys() == whole.keys()
+        assert all(boxed[k] == whole[k] or (math.isnan(boxed[k]) and math.isnan(whole[k])) for k in whole), [
+            k for k in whole if boxed[k] != whole[k]
+        ]
+    with pytest.raises(RadiomicsError, match="empty"):
+        label_features(image, labels, 3, (2.0, 0.7, 0.7), settings)

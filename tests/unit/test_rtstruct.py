@@ -21,7 +21,8 @@ from pydicom.filebase import DicomBytesIO
 
 from orthanc_plugin.core.codes import Code
 from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec
-from orthanc_plugin.outputs.rtstruct import _bounding_box, _decimal_strings, build_rtstruct, slice_contours
+from orthanc_plugin.imaging.postprocess import label_box
+from orthanc_plugin.outputs.rtstruct import _decimal_strings, build_rtstruct, slice_contours
 from orthanc_plugin.outputs.sr import _CrackGraph
 from triton_models.ct_lung.reference_labels import reference_labels
 
@@ -219,9 +220,9 @@ def test_bounding_box_of_a_label() -> None:
         expected = tuple(
             slice(int(lo), int(hi) + 1) for lo, hi in zip(where.min(0), where.max(0), strict=True)
         )
-        assert _bounding_box(labels, label) == expected
-        assert _bounding_box(labels == label, True) == expected
-    assert _bounding_box(labels, 4) is None
+        assert label_box(labels, label) == expected
+        assert label_box(labels == label, True) == expected
+    assert label_box(labels, 4) is None
 
 
 def test_contour_data_text_is_each_value_formatted_alone() -> None:

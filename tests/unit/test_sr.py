@@ -19,6 +19,7 @@ from scipy import ndimage
 from orthanc_plugin.core.results import SegmentSpec, VolumeMeasurement
 from orthanc_plugin.outputs.sr import (
     MAX_POLYGON_POINTS,
+    _key_slice,
     _region_like,
     build_sr,
     device_observer_uid,
@@ -290,6 +291,49 @@ def rasterise(polygon: Array, shape: tuple[int, int]) -> Array:
         crosses = (y0 > ys) != (y1 > ys)
         inside ^= crosses & (xs < x0 + (ys - y0) * (x1 - x0) / (y1 - y0))
     return inside
+
+
+def test_regions_traced_in_the_box_are_those_of_the_whole_grid() -> None:
+    """image_regions traces inside the mask's box only: the outlines, their order and the key
+    slice are those of the tracer run over the whole grid (the plain path), and so is
+    _key_slice, which counts a few slices at a time."""
+    rng = np.random.default_rng(11)
+    images = [pydicom.Dataset() for _ in range(40)]
+    for k, image in enumerate(images):
+        image.SOPClassUID, image.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", f"2.25.{k + 1}"
+    for trial in range(12):
+        labels = np.zeros((40, 48, 56), dtype=np.uint8)
+        z0, r0, c0 = (int(x) for x in rng.integers(0, 12, size=3))
+        blob = ndimage.gaussian_filter(rng.random((20 + trial, 30, 36)), 1.5) > 0.5
+        labels[z0 : z0 + blob.shape[0], r0 : r0 + 30, c0 : c0 + 36][blob] = 1 + trial % 2
+        mask = labels == 1 + trial % 2
+        plain = segment_outlines(mask)  # the whole grid
+        first = int(np.flatnonzero(mask.any(axis=(1, 2)))[trial % 3])
+        found = image_regions(mask, images, first=first if trial % 2 else None)
+        assert found is not None
+        lead, more = found
+        area = mask.sum(axis=(1, 2))
+        lead_z = first if trial % 2 else max(sorted(plain), key=lambda z: int(area[z]))
+        assert (
+            lead.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == f"2.25.{lead_z + 1}"
+        )
+        assert np.array_equal(np.asarray(lead.GraphicData, dtype=np.float32), plain[lead_z].ravel())
+        rest = [z for z in sorted(plain) if z != lead_z]
+        assert [r.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in more] == [
+            f"2.25.{z + 1}" for z in rest
+        ]
+        for region, z in zip(more, rest, strict=True):
+            assert region.GraphicData == plain[z].ravel().tolist()
+        values = [1, 2] if trial % 4 == 0 else [1 + trial % 2]
+        present = np.ones(40, dtype=bool)
+        total = np.zeros(40, dtype=np.int64)
+        for v in values:
+            per_slice = (labels == v).sum(axis=(1, 2))
+            present &= per_slice > 0
+            total += per_slice
+        expected = int(np.argmax(np.where(present, total, -1))) if present.any() else None
+        assert _key_slice(labels, values) == expected
+    assert image_regions(np.zeros((3, 4, 4), dtype=bool), images) is None
 
 
 def filled_components(mask2d: Array) -> list[Array]:
