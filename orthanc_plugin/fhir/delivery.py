@@ -370,23 +370,28 @@ class DeliveryLoop:
         )
         return result
 
-    def run(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set; idle polls every ``poll_s`` seconds."""
+    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Deliver until ``stop`` is set; idle polls every ``poll_s`` seconds or when ``wake`` is set."""
         log.info("FHIR delivery to %s started (%s)", self.base_url, self.owner)
         try:
-            deliver_until(stop, self.run_once, self.poll_s, log, "FHIR delivery")
+            deliver_until(stop, self.run_once, self.poll_s, log, "FHIR delivery", wake)
         finally:
             self.close()
             log.info("FHIR delivery stopped (%s)", self.owner)
 
 
 def start_delivery_thread(
-    settings: Settings, owner: str, stop: threading.Event, poll_s: float = 1.0
+    settings: Settings,
+    owner: str,
+    stop: threading.Event,
+    poll_s: float = 1.0,
+    wake: threading.Event | None = None,
 ) -> threading.Thread | None:
-    """Start a :class:`DeliveryLoop` in a daemon thread; None when no FhirBaseUrl is set."""
+    """Start a :class:`DeliveryLoop` in a daemon thread; None when no FhirBaseUrl is set. Setting
+    ``wake`` makes an idle loop look at the outbox at once (a job just succeeded)."""
     if settings.fhir_base_url is None:
         return None
     loop = DeliveryLoop(settings.database(), settings, owner, poll_s=poll_s)
-    t = threading.Thread(target=loop.run, args=(stop,), name="fhir-delivery", daemon=True)
+    t = threading.Thread(target=loop.run, args=(stop, wake), name="fhir-delivery", daemon=True)
     t.start()
     return t

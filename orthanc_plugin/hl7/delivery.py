@@ -94,24 +94,32 @@ class Hl7DeliveryLoop:
             )  # fmt: skip
         return result
 
-    def run(self, stop: threading.Event) -> None:
-        """Deliver until ``stop`` is set; idle polls every ``poll_s`` seconds."""
+    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Deliver until ``stop`` is set; idle polls every ``poll_s`` seconds or when ``wake`` is set."""
         log.info("HL7 delivery to %s started (%s)", self.destination.name, self.owner)
         try:
-            deliver_until(stop, self.run_once, self.poll_s, log, "HL7 delivery")
+            deliver_until(stop, self.run_once, self.poll_s, log, "HL7 delivery", wake)
         finally:
             self.close()
             log.info("HL7 delivery to %s stopped", self.destination.name)
 
 
 def start_hl7_threads(
-    settings: Settings, owner: str, stop: threading.Event, poll_s: float = 1.0
+    settings: Settings,
+    owner: str,
+    stop: threading.Event,
+    poll_s: float = 1.0,
+    wakes: list[threading.Event] | None = None,
 ) -> list[threading.Thread]:
-    """One daemon thread per HL7 destination."""
+    """One daemon thread per HL7 destination; each one's wake event (set it: look at the outbox at
+    once) is appended to ``wakes``."""
     threads = []
     for destination in settings.hl7_destinations:
         loop = Hl7DeliveryLoop(settings.database(), settings, destination, owner, poll_s)
-        t = threading.Thread(target=loop.run, args=(stop,), name=f"hl7-{destination.name}", daemon=True)
+        wake = threading.Event()
+        if wakes is not None:
+            wakes.append(wake)
+        t = threading.Thread(target=loop.run, args=(stop, wake), name=f"hl7-{destination.name}", daemon=True)
         t.start()
         threads.append(t)
     return threads

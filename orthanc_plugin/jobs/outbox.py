@@ -419,15 +419,22 @@ def deliver_until(
     poll_s: float,
     log: logging.Logger,
     what: str,
+    wake: threading.Event | None = None,
 ) -> None:
     """The loop every delivery channel runs (FHIR, HL7): ``run_once`` until ``stop`` is set, waiting
-    ``poll_s`` when it found nothing to send; an error (e.g. the database locked past its timeout)
-    is logged and the loop goes on."""
+    ``poll_s`` when it found nothing to send, or less when ``wake`` is set (the worker beside it
+    has just queued a delivery); an error (e.g. the database locked past its timeout) is logged
+    and the loop goes on."""
     while not stop.is_set():
         try:
             busy = run_once()
         except Exception:  # noqa: BLE001 - one failed pass must not end the deliveries
             log.exception("%s loop error; retrying", what)
             busy = False
-        if not busy:
+        if busy:
+            continue
+        if wake is None:
             stop.wait(poll_s)
+        else:
+            wake.wait(poll_s)
+            wake.clear()

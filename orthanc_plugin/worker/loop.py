@@ -57,6 +57,8 @@ class Worker:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.labels = StudyLabels(orthanc.get_json, orthanc.put, orthanc.delete)
         self.stop = threading.Event()
+        # Set when a job succeeded: the delivery loops beside the worker (FHIR, HL7) send at once.
+        self.delivery_wakes: list[threading.Event] = []
         self._ready = False
         self._ready_checked = 0.0
         self.reviews = Reviews(store.path)
@@ -174,6 +176,8 @@ class Worker:
             job.id, self.owner, outputs, encoded.fhir, deliver_to=self.settings.fhir_base_url, hl7=encoded.hl7
         ):
             log.info("job %s: succeeded", job.id)
+            for wake in self.delivery_wakes:
+                wake.set()
             return "succeeded"
         log.warning("job %s: finished but no longer leased to us; result left to the new owner", job.id)
         return "lost"
@@ -265,8 +269,12 @@ def main(settings_path: str, owner: str | None = None, parent_pid: int | None = 
     # Deliveries run beside the jobs, in every worker: the outbox lease keeps them apart.
     # Before the first claim: a fresh worker's first job costs what a warm one does.
     warm_up(pipelines, settings, triton if worker.triton_ready() else None)
-    delivery = start_delivery_thread(settings, worker.owner, worker.stop)
-    hl7 = start_hl7_threads(settings, worker.owner, worker.stop)
+    # A job that succeeds wakes them, so its report leaves at once rather than at the next poll.
+    fhir_wake = threading.Event()
+    delivery = start_delivery_thread(settings, worker.owner, worker.stop, wake=fhir_wake)
+    if delivery is not None:
+        worker.delivery_wakes.append(fhir_wake)
+    hl7 = start_hl7_threads(settings, worker.owner, worker.stop, wakes=worker.delivery_wakes)
     try:
         worker.run_forever(parent_pid=parent_pid)
     finally:
