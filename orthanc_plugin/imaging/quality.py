@@ -127,6 +127,11 @@ def measure_segment(
     )
 
 
+#: Whether this NumPy interpolates a percentile with a Python ``q`` in the input's own float type
+#: (weak promotion: NumPy 2.x returns float32 for float32 voxels; 1.26 interpolates in float64).
+_WEAK_Q = np.percentile(np.zeros(2, dtype=np.float32), 50.0).dtype == np.float32
+
+
 def high_percentile(voxels: NDArray[np.floating[Any]], q: float) -> float:
     """``float(np.percentile(voxels, q))`` for a high ``q``, without its partition of a copy of
     the whole volume (335 MB for 320 CT slices): the order statistics it interpolates between
@@ -151,7 +156,9 @@ def high_percentile(voxels: NDArray[np.floating[Any]], q: float) -> float:
         return float(np.percentile(voxels, q))
     top.partition((k - below, k + 1 - below))
     a, b = top[k - below : k - below + 1].reshape(()), top[k + 1 - below : k + 2 - below].reshape(())
-    t = np.asanyarray(virtual - np.floor(virtual))
+    t: Any = np.asanyarray(virtual - np.floor(virtual))
+    if _WEAK_Q:
+        t = float(t)  # as NumPy >= 2.x does for a Python q: the interpolation stays in float32
     # numpy's _lerp, operation for operation (so the rounding is the same).
     diff = np.subtract(b, a)
     out = np.asanyarray(np.add(a, diff * t))
