@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pydicom
 from pydicom.uid import generate_uid
 from record import describe, machine, record  # a sibling script: bench/ is sys.path[0]
 
 from devstack.common import ROOT
+from devstack.derive import as_new_series
 from devstack.stack import OrthancServer, free_port  # noqa: E402
 from devstack.triton_server import TritonServer  # noqa: E402
 
@@ -44,23 +44,6 @@ STABLE_AGE = 60
 SECOND_SERIES_AFTER_S = 30.0
 PIPELINE = "ct-lung"
 URI_SYSTEM = "urn:ietf:rfc:3986"
-
-
-def as_study(src: Path, dest: Path, study: str, description: str | None = None) -> list[Path]:
-    """The files of ``src`` as a new series of ``study`` (new UIDs), in slice order along z."""
-    series = generate_uid()
-    dest.mkdir(parents=True)
-    out = []
-    for f in sorted(src.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if description is not None:
-            ds.SeriesDescription, ds.SeriesNumber = description, 99
-        ds.save_as(dest / f.name, enforce_file_format=True)
-        out.append((float(ds.ImagePositionPatient[2]), dest / f.name))
-    return [f for _, f in sorted(out)]
 
 
 def storescu(port: int, files: list[Path]) -> float:
@@ -195,7 +178,7 @@ def main() -> int:
                 runs = []
                 for i in range(args.runs):
                     uid = generate_uid()
-                    files = as_study(args.study, tmp / f"run-{i}", uid)
+                    files = as_new_series(args.study, tmp / f"run-{i}", uid)
                     arrived = storescu(orthanc.dicom_port, files)
                     runs.append(result_times(c, uid, arrived))
                     print(
@@ -205,9 +188,9 @@ def main() -> int:
 
                 # A second series 30 s later, then a late image of the first one.
                 uid = generate_uid()
-                first = as_study(args.study, tmp / "first", uid)
+                first = as_new_series(args.study, tmp / "first", uid)
                 late = first.pop()
-                second = as_study(args.study, tmp / "second", uid, description="second series")
+                second = as_new_series(args.study, tmp / "second", uid, description="second series")
                 arrived = storescu(orthanc.dicom_port, first)
                 sender = threading.Timer(
                     arrived + SECOND_SERIES_AFTER_S - time.time(), storescu, (orthanc.dicom_port, second)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import generate_uid
 
 from orthanc_plugin.core.uids import derived_uid
 
@@ -33,6 +34,24 @@ def copy_study(slices: list[pydicom.Dataset], out: Path, tag: str) -> Path:
         ds.AccessionNumber = ""
         ds.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
     return out
+
+
+def as_new_series(src: Path, dest: Path, study: str, description: str | None = None) -> list[Path]:
+    """The files of ``src`` as a new series of ``study`` (new Series and SOP Instance UIDs; with
+    ``description``, that SeriesDescription and SeriesNumber 99), in slice order along z."""
+    series = generate_uid()
+    dest.mkdir(parents=True)
+    out = []
+    for f in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if description is not None:
+            ds.SeriesDescription, ds.SeriesNumber = description, 99
+        ds.save_as(dest / f.name, enforce_file_format=True)
+        out.append((float(ds.ImagePositionPatient[2]), dest / f.name))
+    return [f for _, f in sorted(out)]
 
 
 def resample_z(slices: list[pydicom.Dataset], n: int, out: Path, tag: str) -> Path:

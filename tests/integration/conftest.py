@@ -18,6 +18,7 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
+from devstack.medplum_server import MedplumServer, missing
 from devstack.stack import ROOT, OrthancServer, free_port
 from devstack.triton_server import TritonServer
 
@@ -198,3 +199,14 @@ def copy_as_new_study(folder: Path, dest: Path) -> tuple[str, list[Path]]:
         ds.save_as(dest / f.name, enforce_file_format=True)
         out.append(dest / f.name)
     return study, out
+
+
+@pytest.fixture(scope="module")
+def medplum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MedplumServer]:
+    """The Medplum FHIR server (a third-party FHIR engine) for one test module."""
+    if missing():
+        pytest.fail(
+            f"the Medplum FHIR server is not installed: {missing()}; run scripts/install_fhir_peer.sh"
+        )
+    with MedplumServer(log_file=tmp_path_factory.mktemp("medplum") / "medplum.log") as server:
+        yield server

@@ -27,7 +27,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from devstack.medplum_server import MedplumServer, missing
+from devstack.medplum_server import MedplumServer
 from devstack.stack import OrthancServer, free_port
 from devstack.triton_server import TritonServer
 from devstack.viewer import DEFAULT_DIST, ViewerServer
@@ -51,16 +51,6 @@ EDIT_SCRIPT = Path(__file__).with_name("ohif_edit.mjs")
 PASSWORDS = {name: secrets.token_urlsafe(16) for name in ("admin", "rad", "clerk", "worker")}
 SLICES = 4
 AI_SEG = "AI orthanc-ai ct-lung segmentation"
-
-
-@pytest.fixture(scope="module")
-def medplum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MedplumServer]:
-    if missing():
-        pytest.fail(
-            f"the Medplum FHIR server is not installed: {missing()}; run scripts/install_fhir_peer.sh"
-        )
-    with MedplumServer(log_file=tmp_path_factory.mktemp("medplum") / "medplum.log") as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from devstack.medplum_server import MedplumServer, missing
+from devstack.derive import as_new_series
+from devstack.medplum_server import MedplumServer
 from devstack.stack import OrthancServer
 from devstack.triton_server import TritonServer
 from orthanc_plugin.fhir.report import URI_SYSTEM
@@ -57,16 +58,6 @@ def pipelines() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def medplum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MedplumServer]:
-    if missing():
-        pytest.fail(
-            f"the Medplum FHIR server is not installed: {missing()}; run scripts/install_fhir_peer.sh"
-        )
-    with MedplumServer(log_file=tmp_path_factory.mktemp("medplum") / "medplum.log") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def orthanc(
     tmp_path_factory: pytest.TempPathFactory, triton: TritonServer, medplum: MedplumServer
 ) -> Iterator[OrthancServer]:
@@ -91,20 +82,9 @@ def api(orthanc: OrthancServer) -> Iterator[httpx.Client]:
 
 
 def as_series(src: Path, dest: Path, study: str) -> list[Path]:
-    """The files of ``src`` as a new series of ``study`` (new Series and SOP Instance UIDs), in
-    slice order (along z)."""
+    """The files of ``src`` as a new series of ``study``, in slice order (along z)."""
     require_data(src)
-    series = generate_uid()
-    dest.mkdir(parents=True)
-    out = []
-    for f in sorted(src.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(dest / f.name, enforce_file_format=True)
-        out.append((float(ds.ImagePositionPatient[2]), dest / f.name))
-    return [f for _, f in sorted(out)]
+    return as_new_series(src, dest, study)
 
 
 def send(api: httpx.Client, files: list[Path], pause_s: float = 0.0) -> str:

@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from devstack.medplum_server import MedplumServer, missing
+from devstack.medplum_server import MedplumServer
 from devstack.stack import OrthancServer, free_port
 from devstack.triton_server import TritonServer
 
@@ -90,16 +90,6 @@ class SwitchedEhr:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def medplum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MedplumServer]:
-    if missing():
-        pytest.fail(
-            f"the Medplum FHIR server is not installed: {missing()}; run scripts/install_fhir_peer.sh"
-        )
-    with MedplumServer(log_file=tmp_path_factory.mktemp("medplum") / "medplum.log") as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
