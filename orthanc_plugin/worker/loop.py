@@ -31,7 +31,7 @@ from orthanc_plugin.orthanc_rest.client import OrthancClient, OrthancError
 from orthanc_plugin.orthanc_rest.labels import StudyLabels
 from orthanc_plugin.outputs.highdicom_cache import install_iod_cache
 from orthanc_plugin.review.apply import ReviewContext, ReviewProblem, apply_review
-from orthanc_plugin.worker.memory import release_free_heap
+from orthanc_plugin.worker.memory import one_heap, release_free_heap
 from orthanc_plugin.worker.pipeline import BadInput, JobAborted, Run, Superseded, run_pipeline
 from orthanc_plugin.worker.warmup import warm_up
 
@@ -244,6 +244,7 @@ def lower_priority(nice: int) -> None:
 
 def main(settings_path: str, owner: str | None = None, parent_pid: int | None = None) -> int:
     """Entry of ``python -m orthanc_plugin worker``."""
+    one_heap()  # before any thread: what the fetch threads free must go back at the trims
     import json
     from pathlib import Path
 
