@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from orthanc_plugin.core.config import PipelineConfig, Preprocess
 from orthanc_plugin.imaging import conform, postprocess, preprocess
-from orthanc_plugin.imaging.volume import Volume, axial_flips
+from orthanc_plugin.imaging.volume import Volume, Voxels, axial_flips
 
 Float32Array = NDArray[np.float32]
 
@@ -63,13 +63,14 @@ class Prepared:
 
 def source_channels(
     p: PipelineConfig, volumes: Mapping[str, Volume]
-) -> tuple[Volume, list[Float32Array], list[str]]:
-    """One array per input role on the first role's grid, in the pipeline's order."""
+) -> tuple[Volume, list[Voxels], list[str]]:
+    """One array per input role on the first role's grid, in the pipeline's order (a volume's
+    own voxels, int16 or float32, where it lies on that grid)."""
     first = p.inputs[0].role
     if first not in volumes:
         raise ValueError(f"the first role '{first}' has no volume")
     reference = volumes[first]
-    channels: list[Float32Array] = []
+    channels: list[Voxels] = []
     notes: list[str] = [f"role '{r}': {n}" for r, v in volumes.items() for n in v.notes]
     for role in p.inputs:
         v = volumes.get(role.role)
@@ -122,7 +123,7 @@ def prepare(p: PipelineConfig, volumes: Mapping[str, Volume]) -> Prepared:
     return Prepared(tensor, reference, notes, flips)
 
 
-def _scaling(pre: Preprocess, v: NDArray[np.floating[Any]]) -> Callable[[Float32Array], Float32Array] | None:
+def _scaling(pre: Preprocess, v: NDArray[Any]) -> Callable[[Float32Array], Float32Array] | None:
     """The intensity scaling of ``pre`` as an element-wise function (min-max uses ``v``'s range)."""
     if pre.window is not None:
         low, high = pre.window

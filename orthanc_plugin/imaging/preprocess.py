@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 
-def window(volume: NDArray[np.floating[Any]], low: float, high: float) -> NDArray[np.float32]:
+def window(volume: NDArray[Any], low: float, high: float) -> NDArray[np.float32]:
     """Clip intensities to ``[low, high]`` and scale them linearly to ``[0, 1]``."""
     if not high > low:
         raise ValueError(f"window: high ({high}) must be greater than low ({low})")
@@ -25,7 +25,7 @@ def window(volume: NDArray[np.floating[Any]], low: float, high: float) -> NDArra
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def minmax(volume: NDArray[np.floating[Any]]) -> NDArray[np.float32]:
+def minmax(volume: NDArray[Any]) -> NDArray[np.float32]:
     """Scale intensities to ``[0, 1]`` by the volume's own minimum and maximum."""
     v = np.asarray(volume, dtype=np.float32)
     lo, hi = float(v.min()), float(v.max())
@@ -44,7 +44,7 @@ def axis_weights(n_in: int, n_out: int) -> tuple[NDArray[np.intp], NDArray[np.in
 
 
 def resize(
-    volume: NDArray[np.floating[Any]],
+    volume: NDArray[Any],
     shape: tuple[int, int, int],
     order: int = 1,
     pointwise: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None = None,
@@ -65,14 +65,18 @@ def resize(
         raise ValueError(f"resize: target shape must be three positive sizes, got {shape}")
     if order not in (0, 1):
         raise ValueError(f"resize: order must be 0 (nearest) or 1 (linear), got {order}")
-    v = np.asarray(volume, dtype=np.float32)
+    # Another type than float32 (an int16 CT) is converted where planes are taken: the same
+    # float32 values as a float32 copy of the whole volume, without that copy.
+    v: NDArray[Any] = np.asarray(volume)
     if v.ndim != 3:
         raise ValueError(f"resize: expected a 3D array, got shape {v.shape}")
+    if order == 0 or v.shape == tuple(shape):
+        v = np.asarray(v, dtype=np.float32)
     if pointwise is not None and (order == 0 or v.shape == tuple(shape)):
         v = np.asarray(pointwise(v), dtype=np.float32)
         pointwise = None
     if v.shape == tuple(shape):
-        return v.copy()
+        return v.copy() if v is volume else v
     if order == 0:
         zoom = [t / s for t, s in zip(shape, v.shape, strict=True)]
         out = ndimage.zoom(v, zoom, order=0, mode="nearest", grid_mode=True, prefilter=False)
@@ -86,8 +90,8 @@ def resize(
         wshape = [1, 1, 1]
         wshape[axis] = n_out
         wb = w.reshape(wshape)
-        a = np.take(v, lo, axis=axis)
-        b = np.take(v, hi, axis=axis)
+        a = np.asarray(np.take(v, lo, axis=axis), dtype=np.float32)
+        b = np.asarray(np.take(v, hi, axis=axis), dtype=np.float32)
         if pointwise is not None:  # element-wise, so it commutes with taking planes
             a = np.asarray(pointwise(a), dtype=np.float32)
             b = np.asarray(pointwise(b), dtype=np.float32)

@@ -107,7 +107,7 @@ def measure_segment(
     variation = float(inside.std() / abs(mean)) if mean != 0 else math.inf
     shell, box = _shell(mask, volume.spacing, shell_mm)
     if shell.any():
-        around = voxels[box][shell]
+        around = np.asarray(voxels[box][shell], dtype=np.float32)
         around_mean = float(around.mean())
         denominator = abs(mean) + abs(around_mean)
         contrast = abs(mean - around_mean) / denominator if denominator > 0 else 0.0
@@ -132,18 +132,19 @@ def measure_segment(
 _WEAK_Q = np.percentile(np.zeros(2, dtype=np.float32), 50.0).dtype == np.float32
 
 
-def high_percentile(voxels: NDArray[np.floating[Any]], q: float) -> float:
-    """``float(np.percentile(voxels, q))`` for a high ``q``, without its partition of a copy of
-    the whole volume (335 MB for 320 CT slices): the order statistics it interpolates between
-    are taken from the voxels at or above a bound estimated on every 4th voxel along each axis
-    (gathered a few slices at a time), then interpolated with NumPy's own operations. Falls back
-    to ``np.percentile`` when the bound is too high or a value is NaN."""
+def high_percentile(voxels: NDArray[np.float32] | NDArray[np.int16], q: float) -> float:
+    """``float(np.percentile(voxels, q))`` of the voxels in float32 (as a float32 volume gives
+    it: an int16 volume's values are converted) for a high ``q``, without its partition of a
+    copy of the whole volume (335 MB for 320 CT slices): the order statistics it interpolates
+    between are taken from the voxels at or above a bound estimated on every 4th voxel along
+    each axis (gathered a few slices at a time), then interpolated in float32 with NumPy's own
+    operations. Falls back to ``np.percentile`` when the bound is too high or a value is NaN."""
     n = voxels.size
     virtual = np.asanyarray((n - 1) * np.true_divide(q, 100))  # as NumPy's "linear" method
     k = int(np.floor(virtual))
     sample = voxels[::4, ::4, ::4]
     if voxels.ndim != 3 or n < 2 or sample.size < 1000 or k + 1 >= n:
-        return float(np.percentile(voxels, q))
+        return float(np.percentile(np.asarray(voxels, dtype=np.float32), q))
     bound = np.percentile(sample, max(0.0, q - 0.5))
     parts, below = [], 0
     for z in range(0, voxels.shape[0], BOX_SLAB):
@@ -153,9 +154,10 @@ def high_percentile(voxels: NDArray[np.floating[Any]], q: float) -> float:
         parts.append(slab[high])
     top = np.concatenate(parts)
     if below + top.size != n or below > k:  # NaNs, or the bound is above the k-th value
-        return float(np.percentile(voxels, q))
+        return float(np.percentile(np.asarray(voxels, dtype=np.float32), q))
     top.partition((k - below, k + 1 - below))
-    a, b = top[k - below : k - below + 1].reshape(()), top[k + 1 - below : k + 2 - below].reshape(())
+    a = np.asarray(top[k - below : k - below + 1].reshape(()), dtype=np.float32)
+    b = np.asarray(top[k + 1 - below : k + 2 - below].reshape(()), dtype=np.float32)
     t: Any = np.asanyarray(virtual - np.floor(virtual))
     if _WEAK_Q:
         t = float(t)  # as NumPy >= 2.x does for a Python q: the interpolation stays in float32
@@ -166,7 +168,7 @@ def high_percentile(voxels: NDArray[np.floating[Any]], q: float) -> float:
     return float(out[()])
 
 
-def _sampled(voxels: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
+def _sampled(voxels: NDArray[np.float32] | NDArray[np.int16], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
     sub = mask[::_STEP, ::_STEP, ::_STEP]
     if np.count_nonzero(sub) >= 1000:
         return np.asarray(voxels[::_STEP, ::_STEP, ::_STEP][sub], dtype=np.float32)

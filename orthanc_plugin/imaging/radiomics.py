@@ -492,6 +492,14 @@ def label_features(
 _MARGIN = 2
 
 
+def _exact_in(value: float, dtype: np.dtype[Any]) -> bool:
+    """Whether ``value`` is a value of ``dtype`` (an int16 CT compares with -1000 as it is)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return math.isfinite(value) and value == math.floor(value) and info.min <= value <= info.max
+    return float(np.asarray(value, dtype=dtype)) == value
+
+
 def compute_features(
     image: NDArray[Any], mask: NDArray[Any], spacing_zyx: Sequence[float], settings: RadiomicsSettings
 ) -> dict[str, float]:
@@ -515,7 +523,7 @@ def compute_features(
     int_mask = morph_mask.copy()
     if settings.resegment is not None:
         low, high = settings.resegment
-        if any(float(np.asarray(b, dtype=img.dtype)) != b for b in (low, high)):
+        if not all(_exact_in(b, img.dtype) for b in (low, high)):
             img = np.asarray(img, dtype=np.float64)  # compare in float64 as the IBSI values are
         int_mask &= (img >= low) & (img <= high)
         if not int_mask.any():

@@ -138,7 +138,7 @@ def regularize(source: Volume, positions: NDArray[np.float64], max_voxels: int) 
         r = (np.tensordot(col, p, axes=1) - np.interp(u, u_src, a_src)) / dy
         c = (np.tensordot(row, p, axes=1) - np.interp(u, u_src, b_src)) / dx
         out[k] = ndimage.map_coordinates(
-            source.voxels, np.stack([f, r, c]), order=1, mode="nearest", prefilter=False
+            source.voxels, np.stack([f, r, c]), order=1, mode="nearest", prefilter=False, output=np.float32
         )
     geometry = SourceGeometry(
         volume=source, positions=positions, origin=origin, axes=axes, spacing=spacing,

@@ -22,6 +22,8 @@ from pydicom.dataset import Dataset
 from orthanc_plugin.imaging import multiframe
 
 PixelReader = Callable[[Dataset], NDArray[np.generic]]
+#: A volume's voxels: int16 where every value is an integer in its range (CT in HU), else float32.
+Voxels = NDArray[np.float32] | NDArray[np.int16]
 
 ORIENTATION_TOL = 1e-3  # direction cosines
 SPACING_REL_TOL = 0.05  # gaps may differ by 5% (scanner rounding), no more
@@ -72,9 +74,14 @@ def slice_shares(gaps: NDArray[np.float64]) -> NDArray[np.float64]:
 
 @dataclass(frozen=True)
 class Volume:
-    """A 3D image: ``voxels[z, y, x]`` with ``datasets[z]`` the source slice of plane z."""
+    """A 3D image: ``voxels[z, y, x]`` with ``datasets[z]`` the source slice of plane z.
 
-    voxels: NDArray[np.float32]
+    The voxels are the rescaled values (Modality LUT) as int16 when they are all integers within
+    its range (CT in HU: 168 MB instead of 335 MB for 320 slices of 512 x 512), else float32. A
+    consumer that computes in float32 converts what it reads (a slab, a sample), which gives the
+    same float32 values the whole volume in float32 would hold."""
+
+    voxels: Voxels
     datasets: tuple[Dataset, ...]
     spacing: tuple[float, float, float]  # (between slices, between rows, between columns) in mm
     origin: tuple[float, float, float]  # ImagePositionPatient of the first slice
@@ -106,6 +113,13 @@ class Volume:
     def voxel_volume_ml(self) -> float:
         dz, dy, dx = self.spacing
         return dz * dy * dx / 1000.0
+
+
+def _fits_int16(arr: NDArray[np.generic], intercept: int) -> bool:
+    """Whether the stored values ``arr`` plus ``intercept`` are integers within int16's range."""
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return arr.size == 0
+    return int(arr.min()) + intercept >= -(1 << 15) and int(arr.max()) + intercept < 1 << 15
 
 
 def _floats(ds: Dataset, keyword: str, n: int) -> NDArray[np.float64] | None:
@@ -420,7 +434,25 @@ def build_volume(
                 " gantry tilt, the series cannot be made into a volume"
             )
 
-    voxels = np.empty((len(order), rows, cols), dtype=np.float32)
+    rescale = []
+    for i in order:
+        ds = datasets[i]
+        # Modality LUT: without RescaleSlope/RescaleIntercept the stored values are the values
+        # (identity), as the standard's Modality LUT module says when they are absent.
+        slope, intercept = _rescale(ds, "RescaleSlope", 1.0), _rescale(ds, "RescaleIntercept", 0.0)
+        if slope == 0:
+            raise VolumeError(
+                f"instance {_sop(ds)} has RescaleSlope 0: every pixel would have the same value"
+            )
+        rescale.append((slope, intercept))
+    # Integer values (CT in HU: slope 1, an integer intercept) are kept as int16, half the memory
+    # of float32 and the same values; anything else, or a slice beyond int16's range, as float32.
+    integral = all(s == 1.0 and abs(b) < 1 << 16 and b == int(b) for s, b in rescale)
+    voxels: Voxels = (
+        np.empty((len(order), rows, cols), dtype=np.int16)
+        if integral
+        else np.empty((len(order), rows, cols), dtype=np.float32)
+    )
     for z, i in enumerate(order):
         ds = datasets[i]
         try:
@@ -435,15 +467,15 @@ def build_volume(
             raise VolumeError(
                 f"instance {_sop(ds)}: decoded pixels have shape {arr.shape}, expected {(rows, cols)}"
             )
-        # Modality LUT: without RescaleSlope/RescaleIntercept the stored values are the values
-        # (identity), as the standard's Modality LUT module says when they are absent.
-        slope = _rescale(ds, "RescaleSlope", 1.0)
-        intercept = _rescale(ds, "RescaleIntercept", 0.0)
-        if slope == 0:
-            raise VolumeError(
-                f"instance {_sop(ds)} has RescaleSlope 0: every pixel would have the same value"
-            )
-        if slope == 1.0:  # the usual CT case: one pass instead of two
+        slope, intercept = rescale[z]
+        if voxels.dtype == np.int16 and not _fits_int16(arr, int(intercept)):
+            wider = np.empty(voxels.shape, dtype=np.float32)
+            wider[:z] = voxels[:z]
+            voxels = wider
+        if voxels.dtype == np.int16:
+            # In int32 (a uint16 slice and a negative intercept), exact: the sum is in range.
+            np.add(arr, np.int32(intercept), out=voxels[z], casting="unsafe")
+        elif slope == 1.0:  # the usual CT case: one pass instead of two
             np.add(arr, np.float32(intercept), out=voxels[z], casting="unsafe")
         else:
             np.multiply(arr, slope, out=voxels[z], casting="unsafe")

@@ -169,7 +169,7 @@ def render(
 
 
 def render_key_images(
-    voxels: NDArray[np.float32],
+    voxels: NDArray[np.float32] | NDArray[np.int16],
     datasets: Sequence[Dataset],
     labels: NDArray[np.uint8],
     segments: Sequence[SegmentSpec],
@@ -190,9 +190,10 @@ def render_key_images(
     chosen = choose_slices(labels, [s.label for s in segments], count)
     out = []
     for n, z in enumerate(chosen, start=1):
+        plane = np.asarray(voxels[z], dtype=np.float32)  # an int16 CT's slice, as float32 values
         pixels = render(
-            voxels[z], labels[z], segments, measurements, algorithm,
-            window_of(datasets[z], voxels[z], window), style, fill_opacity,
+            plane, labels[z], segments, measurements, algorithm,
+            window_of(datasets[z], plane, window), style, fill_opacity,
             caption=f"Key image {n} of {len(chosen)} - slice {z + 1} of {len(datasets)}",
         )  # fmt: skip
         out.append(KeyImage(z, datasets[z], pixels))

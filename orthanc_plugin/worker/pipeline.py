@@ -673,10 +673,11 @@ def check_plausible(p: PipelineConfig, labels: Labels, volume: Volume, present: 
         low, high = seg.plausible_mean
         # Every other voxel along each axis is plenty for a mean (and 8x cheaper on a big series).
         sub = labels[::2, ::2, ::2] == spec.label
+        # In float32, as the mean of a float32 volume (an int16 one's int16 mean is float64).
         if sub.any():
-            mean = float(volume.voxels[::2, ::2, ::2][sub].mean())
+            mean = float(np.asarray(volume.voxels[::2, ::2, ::2][sub], dtype=np.float32).mean())
         else:
-            mean = float(volume.voxels[labels == spec.label].mean())
+            mean = float(np.asarray(volume.voxels[labels == spec.label], dtype=np.float32).mean())
         if not low <= mean <= high:
             what = seg.plausible_as or f"a {seg.name.lower()}"
             raise BadInput(

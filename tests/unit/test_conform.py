@@ -340,8 +340,9 @@ def test_real_epi_matches_the_brainchop_check_transposition(epi: Volume) -> None
     centre = (np.asarray(epi.shape) - 1) / 2.0
     scale = 1.0 / spacing
     cube = ndimage.affine_transform(
-        epi.voxels, scale, offset=centre - 127.5 * scale, output_shape=(256,) * 3, order=1, cval=0.0
-    )
+        np.asarray(epi.voxels, dtype=np.float32), scale, offset=centre - 127.5 * scale, output_shape=(256,) * 3,
+        order=1, cval=0.0,
+    )  # fmt: skip
     expected = np.flip(cube.transpose(1, 0, 2), axis=(0, 1))
     c = conform(epi)
     # compare where the check's cube interpolates inside the series (it drops the outer half voxels)
