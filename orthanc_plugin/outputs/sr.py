@@ -180,7 +180,8 @@ def build_sr(
         more_regions.append(more)
     if not groups:
         raise ValueError("nothing to report: no measurement refers to a segment of the SEG")
-    assessed = None if lab is None else assessed_region(lab, source_images, key_slice)
+    # Only classifications are shown on it (no 84 MB count over a 320-slice label map otherwise).
+    assessed = None if lab is None or not classifications else assessed_region(lab, source_images, key_slice)
     for c in classifications:
         groups.append(classification_group(c, algorithm, assessed))
 
@@ -728,7 +729,13 @@ def assessed_region(
     """A rectangle around everything segmented on the key slice (or the fullest slice): where a
     whole-organ classification is shown. Viewers such as OHIF place every measurement group on
     an image region and fail on a group that has none."""
-    per_slice = np.count_nonzero(labels.reshape(labels.shape[0], -1), axis=1)
+    # A few slices at a time: count_nonzero over an axis makes a boolean copy of what it counts.
+    per_slice = np.concatenate(
+        [
+            np.count_nonzero(labels[z : z + BOX_SLAB].reshape(-1, labels[0].size), axis=1)
+            for z in range(0, labels.shape[0], BOX_SLAB)
+        ]
+    )
     if not per_slice.any():
         return None
     k = key_slice if key_slice is not None and per_slice[key_slice] > 0 else int(np.argmax(per_slice))

@@ -158,7 +158,7 @@ def test_model_input_is_equal(ct: tuple[Volume, Volume, NDArray[np.uint8]]) -> N
 
 
 def test_key_images_are_equal(ct: tuple[Volume, Volume, NDArray[np.uint8]]) -> None:
-    small, wide, labels = ct
+    small, _, labels = ct
     segments = segment_specs(PIPELINES["ct-lung"])
     measurements = [VolumeMeasurement(1, 1000.0), VolumeMeasurement(2, 900.0)]
     algorithm = AlgorithmInfo(name="test", version="1", model_name="m", model_version="1")
@@ -166,10 +166,12 @@ def test_key_images_are_equal(ct: tuple[Volume, Volume, NDArray[np.uint8]]) -> N
     bare = [copy.deepcopy(ds) for ds in small.datasets]
     for ds in bare:
         del ds.WindowCenter, ds.WindowWidth
-    for window in (None, (-1350.0, 150.0)):
+    # Noise too: its percentiles fall between different values, interpolated in float32.
+    noise = np.random.default_rng(9).integers(-1024, 3072, small.shape).astype(np.int16)
+    for window, voxels in ((None, small.voxels), ((-1350.0, 150.0), small.voxels), (None, noise)):
         a, b = (
-            render_key_images(v.voxels, bare, labels, segments, measurements, algorithm, window=window)
-            for v in (small, wide)
+            render_key_images(v, bare, labels, segments, measurements, algorithm, window=window)
+            for v in (voxels, voxels.astype(np.float32))
         )
         assert [k.index for k in a] == [k.index for k in b]
         for x, y in zip(a, b, strict=True):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+import threading
+from types import SimpleNamespace
 
 import pytest
 
-from orthanc_plugin.worker import memory
+from orthanc_plugin.worker import memory, pipeline
 
 
 def test_free_heap_is_released_where_the_c_library_can() -> None:
@@ -62,3 +64,26 @@ def test_what_threads_freed_goes_back_to_the_system() -> None:
     before, held, after = (int(x) for x in out.split())
     assert held - before > 140, out
     assert after - before < 20, out
+
+
+def test_each_stage_hands_back_what_it_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's stages trim the heap one by one: the next stage starts from what is live."""
+    events: list[str] = []
+
+    class Store:
+        def record_stage(self, job_id: str, owner: str, name: str, seconds: float) -> None:
+            events.append(f"recorded {name}")
+
+    monkeypatch.setattr(pipeline, "release_free_heap", lambda: events.append("trimmed"))
+    run = pipeline.Run(
+        job=SimpleNamespace(id="j"),  # type: ignore[arg-type]
+        pipeline=None,  # type: ignore[arg-type]
+        settings=None,  # type: ignore[arg-type]
+        owner="w",
+        store=Store(),  # type: ignore[arg-type]
+        orthanc=None,  # type: ignore[arg-type]
+        triton=None,  # type: ignore[arg-type]
+        lost=threading.Event(),
+    )
+    assert run.stage("measure", lambda: events.append("ran") or 7) == 7
+    assert events == ["ran", "recorded measure", "trimmed"]
