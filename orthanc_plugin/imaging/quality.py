@@ -30,6 +30,7 @@ Computation only; the worker's pipeline decides what a failed check means.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from orthanc_plugin.imaging.postprocess import BOX_SLAB, label_box, label_mask
+from orthanc_plugin.imaging.postprocess import BOX_SLAB, label_box
 from orthanc_plugin.imaging.volume import Volume
 
 #: Sub-sampling step for means over big segments (every other voxel along each axis is plenty).
@@ -269,7 +270,7 @@ class Airway:
 
 def find_airway(
     volume: Volume,
-    lungs: NDArray[np.bool_],
+    lungs: NDArray[np.bool_] | LungExtent,
     *,
     air_below: float = -950.0,
     band_mm: float = 30.0,
@@ -286,27 +287,65 @@ def find_airway(
     extent and the slices at and below the seed, counting per slice only air regions up to
     ``max_area_mm2`` (so that emphysematous lung in the band is not taken for a bronchus).
     """
+    if not isinstance(lungs, LungExtent):
+        mask = lungs
+        lungs = LungExtent.of(mask, lambda z0, z1: mask[z0:z1])
+    return _find_airway(volume, lungs, air_below, band_mm, tube_area_mm2, max_area_mm2)
+
+
+@dataclass(frozen=True)
+class LungExtent:
+    """Where the lungs are: all that :func:`find_airway` reads of their mask, which can be made
+    a few slices at a time (no grid-sized mask, 84 MB for a 320-slice CT)."""
+
+    slices: NDArray[np.intp]  # the slices the lungs are on
+    rows_by_slice: NDArray[np.bool_]  # [slice, row]: lung on that row of that slice
+    columns_by_slice: NDArray[np.bool_]  # [slice, column]
+    end_slices: tuple[NDArray[np.bool_], NDArray[np.bool_]]  # the mask on the first and last slice
+
+    @staticmethod
+    def of(grid: NDArray[Any], mask: Callable[[int, int], NDArray[np.bool_]]) -> LungExtent:
+        """The extent of ``mask(z0, z1)``, the lungs' mask of slices z0 to z1 of ``grid``'s."""
+        n = grid.shape[0]
+        rows, cols = [], []
+        for z in range(0, n, BOX_SLAB):
+            slab = mask(z, min(z + BOX_SLAB, n))
+            rows.append(slab.any(axis=2))
+            cols.append(slab.any(axis=1))
+        by_row, by_col = np.concatenate(rows), np.concatenate(cols)
+        ends = (np.array(mask(0, 1)[0], dtype=bool), np.array(mask(n - 1, n)[0], dtype=bool))
+        return LungExtent(np.flatnonzero(by_row.any(axis=1)), by_row, by_col, ends)
+
+
+def _find_airway(
+    volume: Volume,
+    lungs: LungExtent,
+    air_below: float,
+    band_mm: float,
+    tube_area_mm2: tuple[float, float],
+    max_area_mm2: float,
+) -> Airway:
     empty = Airway(None, (slice(0, 0),) * 3)
-    if abs(volume.normal[2]) < 0.8 or not lungs.any():
+    if abs(volume.normal[2]) < 0.8 or lungs.slices.size == 0:
         # not axial: the midline and the cranial end are not what this assumes
         return Airway(None, empty.box, measurable=False)
     _, dy, dx = volume.spacing
-    zs = np.flatnonzero(lungs.any(axis=(1, 2)))
-    rows = np.flatnonzero(lungs[zs[0] : zs[-1] + 1].any(axis=(0, 2)))
-    cols = np.flatnonzero(lungs[zs[0] : zs[-1] + 1].any(axis=(0, 1)))
+    zs = lungs.slices
+    rows = np.flatnonzero(lungs.rows_by_slice[zs[0] : zs[-1] + 1].any(axis=0))
+    cols = np.flatnonzero(lungs.columns_by_slice[zs[0] : zs[-1] + 1].any(axis=0))
     mid = (cols[0] + cols[-1]) / 2
     half = band_mm / dx
-    x0, x1 = max(0, int(mid - half)), min(lungs.shape[2], int(mid + half) + 1)
+    x0, x1 = max(0, int(mid - half)), min(volume.shape[2], int(mid + half) + 1)
     # The patient's head is where the normal points (+z, superior, in DICOM's patient axes).
     cranial_last = volume.normal[2] > 0
     top = int(zs[-1]) if cranial_last else int(zs[0])
     # Lung beside the midline band in the volume's cranial end slice: the apices are cut off, and
     # the top slice shows bronchi and lung, not the trachea above them. (A trachea taken for lung
     # may reach that slice: it lies within the band.)
-    edge = lungs[lungs.shape[0] - 1 if cranial_last else 0]
+    edge = lungs.end_slices[1] if cranial_last else lungs.end_slices[0]
     if edge[:, :x0].any() or edge[:, x1:].any():
         return Airway(None, empty.box, measurable=False)
-    z = slice(0, top + 1) if cranial_last else slice(top, lungs.shape[0])
+    z = slice(0, top + 1) if cranial_last else slice(top, volume.shape[0])
     box = (z, slice(int(rows[0]), int(rows[-1]) + 1), slice(x0, x1))
     air = np.asarray(volume.voxels[box] < air_below)
     # Per slice, only air regions of at most max_area_mm2 (in-plane connectivity).
@@ -348,7 +387,7 @@ def airway_in_segments(
     """mL of the trachea and main bronchi (:func:`find_airway`) inside each segment of ``values``
     (0.0 each when no trachea was found; nothing, i.e. not measured, where the series cannot show
     it)."""
-    airway = find_airway(volume, label_mask(labels, values))
+    airway = find_airway(volume, LungExtent.of(labels, lambda z0, z1: np.isin(labels[z0:z1], values)))
     if not airway.measurable:
         return {}
     if airway.mask is None:
