@@ -261,10 +261,19 @@ def intensity(values: FloatArray) -> dict[str, float]:
     np.subtract(x, median, out=buf)
     np.abs(buf, out=buf)
     medad = float(buf.mean())
-    del buf
-    robust = x[(x >= p10) & (x <= p90)]
-    rmad = float(np.abs(robust - robust.mean()).mean())
-    del robust
+    # The values from p10 to p90 (in order, gathered a million at a time), then their distances
+    # from their mean, in the same buffer.
+    k = 0
+    for i in range(0, x.size, _COUNT_CHUNK):
+        part = x[i : i + _COUNT_CHUNK]
+        inside = part[(part >= p10) & (part <= p90)]
+        buf[k : k + inside.size] = inside
+        k += inside.size
+    robust = buf[:k]
+    np.subtract(robust, robust.mean(), out=robust)
+    np.abs(robust, out=robust)
+    rmad = float(robust.mean())
+    del robust, buf
     energy = float(np.dot(x, x))
     return {
         "stat.mean": mu,
@@ -298,10 +307,18 @@ def _percentiles(
     a count per value instead of a partition of a copy of the region."""
     if highest - lowest < _MAX_SPAN and lowest == math.floor(lowest):
         np.subtract(x, lowest, out=buf)  # exact for integers
-        offsets = buf.astype(np.intp)
-        if np.array_equal(offsets, buf):
-            below = np.cumsum(np.bincount(offsets, minlength=int(highest - lowest) + 1))
-            del offsets
+        # Counted a million values at a time: no region-sized copy as integers.
+        counts = np.zeros(int(highest - lowest) + 1, dtype=np.intp)
+        integers = True
+        for i in range(0, buf.size, _COUNT_CHUNK):
+            part = buf[i : i + _COUNT_CHUNK]
+            offsets = part.astype(np.intp)
+            integers = bool(np.array_equal(offsets, part))
+            if not integers:
+                break
+            counts += np.bincount(offsets, minlength=counts.size)
+        if integers:
+            below = np.cumsum(counts)
             n = x.size
 
             def order(k: int) -> float:  # the k-th smallest value, from 0
@@ -318,13 +335,14 @@ def _percentiles(
                 diff = b - a
                 out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
             return out
-        del offsets
     np.copyto(buf, x)
     return [float(v) for v in np.percentile(buf, q, overwrite_input=True)]
 
 
 #: Widest integer range that :func:`_percentiles` counts per value.
 _MAX_SPAN = 1 << 16
+#: Values converted to integers at a time by :func:`_percentiles`.
+_COUNT_CHUNK = 1 << 20
 
 
 #: The 13 unique directions of the 26-neighbourhood (dz, dy, dx), distance 1 (Chebyshev).
