@@ -127,6 +127,11 @@ def time_to_result() -> str:
     return head + "\n".join(rows + checks) + "\n" + counts + "\n" + _source(r) + "\n"
 
 
+def _block(rows: list[str], note: str, record: dict[str, Any]) -> str:
+    """A table, a sentence on what it holds and where the record came from."""
+    return "\n".join(rows) + f"\n\n{note}\n\n" + _source(record) + "\n"
+
+
 def triton_transport() -> str:
     r = load("triton_transport")
     if r is None:
@@ -138,12 +143,11 @@ def triton_transport() -> str:
         label = label.replace("triton", "Triton").replace("http", "HTTP").replace("shm", "shared memory")
         rows.append(f"| {label} | {f[key + '_median_ms']:.1f} | {f[key + '_vs_in_process']:.2f}x |")
     shape = "x".join(str(n) for n in notes["input_shape"])
-    return (
-        "\n".join(rows)
-        + f"\n\nThe `ct_lung` model, input {shape} float32, median of {notes['runs']} requests after two "
-        + "warm-up ones.\n\n"
-        + _source(r)
-        + "\n"
+    return _block(
+        rows,
+        f"The `ct_lung` model, input {shape} float32, median of {notes['runs']} requests after two "
+        + "warm-up ones.",
+        r,
     )
 
 
@@ -156,7 +160,7 @@ def model_latency() -> str:
     for key, value in f.items():
         model = key.removesuffix("_median_ms")
         rows.append(f"| {model} | {notes['runs'][model]} | {value:.1f} |")
-    return "\n".join(rows) + f"\n\nServed by: {notes['served_by']}.\n\n" + _source(r) + "\n"
+    return _block(rows, f"Served by: {notes['served_by']}.", r)
 
 
 def fetch_transport() -> str:
@@ -178,11 +182,8 @@ def fetch_transport() -> str:
     for key, value in f.items():
         name = key.removesuffix("_median_s")
         rows.append(f"| {labels.get(name, name.replace('_', ' '))} | {value:.3f} |")
-    return (
-        "\n".join(rows)
-        + f"\n\n{notes['instances']} instances, {notes['megabytes']} MB, median of {notes['runs']} runs.\n\n"
-        + _source(r)
-        + "\n"
+    return _block(
+        rows, f"{notes['instances']} instances, {notes['megabytes']} MB, median of {notes['runs']} runs.", r
     )
 
 
@@ -201,11 +202,10 @@ def throughput() -> str:
             f"| {row['workers']} | {row['per_hour']} | {row['wait_median_s']:.1f} | {row['job_median_s']:.2f} | "
             f"{row['failed']} | {row['retried']} | {row['exactly_once']} |"
         )
-    return (
-        "\n".join(rows)
-        + f"\n\n{notes['studies']} copies of {notes['series']} posted at once, a fresh stack per worker count.\n\n"
-        + _source(r)
-        + "\n"
+    return _block(
+        rows,
+        f"{notes['studies']} copies of {notes['series']} posted at once, a fresh stack per worker count.",
+        r,
     )
 
 
@@ -252,13 +252,12 @@ def monai_deploy_compare() -> str:
     checks = {**notes["output_checks_same_label_map"], **notes["output_checks_each_side_ran_the_model"]}
     failed = [name for name, ok in checks.items() if not ok]
     verdict = "all checks passed" if not failed else "FAILED: " + "; ".join(failed)
-    return (
-        "\n".join(rows)
-        + f"\n\nStudy {notes['study']} ({notes['slices']} slices), {notes['runs']} runs of each. Same on both "
+    return _block(
+        rows,
+        f"Study {notes['study']} ({notes['slices']} slices), {notes['runs']} runs of each. Same on both "
         + f"sides: {libraries}. MONAI Deploy side: {monai_side}. Outputs of the process-per-study runs: "
-        + f"Dice {dice}; frames, positions, references and segment attributes: {verdict}.\n\n"
-        + _source(r)
-        + "\n"
+        + f"Dice {dice}; frames, positions, references and segment attributes: {verdict}.",
+        r,
     )
 
 
