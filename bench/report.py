@@ -127,15 +127,86 @@ def time_to_result() -> str:
     return head + "\n".join(rows + checks) + "\n" + counts + "\n" + _source(r) + "\n"
 
 
-def figures_table(name: str, unit_note: str = "") -> Callable[[], str]:
-    def render() -> str:
-        r = load(name)
-        if r is None:
-            return _missing(name)
-        rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in r["figures"].items())
-        return f"| figure{unit_note} | value |\n|---|---:|\n{rows}\n\n{_source(r)}\n"
+def _block(rows: list[str], note: str, record: dict[str, Any]) -> str:
+    """A table, a sentence on what it holds and where the record came from."""
+    return "\n".join(rows) + f"\n\n{note}\n\n" + _source(record) + "\n"
 
-    return render
+
+def triton_transport() -> str:
+    r = load("triton_transport")
+    if r is None:
+        return _missing("triton_transport")
+    f, notes = r["figures"], r["notes"]
+    rows = ["| transport | median ms | against in-process |", "|---|---:|---:|"]
+    for key in (k.removesuffix("_median_ms") for k in f if k.endswith("_median_ms")):
+        label = key.replace("_", " ").replace("onnx runtime", "ONNX Runtime").replace("grpc", "gRPC")
+        label = label.replace("triton", "Triton").replace("http", "HTTP").replace("shm", "shared memory")
+        rows.append(f"| {label} | {f[key + '_median_ms']:.1f} | {f[key + '_vs_in_process']:.2f}x |")
+    shape = "x".join(str(n) for n in notes["input_shape"])
+    return _block(
+        rows,
+        f"The `ct_lung` model, input {shape} float32, median of {notes['runs']} requests after two "
+        + "warm-up ones.",
+        r,
+    )
+
+
+def model_latency() -> str:
+    r = load("model_latency")
+    if r is None:
+        return _missing("model_latency")
+    f, notes = r["figures"], r["notes"]
+    rows = ["| model | requests | median ms |", "|---|---:|---:|"]
+    for key, value in f.items():
+        model = key.removesuffix("_median_ms")
+        rows.append(f"| {model} | {notes['runs'][model]} | {value:.1f} |")
+    return _block(rows, f"Served by: {notes['served_by']}.", r)
+
+
+def fetch_transport() -> str:
+    r = load("fetch_transport_320_slices")
+    if r is None:
+        return _missing("fetch_transport_320_slices")
+    f, notes = r["figures"], r["notes"]
+    labels = {
+        "bytes_httpx_2_threads": "instance files with httpx, 2 threads",
+        "bytes_httpx_4_threads": "instance files with httpx, 4 threads",
+        "bytes_http_client_reader_2_threads": "instance files with the worker's reader, 2 threads",
+        "bytes_http_client_reader_4_threads": "instance files with the worker's reader, 4 threads",
+        "read_instances_bytes_parse_1_thread_s": "read and parsed (the worker's fetch), 1 thread",
+        "read_instances_bytes_parse_2_thread_s": "read and parsed (the worker's fetch), 2 threads",
+        "read_instances_bytes_parse_4_thread_s": "read and parsed (the worker's fetch), 4 threads",
+        "parse_from_local_disk_no_http": "parsed from the local disk, no HTTP",
+    }
+    rows = ["| what | median s |", "|---|---:|"]
+    for key, value in f.items():
+        name = key.removesuffix("_median_s")
+        rows.append(f"| {labels.get(name, name.replace('_', ' '))} | {value:.3f} |")
+    return _block(
+        rows, f"{notes['instances']} instances, {notes['megabytes']} MB, median of {notes['runs']} runs.", r
+    )
+
+
+def throughput() -> str:
+    r = load("throughput")
+    if r is None:
+        return _missing("throughput")
+    notes = r["notes"]
+    rows = [
+        "| workers | studies per hour | queue wait, median s | job, median s | failed | retried | "
+        "exactly one SEG and SR |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in notes["rows"]:
+        rows.append(
+            f"| {row['workers']} | {row['per_hour']} | {row['wait_median_s']:.1f} | {row['job_median_s']:.2f} | "
+            f"{row['failed']} | {row['retried']} | {row['exactly_once']} |"
+        )
+    return _block(
+        rows,
+        f"{notes['studies']} copies of {notes['series']} posted at once, a fresh stack per worker count.",
+        r,
+    )
 
 
 def monai_deploy_compare() -> str:
@@ -181,23 +252,22 @@ def monai_deploy_compare() -> str:
     checks = {**notes["output_checks_same_label_map"], **notes["output_checks_each_side_ran_the_model"]}
     failed = [name for name, ok in checks.items() if not ok]
     verdict = "all checks passed" if not failed else "FAILED: " + "; ".join(failed)
-    return (
-        "\n".join(rows)
-        + f"\n\nStudy {notes['study']} ({notes['slices']} slices), {notes['runs']} runs of each. Same on both "
+    return _block(
+        rows,
+        f"Study {notes['study']} ({notes['slices']} slices), {notes['runs']} runs of each. Same on both "
         + f"sides: {libraries}. MONAI Deploy side: {monai_side}. Outputs of the process-per-study runs: "
-        + f"Dice {dice}; frames, positions, references and segment attributes: {verdict}.\n\n"
-        + _source(r)
-        + "\n"
+        + f"Dice {dice}; frames, positions, references and segment attributes: {verdict}.",
+        r,
     )
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "pipeline_stages": pipeline_stages,
     "time_to_result": time_to_result,
-    "triton_transport": figures_table("triton_transport"),
-    "model_latency": figures_table("model_latency"),
-    "fetch_transport": figures_table("fetch_transport_320_slices"),
-    "throughput": figures_table("throughput"),
+    "triton_transport": triton_transport,
+    "model_latency": model_latency,
+    "fetch_transport": fetch_transport,
+    "throughput": throughput,
     "monai_deploy_compare": monai_deploy_compare,
 }
 

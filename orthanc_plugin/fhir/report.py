@@ -411,6 +411,49 @@ def as_update(bundle: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def withdraw_missing(bundle: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """``bundle`` (a superseding job's, see :func:`as_update`) plus every Observation of the
+    superseded job's ``previous`` bundle that it no longer has, updated to ``entered-in-error``:
+    the EHR keeps no measurement of the earlier result that the current one does not make (a
+    segment found before the late images and not after). Each goes as a conditional update on
+    its identifier and names the current bundle's Device."""
+    out = copy.deepcopy(bundle)
+    entries = out.get("entry", [])
+    kept = {_our_identifier(e["resource"]) for e in entries}
+    device = next((e["fullUrl"] for e in entries if e["resource"]["resourceType"] == "Device"), None)
+    for entry in previous.get("entry", []):
+        resource = entry["resource"]
+        ours = _our_identifier(resource)
+        if resource["resourceType"] != "Observation" or ours is None or ours in kept:
+            continue
+        withdrawn = copy.deepcopy(resource)
+        withdrawn["status"] = "entered-in-error"
+        if device is not None and "device" in withdrawn:
+            withdrawn["device"] = {"reference": device}
+        else:
+            withdrawn.pop("device", None)
+        name = withdrawn.get("code", {}).get("text", "measurement")
+        withdrawn["text"] = {
+            "status": "generated",
+            "div": _div(f"<p>{html.escape(name)}: withdrawn, the AI result was recomputed without it.</p>"),
+        }
+        entries.append(
+            {
+                "fullUrl": entry["fullUrl"],
+                "resource": withdrawn,
+                "request": {"method": "PUT", "url": f"Observation?identifier={URI_SYSTEM}|{ours}"},
+            }
+        )
+        kept.add(ours)
+    out["entry"] = entries
+    return out
+
+
+def _our_identifier(resource: dict[str, Any]) -> str | None:
+    ours = [i["value"] for i in resource.get("identifier", []) if i.get("system") == URI_SYSTEM]
+    return str(ours[0]) if ours else None
+
+
 def _device(algorithm: AlgorithmInfo, device_id: str, fhir_version: str) -> dict[str, Any]:
     kind = {"coding": [algorithm.family.to_fhir()], "text": "AI algorithm"}
     versions = [

@@ -29,13 +29,12 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
-from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec, check_uid
+from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec
 from orthanc_plugin.imaging.postprocess import label_box
 from orthanc_plugin.outputs.seg import (
     algorithm_equipment,
     check_labels,
-    check_segments,
-    check_series_description,
+    check_new_object,
     check_source_images,
 )
 from orthanc_plugin.outputs.sr import _CrackGraph
@@ -156,14 +155,9 @@ def build_rtstruct(
     Segments without a voxel get no ROI; it is an error when none has one.
     """
     rows, cols = check_source_images(source_images)
-    check_segments(segments)
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError("algorithm must be an AlgorithmInfo")
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    check_series_description(series_description)
-    if not isinstance(series_number, int) or not 0 <= series_number < 2**31:
-        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    check_new_object(
+        segments, algorithm, series_instance_uid, sop_instance_uid, series_number, series_description
+    )
     lab = check_labels(labels, len(source_images), rows, cols)
     first = source_images[0]
     for attr in ("FrameOfReferenceUID", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):

@@ -116,6 +116,26 @@ def check_series_description(value: str) -> None:
         raise ValueError(f"series_description must be 1..64 characters without a backslash, got {value!r}")
 
 
+def check_new_object(
+    segments: Sequence[SegmentSpec],
+    algorithm: AlgorithmInfo,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    series_description: str,
+) -> None:
+    """What every writer of a new object checks of its arguments: the segments, the algorithm,
+    the object's UIDs, series number and description."""
+    check_segments(segments)
+    if not isinstance(algorithm, AlgorithmInfo):
+        raise TypeError("algorithm must be an AlgorithmInfo")
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    if not isinstance(series_number, int) or not 0 <= series_number < 2**31:
+        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    check_series_description(series_description)
+
+
 def check_labels(labels: NDArray[np.integer[Any]], n_images: int, rows: int, cols: int) -> NDArray[np.uint8]:
     """Return ``labels`` as uint8 after checking shape ``(n_images, rows, cols)`` and range."""
     if not isinstance(labels, np.ndarray):
@@ -185,14 +205,9 @@ def build_seg(
     rows, cols = check_source_images(source_images)
     # The patient and study modules are copied from the first source: valid values only.
     source_images, _ = clean_sources(source_images)
-    check_segments(segments)
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError("algorithm must be an AlgorithmInfo")
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    if not isinstance(series_number, int) or not 0 <= series_number < 2**31:
-        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
-    check_series_description(series_description)
+    check_new_object(
+        segments, algorithm, series_instance_uid, sop_instance_uid, series_number, series_description
+    )
     # A single multi-frame source (an Enhanced CT/MR): one label slice per frame.
     frames = int(source_images[0].get("NumberOfFrames", 1) or 1) if len(source_images) == 1 else 1
     lab = check_labels(labels, len(source_images) * frames, rows, cols)

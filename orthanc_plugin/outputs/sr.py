@@ -52,7 +52,6 @@ from orthanc_plugin.core.results import (
     SegmentFeatures,
     SegmentSpec,
     VolumeMeasurement,
-    check_uid,
 )
 from orthanc_plugin.core.uids import derived_uid
 from orthanc_plugin.imaging.postprocess import BOX_SLAB, label_box
@@ -60,8 +59,7 @@ from orthanc_plugin.outputs.seg import (
     SEG_SOP_CLASS_UIDS,
     algorithm_equipment,
     check_labels,
-    check_segments,
-    check_series_description,
+    check_new_object,
     check_source_images,
 )
 from orthanc_plugin.outputs.source_attributes import clean_sources
@@ -120,14 +118,9 @@ def build_sr(
     rows, cols = check_source_images(source_images)
     # The patient and study modules are copied from the first source: valid values only.
     source_images, _ = clean_sources(source_images)
-    check_segments(segments)
-    if not isinstance(algorithm, AlgorithmInfo):
-        raise TypeError("algorithm must be an AlgorithmInfo")
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    check_series_description(series_description)
-    if not isinstance(series_number, int) or not 0 <= series_number < 2**31:
-        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    check_new_object(
+        segments, algorithm, series_instance_uid, sop_instance_uid, series_number, series_description
+    )
     in_seg = _seg_segments(seg, source_images[0])
     lab = None if labels is None else check_labels(labels, len(source_images), rows, cols)
 

@@ -59,7 +59,7 @@ from orthanc_plugin.core.results import (
     patient_id_system,
 )
 from orthanc_plugin.core.uids import derived_uid, key_image_uids, message_control_id, output_uids, pdf_uids
-from orthanc_plugin.fhir.report import as_update, build_diagnostic_report
+from orthanc_plugin.fhir.report import as_update, build_diagnostic_report, withdraw_missing
 from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
@@ -527,8 +527,12 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             ),
         )  # fmt: skip
         if fhir is not None and run.job.input.supersedes:
-            # The same resources as the superseded job's report, updated in place.
+            # The same resources as the superseded job's report, updated in place, and what it
+            # reported that this result no longer has withdrawn.
             fhir = as_update(fhir)
+            previous = superseded_report(run)
+            if previous is not None:
+                fhir = withdraw_missing(fhir, previous)
     hl7: dict[str, str] = {}
     if p.outputs.hl7_oru and run.settings.hl7_destinations:
         hl7 = run.stage("hl7_build", lambda: {
@@ -540,6 +544,22 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
             for d in run.settings.hl7_destinations
         })  # fmt: skip
     return Encoded(datasets, fhir, hl7)
+
+
+def superseded_report(run: Run) -> dict[str, Any] | None:
+    """The FHIR bundle of the latest job this one supersedes that made one (a superseded job may
+    have been replaced before it ran)."""
+    jid, seen = run.job.input.supersedes, set()
+    while jid is not None and jid not in seen:
+        seen.add(jid)
+        try:
+            old = run.store.get(jid)
+        except NotFound:
+            return None
+        if old.fhir is not None:
+            return old.fhir
+        jid = old.input.supersedes
+    return None
 
 
 def encode_key_images(

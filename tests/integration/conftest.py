@@ -6,6 +6,7 @@ temporary folder, so a running local stack is never disturbed.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -177,6 +178,29 @@ def make_orthanc(
     return OrthancServer(
         tmp / "storage", http_port=free_port(), dicom_port=free_port(), triton_grpc_port=triton_grpc_port,
         extra_env=env, **settings,
+    )  # fmt: skip
+
+
+def reviewer_stack(
+    tmp: Path, triton_grpc_port: int, fhir_url: str, passwords: dict[str, str]
+) -> OrthancServer:
+    """The ct-lung pipeline behind Orthanc's authentication, as a site runs the review loop:
+    ``admin`` an admin, ``rad`` the one reviewer, ``worker`` the workers' own account (every name
+    of ``passwords`` a user), reports to ``fhir_url``. Not started."""
+    return make_orthanc(
+        tmp, triton_grpc_port, [p for p in shipped_pipelines() if p["name"] == "ct-lung"],
+        stable_age=1,
+        http_auth=("admin", passwords["admin"]),
+        extra_env={
+            "ORTHANC_AI_FHIR_URL": fhir_url,
+            "ORTHANC_AI_DELIVERY_MAX_BACKOFF": "1",
+            "ORTHANC_AI_AUTH": "true",
+            "ORTHANC_AI_USERS": json.dumps(passwords),
+            "ORTHANC_AI_ADMINS": json.dumps(["admin"]),
+            "ORTHANC_AI_REVIEWERS": json.dumps(["rad"]),
+            "ORTHANC_AI_WORKER_USER": "worker",
+            "ORTHANC_AI_WORKER_PASSWORD": passwords["worker"],
+        },
     )  # fmt: skip
 
 

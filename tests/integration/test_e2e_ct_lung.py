@@ -332,16 +332,23 @@ def test_radiomics_features_in_sr_fhir_and_export(processed: dict, api: httpx.Cl
 
 
 def test_stable_event_lost_at_restart_is_caught_up(orthanc: OrthancServer, api: httpx.Client) -> None:
-    """Orthanc forgets pending stable events when it stops; the plugin catches up from /changes."""
+    """Orthanc forgets pending stable events when it stops; the plugin catches up from /changes.
+    Per-series start is off here (SeriesQuietSeconds 0): the catch-up alone must start the job."""
     require_data(CT_A0001)
     orthanc.stop()
     orthanc.stable_age = 60  # the study will not become stable before we kill Orthanc
-    orthanc.start(timeout=60)
-    sid = upload_folder(api, CT_A0001)
-    uid = study_uid(api, sid)
-    orthanc.kill()  # crash: the pending stable event is gone for good
-    orthanc.stable_age = 2
-    orthanc.start(timeout=60)
-    job = wait_job_done(api, uid, timeout=240, orthanc=orthanc)
-    assert job["state"] == "succeeded", job["error"]
-    assert len(series_by_modality(api, sid, "SEG")) == 1
+    orthanc.extra_env["ORTHANC_AI_SERIES_QUIET_SECONDS"] = "0"
+    try:
+        orthanc.start(timeout=60)
+        sid = upload_folder(api, CT_A0001)
+        uid = study_uid(api, sid)
+        orthanc.kill()  # crash: the pending stable event is gone for good
+        orthanc.stable_age = 2
+        orthanc.start(timeout=60)
+        job = wait_job_done(api, uid, timeout=240, orthanc=orthanc)
+        assert job["state"] == "succeeded", job["error"]
+        assert len(series_by_modality(api, sid, "SEG")) == 1
+    finally:
+        del orthanc.extra_env["ORTHANC_AI_SERIES_QUIET_SECONDS"]
+        orthanc.stop()
+        orthanc.start(timeout=60)

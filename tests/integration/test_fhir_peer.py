@@ -7,6 +7,7 @@ A missing node or Medplum install fails these tests (scripts/install_fhir_peer.s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from devstack.stack import OrthancServer
 from devstack.triton_server import TritonServer
 from orthanc_plugin.core.results import OutputUIDs
 from orthanc_plugin.fhir.delivery import FhirDeliveryClient
-from orthanc_plugin.fhir.report import URI_SYSTEM, build_diagnostic_report
+from orthanc_plugin.fhir.report import URI_SYSTEM, as_update, build_diagnostic_report, withdraw_missing
 
 from ..conftest import CT_B40, require_data
 from ..unit.test_fhir_report import ALGORITHM, ISSUED, MEASUREMENTS, SEGMENTS, STUDY
@@ -94,6 +95,42 @@ def test_redelivered_bundle_creates_each_resource_once(medplum: MedplumServer) -
     assert len(medplum.search("Device")) == 1
     assert len(medplum.search("DiagnosticReport")) == 2
     assert len(medplum.search("Observation")) == 2 * len(MEASUREMENTS)
+
+
+def test_a_superseding_report_updates_in_place_and_withdraws_what_it_lost(medplum: MedplumServer) -> None:
+    """The bundle of a job superseded by a late image, on Medplum: the report and its
+    observations are updated (new versions, the same server ids), and the observation of a segment
+    the new result no longer has is withdrawn (entered-in-error), not left as a current value."""
+    first = job_bundle("job-a")
+    uids = OutputUIDs("2.25.11", "2.25.12", "2.25.21", "2.25.22", key="job-a")
+    fewer = [dataclasses.replace(MEASUREMENTS[0], volume_ml=MEASUREMENTS[0].volume_ml + 10.0)]
+    second = withdraw_missing(
+        as_update(build_diagnostic_report(STUDY, SEGMENTS, fewer, ALGORITHM, uids, ISSUED)), first
+    )
+    with FhirDeliveryClient(medplum.url) as client:
+        assert client.deliver(first).ok
+        before = {ours(o): o for o in medplum.search("Observation")}
+        (report_before,) = medplum.search("DiagnosticReport")
+        result = client.deliver(second)
+        assert result.ok, result.message
+        assert client.deliver(second).ok  # delivered again after a lost answer: nothing changes
+    after = {ours(o): o for o in medplum.search("Observation")}
+    (report,) = medplum.search("DiagnosticReport")
+    assert (
+        report["id"] == report_before["id"]
+        and report["meta"]["versionId"] != report_before["meta"]["versionId"]
+    )
+    assert after.keys() == before.keys() and len(after) == len(MEASUREMENTS)
+    assert all(after[k]["id"] == before[k]["id"] for k in after)  # updated, not created anew
+    kept = {
+        ours(e["resource"]) for e in second["entry"][:-1] if e["resource"]["resourceType"] == "Observation"
+    }
+    (lost,) = after.keys() - kept
+    assert after[lost]["status"] == "entered-in-error"
+    (value,) = [after[k]["valueQuantity"]["value"] for k in kept]
+    assert value == round(fewer[0].volume_ml, 3) and after[next(iter(kept))]["status"] == "preliminary"
+    assert [medplum.read(r["reference"])["id"] for r in report["result"]] == [after[k]["id"] for k in kept]
+    assert len(medplum.search("Device")) == 1
 
 
 @pytest.fixture

@@ -36,8 +36,7 @@ from ..conftest import CT_B40, require_data
 from .browser import require_browser, run_check
 from .conftest import (
     last_change,
-    make_orthanc,
-    shipped_pipelines,
+    reviewer_stack,
     study_uid,
     upload_folder,
     wait_for,
@@ -58,21 +57,7 @@ def orthanc(
     tmp_path_factory: pytest.TempPathFactory, triton: TritonServer, medplum: MedplumServer
 ) -> Iterator[OrthancServer]:
     tmp = tmp_path_factory.mktemp("orthanc-ohif-edit")
-    server = make_orthanc(
-        tmp, triton.grpc_port, [p for p in shipped_pipelines() if p["name"] == "ct-lung"],
-        stable_age=1,
-        http_auth=("admin", PASSWORDS["admin"]),
-        extra_env={
-            "ORTHANC_AI_FHIR_URL": medplum.url,
-            "ORTHANC_AI_DELIVERY_MAX_BACKOFF": "1",
-            "ORTHANC_AI_AUTH": "true",
-            "ORTHANC_AI_USERS": json.dumps(PASSWORDS),
-            "ORTHANC_AI_ADMINS": json.dumps(["admin"]),
-            "ORTHANC_AI_REVIEWERS": json.dumps(["rad"]),
-            "ORTHANC_AI_WORKER_USER": "worker",
-            "ORTHANC_AI_WORKER_PASSWORD": PASSWORDS["worker"],
-        },
-    )  # fmt: skip
+    server = reviewer_stack(tmp, triton.grpc_port, medplum.url, PASSWORDS)
     server.start(timeout=60)
     yield server
     server.stop()

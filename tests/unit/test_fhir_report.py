@@ -22,11 +22,13 @@ from orthanc_plugin.core.results import OutputUIDs, StudyRef, VolumeMeasurement,
 from orthanc_plugin.fhir.report import (
     DICOM_UID_SYSTEM,
     URI_SYSTEM,
+    as_update,
     build_diagnostic_report,
     device_uuid,
     entry_uuid,
     report_summary,
     validate_bundle,
+    withdraw_missing,
 )
 
 # The same segments and algorithm as the SEG/SR tests: one synthetic result across all encoders.
@@ -429,3 +431,36 @@ def test_patient_id_system_settings_are_validated(tmp_path: Path) -> None:
         Settings.model_validate(base | {"PatientIdIssuerSystems": {"HOSP-A": "not a uri"}})
     with pytest.raises(ValueError, match="StudyRef.patient_id_system"):
         StudyRef("2.25.5", "P", patient_id_system="mrn")
+
+
+@pytest.mark.parametrize("fhir_version", ["R4", "R5"])
+def test_a_measurement_the_superseding_result_lacks_is_withdrawn(fhir_version: str) -> None:
+    """A late image changed the result and one segment is no longer found: its Observation is
+    updated to entered-in-error; the others are updated in place, none is sent twice."""
+    previous = as_update(example_bundle(fhir_version))
+    current = as_update(
+        build_diagnostic_report(
+            STUDY, SEGMENTS, MEASUREMENTS[:1], ALGORITHM, IDS, ISSUED, fhir_version=fhir_version
+        )
+    )
+    out = withdraw_missing(current, previous)
+    validate_bundle(out, fhir_version)
+    assert out["entry"][: len(current["entry"])] == current["entry"]  # the current result, unchanged
+    (extra,) = out["entry"][len(current["entry"]) :]
+    (gone,) = [
+        e for e in previous["entry"] if e["resource"]["resourceType"] == "Observation"
+        and e["resource"]["identifier"] not in [c["resource"].get("identifier") for c in current["entry"]]
+    ]  # fmt: skip
+    assert extra["fullUrl"] == gone["fullUrl"]
+    assert extra["resource"]["identifier"] == gone["resource"]["identifier"]
+    assert extra["resource"]["status"] == "entered-in-error"
+    assert extra["request"] == {
+        "method": "PUT",
+        "url": f"Observation?identifier={URI_SYSTEM}|{gone['resource']['identifier'][0]['value']}",
+    }
+    (device,) = [e["fullUrl"] for e in out["entry"] if e["resource"]["resourceType"] == "Device"]
+    assert extra["resource"]["device"] == {"reference": device}
+    assert "withdrawn" in extra["resource"]["text"]["div"]
+    # Nothing to withdraw when the result keeps its measurements; applying it twice adds nothing.
+    assert withdraw_missing(previous, previous) == previous
+    assert withdraw_missing(out, previous) == out

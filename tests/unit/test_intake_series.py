@@ -243,3 +243,36 @@ def test_a_running_superseded_job_stores_nothing(tmp_path):
     done = store.get(old.id)
     assert done.state == "cancelled" and "not stored" in (done.error or "")
     assert store.superseded_ids([old.id, new.id]) == {old.id}
+
+
+def test_a_late_image_seen_just_before_a_restart_still_supersedes(world):
+    """The change log position is not moved past a series still being fed: after a crash within
+    its quiet time (Orthanc forgets its pending stable event too), the late image is read again
+    and supersedes the result."""
+    orthanc, store, intake, clock = world
+    ser = orthanc.add_series("s", "B40f", 30)
+    intake.process_changes()
+    clock.now += QUIET + 0.1
+    intake.process_changes()
+    orthanc.log("StableStudy", "s")
+    intake.process_changes()
+    (first,) = store.list_jobs()
+    orthanc.add_instances(ser, 1)  # the late image, after the study was stable
+    intake.process_changes()
+    assert intake.receiving == 1
+    # Crash before the quiet time is over: a new intake on the same job store.
+    pipelines = [p for p in load_pipelines(ROOT / "config" / "pipelines.yaml") if p.name == "ct-lung"]
+    restarted = Intake(orthanc.get, store, lambda: pipelines, catch_up_delay_s=600, series_quiet_s=QUIET)
+    restarted.process_changes()
+    clock.now += QUIET + 0.1
+    restarted.process_changes()
+    jobs = store.list_jobs()
+    assert len(jobs) == 2
+    second = next(j for j in jobs if j.id != first.id)
+    assert second.input.supersedes == first.id and len(second.input.roles["ct"].instances) == 31
+    # Once it is handled the position moves on: another restart reads nothing again.
+    again = Intake(orthanc.get, store, lambda: pipelines, catch_up_delay_s=600, series_quiet_s=QUIET)
+    again.process_changes()
+    clock.now += QUIET + 0.1
+    again.process_changes()
+    assert len(store.list_jobs()) == 2 and again.receiving == 0

@@ -95,3 +95,27 @@ def test_a_superseded_job_stores_nothing(jobs):
         store_outputs(run_of(old, store, orthanc), [], Encoded({"seg": ds("2.1", "2.1.1")}, None))
     assert e.value.by == new.id
     assert orthanc.stored == [] and orthanc.deleted == []
+
+
+def test_the_report_withdrawn_from_is_the_latest_one_delivered(tmp_path) -> None:
+    """A job superseded before it ran made no report: the one before it is what the EHR holds."""
+    from orthanc_plugin.worker.pipeline import superseded_report
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    first, _ = store.enqueue("1.2|p|1|a", "1.2", "s", "p", "1", "a", JobInput())
+    assert store.claim("w1", 30) is not None
+    outputs = JobOutputs(
+        stored={"seg": stored("2.1", "2.1.1")},
+        model=ModelRef(name="m", version="1"),
+        volume=VolumeInfo(shape=(30, 8, 8), spacing_mm=(1.0, 1.0, 1.0)),
+        inputs=InputsInfo(channels=("ct",), grid=(8, 8, 8)),
+    )
+    report = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+    assert store.succeed(first.id, "w1", outputs, report)
+    second, _ = store.enqueue("1.2|p|1|b", "1.2", "s", "p", "1", "b", JobInput(supersedes=first.id))
+    store.supersede(first.id, second.id, "late image")
+    third, _ = store.enqueue("1.2|p|1|c", "1.2", "s", "p", "1", "c", JobInput(supersedes=second.id))
+    store.supersede(second.id, third.id, "another late image")
+    assert store.get(second.id).fhir is None
+    assert superseded_report(run_of(store.get(third.id), store, Orthanc())) == report
+    assert superseded_report(run_of(store.get(first.id), store, Orthanc())) is None
