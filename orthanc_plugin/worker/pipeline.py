@@ -64,7 +64,7 @@ from orthanc_plugin.hl7.message import build_oru
 from orthanc_plugin.imaging.acquisition import acquisition_of
 from orthanc_plugin.imaging.model_input import Float32Array, Prepared, prepare
 from orthanc_plugin.imaging.multiframe import seg_sources
-from orthanc_plugin.imaging.quality import SegmentQuality, airway_in_segments, confidence, measure_segment
+from orthanc_plugin.imaging.quality import SegmentQuality, airway_in_segments, confidence, measure_label
 from orthanc_plugin.imaging.radiomics import (
     FEATURES_BY_ID,
     RadiomicsError,
@@ -736,14 +736,12 @@ def check_quality(
     for spec in present:
         seg = configured[spec.label]
         checks = seg.checks
-        mask = labels == spec.label
-        q = measure_segment(
-            volume, mask,
+        q = measure_label(
+            volume, labels, spec.label,
             shell_mm=checks.shell_mm if checks else 10.0,
             tissue_above=checks.tissue_above if checks else None,
             shape_and_surroundings=checks is not None,
         )  # fmt: skip
-        del mask  # before the next segment's: one grid-sized mask at a time
         if spec.label in scores:
             q = replace(q, confidence=scores[spec.label][0], entropy=scores[spec.label][1])
         if spec.label in airway:

@@ -26,7 +26,7 @@ from orthanc_plugin.core.config import PipelineConfig, Settings, segment_specs
 from orthanc_plugin.core.handoff import JobInput
 from orthanc_plugin.core.results import AlgorithmInfo, VolumeMeasurement
 from orthanc_plugin.core.uids import derived_uid
-from orthanc_plugin.imaging.quality import airway_in_segments, measure_segment
+from orthanc_plugin.imaging.quality import airway_in_segments, measure_label
 from orthanc_plugin.imaging.volume import build_volume
 from orthanc_plugin.inference.triton import TritonClient
 from orthanc_plugin.jobs.store import Job
@@ -113,7 +113,7 @@ def warm_pipeline(p: PipelineConfig, settings: Settings, triton: TritonClient | 
     present = [s for s in specs if np.any(labels == s.label)]
     # The quality measurements (the pipeline's verdicts do not matter on this series).
     for spec in present:
-        measure_segment(volume, labels == spec.label)
+        measure_label(volume, labels, spec.label)
     airway_in_segments(volume, labels, [s.label for s in present])
     measurements = [
         VolumeMeasurement(s.label, float(np.sum(labels == s.label)) * volume.voxel_volume_ml) for s in present
