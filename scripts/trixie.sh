@@ -26,7 +26,8 @@ VENV=.venv-$REL
 DEFAULT_TESTS="tests/integration/test_e2e_ct_lung.py tests/integration/test_bad_input_corpus.py
   tests/integration/test_faults.py tests/integration/test_fhir_delivery.py tests/integration/test_ohif.py
   tests/integration/test_triton.py tests/integration/test_labels.py tests/integration/test_tls.py
-  tests/integration/test_load.py tests/integration/test_ohif_edit.py tests/integration/test_per_series.py"
+  tests/integration/test_load.py tests/integration/test_ohif_edit.py tests/integration/test_per_series.py
+  tests/integration/test_priority.py tests/integration/test_fhir_peer.py"
 TESTS=${TRIXIE_TESTS:-$DEFAULT_TESTS}
 start=$SECONDS
 
