@@ -543,7 +543,11 @@ def compute_features(
         low, high = settings.resegment
         if not all(_exact_in(b, img.dtype) for b in (low, high)):
             img = np.asarray(img, dtype=np.float64)  # compare in float64 as the IBSI values are
-        int_mask &= (img >= low) & (img <= high)
+        # Bounds in the image's own type (exact, checked above): an int16 CT is compared as int16,
+        # not converted to float64 for the comparison.
+        lo, hi = np.asarray(low, dtype=img.dtype), np.asarray(high, dtype=img.dtype)
+        int_mask &= img >= lo
+        int_mask &= img <= hi
         if not int_mask.any():
             raise RadiomicsError(
                 f"no voxel of the region lies in the re-segmentation range {list(settings.resegment)}"
