@@ -90,8 +90,7 @@ def resize(
         wshape = [1, 1, 1]
         wshape[axis] = n_out
         wb = w.reshape(wshape)
-        a = np.asarray(np.take(v, lo, axis=axis), dtype=np.float32)
-        b = np.asarray(np.take(v, hi, axis=axis), dtype=np.float32)
+        a, b = _planes(v, lo, axis), _planes(v, hi, axis)
         if pointwise is not None:  # element-wise, so it commutes with taking planes
             a = np.asarray(pointwise(a), dtype=np.float32)
             b = np.asarray(pointwise(b), dtype=np.float32)
@@ -102,3 +101,14 @@ def resize(
         a += b
         v = a
     return v
+
+
+def _planes(v: NDArray[Any], index: NDArray[np.intp], axis: int) -> NDArray[np.float32]:
+    """``np.take(v, index, axis)`` as float32: along the slices of an int16 volume copied plane by
+    plane into the float32 result (no int16 copy of the planes first)."""
+    if v.dtype == np.float32 or axis != 0:
+        return np.asarray(np.take(v, index, axis=axis), dtype=np.float32)
+    out = np.empty((len(index), *v.shape[1:]), dtype=np.float32)
+    for j, i in enumerate(index):
+        out[j] = v[i]
+    return out
