@@ -6,9 +6,10 @@
 //
 // A check is written as
 //
-//   const { args, report, mark } = start({ usage: '...', required: ['url'], defaults: { timeout: 60000 } });
-//   await drive({ args, report, mark, flags: SOFTWARE_WEBGL, failureShot: 'x-failure.png' }, async (browser) => {
-//     ...; report.ok = true;
+//   const check = start({ usage: '...', required: ['url'], defaults: { timeout: 60000 } });
+//   await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'x-failure.png' }, async (browser) => {
+//     const page = await newPage(await ohifContext(browser), check);
+//     check.report.step = '...'; ...; check.report.ok = true;
 //   });
 //
 // Exit status 0 when the report was written (even if the page misbehaved), 2 on a usage error.
@@ -27,7 +28,7 @@ export const CHROMIUM_FLAGS = [
   '--headless=new', '--no-sandbox', '--no-first-run', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage',
 ];
-// Software WebGL2 (SwiftShader through ANGLE): OHIF and Chart.js render without a GPU.
+// Software WebGL2 (SwiftShader through ANGLE): OHIF renders without a GPU.
 export const SOFTWARE_WEBGL = [
   '--use-gl=angle', '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist',
 ];
