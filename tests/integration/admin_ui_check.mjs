@@ -6,54 +6,21 @@
 //
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if the page misbehaved), 2 on a usage error.
-import { createRequire } from 'node:module';
-import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { drive, newPage, screenshots, start } from './browser.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-// playwright-core lives in viewer/node_modules (scripts/install_viewer.sh), not beside this file.
-const require = createRequire(path.join(here, '..', '..', 'viewer', 'package.json'));
-const { chromium } = require('playwright-core');
-
-const args = { chromium: '/usr/bin/chromium', timeout: 45000 };
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; i += 2) args[argv[i].replace(/^--/, '')] = argv[i + 1];
-args.timeout = Number(args.timeout);
-if (!args.base || !args.job || !args.out) {
-  console.error('usage: admin_ui_check.mjs --base <orthanc url> --job <id> --out <dir> [--chromium PATH]');
-  process.exit(2);
-}
-fs.mkdirSync(args.out, { recursive: true });
-
-const report = { ok: false, step: 'launch', error: null, timings: {}, console: [], screenshots: [] };
-const t0 = Date.now();
-const mark = (name) => { report.timings[name] = (Date.now() - t0) / 1000; };
+const check = start({
+  usage: 'admin_ui_check.mjs --base <orthanc url> --job <id> --out <dir> [--chromium PATH]',
+  required: ['base', 'job'],
+  defaults: { timeout: 45000 },
+});
+const { args, report, mark } = check;
 const rowSel = `tr[data-job-id="${args.job}"]`;
 
-let browser;
-try {
-  browser = await chromium.launch({
-    executablePath: args.chromium,
-    args: ['--headless=new', '--no-sandbox', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
-    timeout: args.timeout,
-  });
-  const page = await browser.newPage({ viewport: { width: 1500, height: 950 } });
-  page.setDefaultTimeout(args.timeout);
-  page.on('console', (msg) => {
-    if (['error', 'warning'].includes(msg.type())) report.console.push({ type: msg.type(), step: report.step, text: msg.text().slice(0, 1000) });
-  });
-  page.on('pageerror', (err) => report.console.push({ type: 'pageerror', step: report.step, text: String(err.stack || err).slice(0, 1000) }));
+await drive({ ...check, failureShot: 'admin-ui-failure.png', fullPage: true }, async (browser) => {
+  const context = await browser.newContext({ viewport: { width: 1500, height: 950 } });
   // Anything the page asks from outside Orthanc (a CDN...) is a failure: it must work offline.
-  const origin = new URL(args.base).origin;
-  report.foreignRequests = [];
-  page.on('request', (req) => { if (!req.url().startsWith(origin) && !req.url().startsWith('data:')) report.foreignRequests.push(req.url()); });
-  const shot = async (name) => {
-    const file = path.join(args.out, name);
-    await page.screenshot({ path: file, fullPage: true });
-    report.screenshots.push(file);
-  };
+  const page = await newPage(context, check, { origin: new URL(args.base).origin });
+  const shot = screenshots(page, check, { fullPage: true });
   const rowInfo = () => page.$eval(rowSel, (tr) => ({
     state: tr.dataset.state,
     pipeline: tr.dataset.pipeline,
@@ -120,18 +87,4 @@ try {
   mark('explorer');
 
   report.ok = true;
-  report.step = 'done';
-} catch (e) {
-  report.error = String(e && e.stack ? e.stack : e).slice(0, 3000);
-  try {
-    const pages = browser ? browser.contexts().flatMap((c) => c.pages()) : [];
-    if (pages.length) {
-      const file = path.join(args.out, 'admin-ui-failure.png');
-      await pages[0].screenshot({ path: file, fullPage: true });
-      report.screenshots.push(file);
-    }
-  } catch (e2) { /* the report matters more than the picture */ }
-} finally {
-  if (browser) await browser.close().catch(() => {});
-}
-console.log(JSON.stringify(report));
+});

@@ -6,53 +6,20 @@
 //
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if the page misbehaved), 2 on a usage error.
-import { createRequire } from 'node:module';
-import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { SOFTWARE_WEBGL, drive, newPage, screenshots, start } from './browser.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const require = createRequire(path.join(here, '..', '..', 'viewer', 'package.json'));
-const { chromium } = require('playwright-core');
+const check = start({
+  usage: 'monitoring_ui_check.mjs --base <orthanc url> --model <name> --out <dir> [--chromium PATH]',
+  required: ['base', 'model'],
+  defaults: { timeout: 45000 },
+});
+const { args, report, mark } = check;
 
-const args = { chromium: '/usr/bin/chromium', timeout: 45000 };
-const argv = process.argv.slice(2);
-for (let i = 0; i < argv.length; i += 2) args[argv[i].replace(/^--/, '')] = argv[i + 1];
-args.timeout = Number(args.timeout);
-if (!args.base || !args.model || !args.out) {
-  console.error('usage: monitoring_ui_check.mjs --base <orthanc url> --model <name> --out <dir> [--chromium PATH]');
-  process.exit(2);
-}
-fs.mkdirSync(args.out, { recursive: true });
-
-const report = { ok: false, step: 'launch', error: null, timings: {}, console: [], screenshots: [] };
-const t0 = Date.now();
-const mark = (name) => { report.timings[name] = (Date.now() - t0) / 1000; };
-
-let browser;
-try {
-  browser = await chromium.launch({
-    executablePath: args.chromium,
-    args: ['--headless=new', '--no-sandbox', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--use-gl=angle',
-      '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist'],
-    timeout: args.timeout,
-  });
+// The Review view opens OHIF in a popup: it needs WebGL, in software.
+await drive({ ...check, flags: SOFTWARE_WEBGL }, async (browser) => {
   const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
-  const page = await context.newPage();
-  page.setDefaultTimeout(args.timeout);
-  page.on('console', (msg) => {
-    if (['error', 'warning'].includes(msg.type())) report.console.push({ type: msg.type(), step: report.step, text: msg.text().slice(0, 1000) });
-  });
-  page.on('pageerror', (err) => report.console.push({ type: 'pageerror', step: report.step, text: String(err.stack || err).slice(0, 1000) }));
-  const origin = new URL(args.base).origin;
-  report.foreignRequests = [];
-  page.on('request', (req) => { if (!req.url().startsWith(origin) && !req.url().startsWith('data:')) report.foreignRequests.push(req.url()); });
-  const shot = async (name) => {
-    const file = path.join(args.out, name);
-    await page.screenshot({ path: file, fullPage: true });
-    report.screenshots.push(file);
-  };
+  const page = await newPage(context, check, { origin: new URL(args.base).origin });
+  const shot = screenshots(page, check, { fullPage: true });
   const reviewRows = () => page.$$eval('#review-body tr[data-job-id]', (trs) => trs.map((tr) => ({
     id: tr.dataset.jobId,
     cells: [...tr.children].map((td) => td.innerText.trim()),
@@ -114,8 +81,7 @@ try {
   // OHIF boots: its services object appears on the window
   await popup.waitForFunction(() => window.services !== undefined, null, { timeout: args.timeout });
   report.viewerOpened = popup.url();
-  await popup.screenshot({ path: path.join(args.out, 'review-ui-ohif.png') });
-  report.screenshots.push(path.join(args.out, 'review-ui-ohif.png'));
+  await screenshots(popup, check)('review-ui-ohif.png');
   await popup.close();
 
   report.step = 'accept';
@@ -137,10 +103,4 @@ try {
   report.reviewAfter = await reviewRows();
   mark('review');
   report.ok = true;
-  report.step = 'done';
-} catch (e) {
-  report.error = String(e.stack || e).slice(0, 3000);
-} finally {
-  if (browser) await browser.close().catch(() => {});
-}
-console.log(JSON.stringify(report));
+});

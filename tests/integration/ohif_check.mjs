@@ -9,73 +9,20 @@
 //
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if OHIF misbehaved), 2 on a usage error.
-import { createRequire } from 'node:module';
-import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import {
+  SOFTWARE_WEBGL, drive, newPage, ohifContext, screenshots, start, waitForFirstImage, waitForSegmentationOnCt,
+} from './browser.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-// playwright-core lives in viewer/node_modules (scripts/install_viewer.sh), not beside this file.
-const require = createRequire(path.join(here, '..', '..', 'viewer', 'package.json'));
-const { chromium } = require('playwright-core');
+const check = start({
+  usage: 'ohif_check.mjs --url <viewer url> --out <dir> [--chromium PATH] [--timeout ms] [--expect SEG,SR,RTSTRUCT]',
+  required: ['url'],
+  defaults: { timeout: 60000 },
+});
+const { args, report, mark } = check;
 
-function parseArgs(argv) {
-  const args = { chromium: '/usr/bin/chromium', timeout: 60000 };
-  for (let i = 0; i < argv.length; i += 2) {
-    const key = argv[i].replace(/^--/, '');
-    args[key] = key === 'timeout' ? Number(argv[i + 1]) : argv[i + 1];
-  }
-  if (!args.url || !args.out) {
-    console.error('usage: ohif_check.mjs --url <viewer url> --out <dir> [--chromium PATH] [--timeout ms]');
-    process.exit(2);
-  }
-  return args;
-}
-
-// Software WebGL2 (SwiftShader through ANGLE): OHIF renders without a GPU.
-const CHROMIUM_FLAGS = [
-  '--headless=new', '--no-sandbox', '--no-first-run', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--use-gl=angle',
-  '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist',
-];
-
-const args = parseArgs(process.argv.slice(2));
-fs.mkdirSync(args.out, { recursive: true });
-const report = { ok: false, step: 'launch', error: null, timings: {}, console: [], errorBoundary: [], screenshots: [] };
-const t0 = Date.now();
-const mark = (name) => { report.timings[name] = (Date.now() - t0) / 1000; };
-
-let browser;
-try {
-  browser = await chromium.launch({ executablePath: args.chromium, args: CHROMIUM_FLAGS, timeout: args.timeout });
-  const context = await browser.newContext({ viewport: { width: 1600, height: 1000 } });
-  // No first-visit tour over the viewport, no investigational-use banner over the images.
-  await context.addInitScript(() => {
-    localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));
-    sessionStorage.setItem('investigationalUseDialog', 'hidden');
-  });
-  const page = await context.newPage();
-  page.setDefaultTimeout(args.timeout);
-  // OHIF reports the crashes its React error boundaries catch through console.debug: keep every level.
-  page.on('console', (msg) => {
-    const text = msg.text();
-    const entry = { type: msg.type(), step: report.step, t: (Date.now() - t0) / 1000, text: text.slice(0, 2000) };
-    if (/error boundary/i.test(text)) report.errorBoundary.push(entry);
-    if (['error', 'warning'].includes(msg.type())) report.console.push(entry);
-  });
-  // every answer of 400 or more, with its URL: what the viewer asked for and did not get
-  report.httpErrors = [];
-  page.on('response', (r) => {
-    if (r.status() >= 400) report.httpErrors.push({ status: r.status(), method: r.request().method(), url: r.url().slice(0, 300) });
-  });
-  page.on('pageerror', (err) => report.console.push({
-    type: 'pageerror', step: report.step, t: (Date.now() - t0) / 1000, text: String(err.stack || err).slice(0, 2000),
-  }));
-  const shot = async (name) => {
-    const file = path.join(args.out, name);
-    await page.screenshot({ path: file });
-    report.screenshots.push(file);
-  };
+await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-failure.png' }, async (browser) => {
+  const page = await newPage(await ohifContext(browser), check);
+  const shot = screenshots(page, check);
 
   report.step = 'open the study';
   await page.goto(args.url);
@@ -95,35 +42,14 @@ try {
   })));
   const seg = report.displaySets.find((d) => d.modality === 'SEG');
   const sr = report.displaySets.find((d) => d.modality === 'SR');
-  // The CT is on screen once a viewport holds an image.
-  await page.waitForFunction(() => (window.cornerstone?.getEnabledElements() ?? [])
-    .some((e) => e.viewport?.getCurrentImageId?.()));
+  await waitForFirstImage(page); // the CT is on screen
   mark('ct_shown');
 
   report.step = 'load the SEG';
   await page.locator(`#thumbnail-${seg.uid}`).dblclick();
   await page.getByText('Do you want to open this Segmentation?').waitFor();
   await page.getByRole('button', { name: 'Yes', exact: true }).click();
-  // OHIF first previews the SEG in the viewport, then replaces that viewport with one showing the
-  // referenced CT with the overlay. Act on the viewport only once it has stayed the same for a while:
-  // scrolling one that OHIF is about to destroy crashes OHIF ("viewport has been destroyed").
-  await page.waitForFunction(() => {
-    const { segmentationService, viewportGridService, displaySetService } = window.services;
-    const id = viewportGridService.getActiveViewportId();
-    const shown = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
-    const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
-    const ready = segmentationService.getSegmentations().length > 0
-      && segmentationService.getSegmentationRepresentations(id).length > 0
-      && shown.some((uid) => displaySetService.getDisplaySetByUID(uid)?.Modality === 'CT')
-      && viewport?.getCurrentImageId?.();
-    const now = performance.now();
-    if (!ready || window.__ohifCheckViewport !== viewport) {
-      window.__ohifCheckViewport = ready ? viewport : null;
-      window.__ohifCheckSince = now;
-      return false;
-    }
-    return now - window.__ohifCheckSince > 1000;
-  }, null, { polling: 100 });
+  await waitForSegmentationOnCt(page, { polling: 100 });
   mark('seg_loaded');
   // Show the first segment's middle slice and the panel that lists the segment names.
   await page.evaluate(() => {
@@ -180,29 +106,8 @@ try {
       report.step = 'load the RTSTRUCT';
       await page.locator(`#thumbnail-${rt.uid}`).dblclick();
       // OHIF asks as for a SEG ("open this Segmentation?"), then shows the referenced CT with the
-      // contours. Answer the prompt whenever it shows; done once the viewport has stayed the same
-      // (CT on screen, a contour segmentation represented in it) for a second.
-      await page.waitForFunction(() => {
-        const yes = [...document.querySelectorAll('button')].find((b) => b.textContent.trim() === 'Yes');
-        if (yes && /open this/i.test(document.body.innerText)) yes.click();
-        const { segmentationService, viewportGridService, displaySetService } = window.services;
-        const id = viewportGridService.getActiveViewportId();
-        const shown = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
-        const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
-        const contour = segmentationService.getSegmentations().find((s) => s.representationData?.Contour);
-        const ready = contour
-          && segmentationService.getSegmentationRepresentations(id)
-            .some((r) => r.segmentationId === contour.segmentationId)
-          && shown.some((uid) => displaySetService.getDisplaySetByUID(uid)?.Modality === 'CT')
-          && viewport?.getCurrentImageId?.();
-        const now = performance.now();
-        if (!ready || window.__ohifCheckViewport !== viewport) {
-          window.__ohifCheckViewport = ready ? viewport : null;
-          window.__ohifCheckSince = now;
-          return false;
-        }
-        return now - window.__ohifCheckSince > 1000;
-      }, null, { polling: 200 });
+      // contours.
+      await waitForSegmentationOnCt(page, { contour: true, answerPrompt: true });
       mark('rtstruct_loaded');
       // Show the middle of the first ROI, where both lungs are drawn.
       await page.evaluate(() => {
@@ -229,26 +134,10 @@ try {
       mark('rtstruct_screenshot');
     } catch (err) {
       report.rtstruct = { ...(report.rtstruct ?? {}), error: String(err && err.message ? err.message : err) };
-      const file = path.join(args.out, 'ohif-rtstruct-failure.png');
-      await page.screenshot({ path: file }).then(() => report.screenshots.push(file)).catch(() => {});
+      await shot('ohif-rtstruct-failure.png').catch(() => {});
     }
   }
-  report.step = 'done';
-} catch (err) {
-  report.error = String(err && err.message ? err.message : err);
-  try {
-    const pages = browser ? browser.contexts().flatMap((c) => c.pages()) : [];
-    if (pages.length) {
-      const file = path.join(args.out, 'ohif-failure.png');
-      await pages[0].screenshot({ path: file });
-      report.screenshots.push(file);
-    }
-  } catch { /* the screenshot is a bonus */ }
-} finally {
-  if (browser) await browser.close().catch(() => {});
-  mark('total');
-  console.log(JSON.stringify(report));
-}
+});
 
 // Runs in the page: what OHIF and Cornerstone hold for the loaded segmentation, and where its
 // voxels fall on the CT slice on screen (mean HU under each segment, centre column).

@@ -11,73 +11,26 @@
 //
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if OHIF misbehaved), 2 on a usage error.
-import { createRequire } from 'node:module';
-import fs from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import {
+  SOFTWARE_WEBGL, drive, newPage, ohifContext, screenshots, start, waitForFirstImage, waitForSegmentationOnCt,
+} from './browser.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const require = createRequire(path.join(here, '..', '..', 'viewer', 'package.json'));
-const { chromium } = require('playwright-core');
+const check = start({
+  usage: 'ohif_edit.mjs --url <viewer url> --out <dir> --seg <SeriesDescription> --segment <label> [--slices n]'
+    + ' [--user U --password P] [--chromium PATH] [--timeout ms]',
+  required: ['url', 'seg', 'segment'],
+  defaults: { timeout: 90000, slices: 4 },
+  numbers: ['slices'],
+}, { strokes: [], before: null, after: null, stow: null });
+const { args, report, mark } = check;
 
-function parseArgs(argv) {
-  const args = { chromium: '/usr/bin/chromium', timeout: 90000, slices: '4' };
-  for (let i = 0; i < argv.length; i += 2) args[argv[i].replace(/^--/, '')] = argv[i + 1];
-  args.timeout = Number(args.timeout);
-  args.slices = Number(args.slices);
-  if (!args.url || !args.out || !args.seg || !args.segment) {
-    console.error('usage: ohif_edit.mjs --url <viewer url> --out <dir> --seg <SeriesDescription> --segment <label>');
-    process.exit(2);
-  }
-  return args;
-}
-
-const CHROMIUM_FLAGS = [
-  '--headless=new', '--no-sandbox', '--no-first-run', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--use-gl=angle',
-  '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist',
-];
-
-const args = parseArgs(process.argv.slice(2));
-fs.mkdirSync(args.out, { recursive: true });
-const report = {
-  ok: false, step: 'launch', error: null, timings: {}, console: [], errorBoundary: [], screenshots: [],
-  httpErrors: [], strokes: [], before: null, after: null, stow: null,
-};
-const t0 = Date.now();
-const mark = (name) => { report.timings[name] = (Date.now() - t0) / 1000; };
-
-let browser;
-try {
-  browser = await chromium.launch({ executablePath: args.chromium, args: CHROMIUM_FLAGS, timeout: args.timeout });
-  const context = await browser.newContext({
-    viewport: { width: 1600, height: 1000 },
-    // Orthanc's authentication, answered through the proxy like a person at the login prompt.
-    httpCredentials: args.user ? { username: args.user, password: args.password } : undefined,
+await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-edit-failure.png' }, async (browser) => {
+  // Orthanc's authentication, answered through the proxy like a person at the login prompt.
+  const context = await ohifContext(browser, {
+    tours: ['basicViewerTour', 'segmentationTour'], user: args.user, password: args.password,
   });
-  await context.addInitScript(() => {
-    localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour', 'segmentationTour']));
-    sessionStorage.setItem('investigationalUseDialog', 'hidden');
-  });
-  const page = await context.newPage();
-  page.setDefaultTimeout(args.timeout);
-  page.on('console', (msg) => {
-    const text = msg.text();
-    const entry = { type: msg.type(), step: report.step, t: (Date.now() - t0) / 1000, text: text.slice(0, 2000) };
-    if (/error boundary/i.test(text)) report.errorBoundary.push(entry);
-    if (['error', 'warning'].includes(msg.type())) report.console.push(entry);
-  });
-  page.on('response', (r) => {
-    if (r.status() >= 400) report.httpErrors.push({ status: r.status(), method: r.request().method(), url: r.url().slice(0, 300) });
-  });
-  page.on('pageerror', (err) => report.console.push({
-    type: 'pageerror', step: report.step, t: (Date.now() - t0) / 1000, text: String(err.stack || err).slice(0, 2000),
-  }));
-  const shot = async (name) => {
-    const file = path.join(args.out, name);
-    await page.screenshot({ path: file });
-    report.screenshots.push(file);
-  };
+  const page = await newPage(context, check);
+  const shot = screenshots(page, check);
 
   report.step = 'open the study';
   await page.goto(args.url);
@@ -87,33 +40,12 @@ try {
   }, args.seg);
   const segUid = await page.evaluate((description) => window.services.displaySetService.getActiveDisplaySets()
     .find((d) => d.Modality === 'SEG' && d.SeriesDescription === description).displaySetInstanceUID, args.seg);
-  await page.waitForFunction(() => (window.cornerstone?.getEnabledElements() ?? [])
-    .some((e) => e.viewport?.getCurrentImageId?.()));
+  await waitForFirstImage(page);
   mark('ct_shown');
 
   report.step = 'load the SEG';
   await page.locator(`#thumbnail-${segUid}`).dblclick();
-  // Answer "open this Segmentation?" whenever it shows; done once the active viewport has shown
-  // the CT with the segmentation for a second (OHIF replaces the viewport while it loads).
-  await page.waitForFunction(() => {
-    const yes = [...document.querySelectorAll('button')].find((b) => b.textContent.trim() === 'Yes');
-    if (yes && /open this/i.test(document.body.innerText)) yes.click();
-    const { segmentationService, viewportGridService, displaySetService } = window.services;
-    const id = viewportGridService.getActiveViewportId();
-    const shown = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
-    const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
-    const ready = segmentationService.getSegmentations().length > 0
-      && segmentationService.getSegmentationRepresentations(id).length > 0
-      && shown.some((uid) => displaySetService.getDisplaySetByUID(uid)?.Modality === 'CT')
-      && viewport?.getCurrentImageId?.();
-    const now = performance.now();
-    if (!ready || window.__editViewport !== viewport) {
-      window.__editViewport = ready ? viewport : null;
-      window.__editSince = now;
-      return false;
-    }
-    return now - window.__editSince > 1000;
-  }, null, { polling: 200 });
+  await waitForSegmentationOnCt(page, { answerPrompt: true });
   const segmentIndex = await page.evaluate((label) => {
     const [s] = window.services.segmentationService.getSegmentations();
     return Number(Object.values(s.segments).find((x) => x && x.label === label)?.segmentIndex ?? 0);
@@ -189,22 +121,7 @@ try {
   await shot('ohif-edit-stored.png');
   mark('stored');
   report.ok = true;
-  report.step = 'done';
-} catch (err) {
-  report.error = String(err && err.message ? err.message : err);
-  try {
-    const pages = browser ? browser.contexts().flatMap((c) => c.pages()) : [];
-    if (pages.length) {
-      const file = path.join(args.out, 'ohif-edit-failure.png');
-      await pages[0].screenshot({ path: file });
-      report.screenshots.push(file);
-    }
-  } catch { /* the screenshot is a bonus */ }
-} finally {
-  if (browser) await browser.close().catch(() => {});
-  mark('total');
-  console.log(JSON.stringify(report));
-}
+});
 
 // Runs in the page: voxels per segment on every slice of the loaded labelmap, and installs
 // window.__countShown(segment), the voxels on the labelmap slice under the CT slice on screen.

@@ -1,0 +1,196 @@
+// SPDX-License-Identifier: AGPL-3.0-or-later
+// What the headless-browser checks of tests/integration (*_check.mjs, ohif_*.mjs) share: their
+// command line, their JSON report, Debian Chromium driven by playwright-core (no bundled browser),
+// the page watchers, and the OHIF steps more than one check takes. The Python side is browser.py:
+// it runs a check with --out and --chromium and reads the report from the last line of stdout.
+//
+// A check is written as
+//
+//   const check = start({ usage: '...', required: ['url'], defaults: { timeout: 60000 } });
+//   await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'x-failure.png' }, async (browser) => {
+//     const page = await newPage(await ohifContext(browser), check);
+//     check.report.step = '...'; ...; check.report.ok = true;
+//   });
+//
+// Exit status 0 when the report was written (even if the page misbehaved), 2 on a usage error.
+import { createRequire } from 'node:module';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+// playwright-core lives in viewer/node_modules (scripts/install_viewer.sh), not beside this file.
+const require = createRequire(path.join(here, '..', '..', 'viewer', 'package.json'));
+export const { chromium } = require('playwright-core');
+
+// Headless, offline, no first-run or sync work, /tmp instead of a small /dev/shm.
+export const CHROMIUM_FLAGS = [
+  '--headless=new', '--no-sandbox', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage',
+];
+// Software WebGL2 (SwiftShader through ANGLE): OHIF renders without a GPU.
+export const SOFTWARE_WEBGL = [
+  '--use-gl=angle', '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist',
+];
+
+// `--name value` pairs over the defaults (--chromium /usr/bin/chromium); --timeout and the names in
+// `numbers` become numbers. A missing required name (--out always is) prints the usage line and
+// exits with 2. Creates the --out folder.
+export function parseArgs(argv, { usage, required = [], defaults = {}, numbers = [] }) {
+  const args = { chromium: '/usr/bin/chromium', ...defaults };
+  const fail = (why) => {
+    console.error(`${why}\nusage: ${usage}`);
+    process.exit(2);
+  };
+  for (let i = 0; i < argv.length; i += 2) {
+    if (!argv[i].startsWith('--') || argv[i + 1] === undefined) fail(`expected --name value, got '${argv[i]}'`);
+    args[argv[i].slice(2)] = argv[i + 1];
+  }
+  const missing = ['out', ...required].filter((name) => !args[name]);
+  if (missing.length) fail(`missing ${missing.map((name) => `--${name}`).join(', ')}`);
+  for (const name of ['timeout', ...numbers]) {
+    args[name] = Number(args[name]);
+    if (!Number.isFinite(args[name])) fail(`--${name} must be a number`);
+  }
+  fs.mkdirSync(args.out, { recursive: true });
+  return args;
+}
+
+// The arguments, the report every check prints (more fields in `fields`), and mark(name), which
+// records the seconds since the start in report.timings.
+export function start(options, fields = {}) {
+  const args = parseArgs(process.argv.slice(2), options);
+  const report = {
+    ok: false, step: 'launch', error: null, timings: {}, console: [], errorBoundary: [], httpErrors: [],
+    screenshots: [], ...fields,
+  };
+  const t0 = Date.now();
+  const mark = (name) => { report.timings[name] = (Date.now() - t0) / 1000; };
+  return { args, report, mark, seconds: () => (Date.now() - t0) / 1000 };
+}
+
+// Launches Chromium with CHROMIUM_FLAGS plus `flags`, runs `body(browser)`, and whatever happens
+// records the error (the step is already in the report), screenshots the first page as
+// `failureShot`, closes the browser and prints the report as the last line of stdout.
+export async function drive({ args, report, mark, flags = [], failureShot = null, fullPage = false }, body) {
+  let browser;
+  try {
+    browser = await chromium.launch({
+      executablePath: args.chromium, args: [...CHROMIUM_FLAGS, ...flags], timeout: args.timeout,
+    });
+    await body(browser);
+    if (report.ok) report.step = 'done';
+  } catch (err) {
+    report.ok = false;
+    report.error = String(err && err.stack ? err.stack : err).slice(0, 3000);
+    try {
+      const pages = failureShot && browser ? browser.contexts().flatMap((c) => c.pages()) : [];
+      if (pages.length) {
+        const file = path.join(args.out, failureShot);
+        await pages[0].screenshot({ path: file, fullPage });
+        report.screenshots.push(file);
+      }
+    } catch { /* the report matters more than the picture */ }
+  } finally {
+    if (browser) await browser.close().catch(() => {});
+    mark('total');
+    console.log(JSON.stringify(report));
+  }
+}
+
+// A page with the default timeout whose console, uncaught errors and failed answers go into the
+// report, each with the step it happened in. OHIF reports the crashes its React error boundaries
+// catch through console.debug: every level is read for those. With `origin`, every request
+// elsewhere (a CDN...) is listed in report.foreignRequests: the page must work offline.
+export async function newPage(context, { args, report, seconds }, { origin = null } = {}) {
+  const page = await context.newPage();
+  page.setDefaultTimeout(args.timeout);
+  const entry = (type, text) => ({ type, step: report.step, t: seconds(), text: text.slice(0, 2000) });
+  page.on('console', (msg) => {
+    const e = entry(msg.type(), msg.text());
+    if (/error boundary/i.test(e.text)) report.errorBoundary.push(e);
+    if (['error', 'warning'].includes(msg.type())) report.console.push(e);
+  });
+  page.on('pageerror', (err) => report.console.push(entry('pageerror', String(err.stack || err))));
+  // every answer of 400 or more, with its URL: what the page asked for and did not get
+  page.on('response', (r) => {
+    if (r.status() >= 400) report.httpErrors.push({ status: r.status(), method: r.request().method(), url: r.url().slice(0, 300) });
+  });
+  if (origin) {
+    report.foreignRequests = [];
+    page.on('request', (req) => {
+      if (!req.url().startsWith(origin) && !req.url().startsWith('data:')) report.foreignRequests.push(req.url());
+    });
+  }
+  return page;
+}
+
+// shot(name) saves a screenshot of `page` in --out and lists it in the report.
+export function screenshots(page, { args, report }, { fullPage = false } = {}) {
+  return async (name) => {
+    const file = path.join(args.out, name);
+    await page.screenshot({ path: file, fullPage });
+    report.screenshots.push(file);
+    return file;
+  };
+}
+
+// ---- OHIF 3.13
+
+// A browser context for OHIF: no first-visit tours over the viewport, no investigational-use banner
+// over the images, and (with a user) Orthanc's login answered like a person at the prompt.
+export async function ohifContext(browser, { tours = ['basicViewerTour'], user = null, password = null } = {}) {
+  const context = await browser.newContext({
+    viewport: { width: 1600, height: 1000 },
+    httpCredentials: user ? { username: user, password } : undefined,
+  });
+  await context.addInitScript((shown) => {
+    localStorage.setItem('shownTours', JSON.stringify(shown));
+    sessionStorage.setItem('investigationalUseDialog', 'hidden');
+  }, tours);
+  return context;
+}
+
+// Until a viewport shows an image: as a person does, the study's first image is on screen before
+// another series is chosen (OHIF throws "The stack viewport has been destroyed" when a series
+// replaces a viewport whose first image is still loading).
+export function waitForFirstImage(page, { polling = 200 } = {}) {
+  return page.waitForFunction(() => (window.cornerstone?.getEnabledElements() ?? [])
+    .some((e) => e.viewport?.getCurrentImageId?.() && e.viewport?.getRenderingEngine?.()), null, { polling });
+}
+
+// Until the active viewport has shown the CT with a segmentation (with `contour`: the one made of
+// an RT Structure Set) for a second without being replaced: OHIF first previews a SEG or RTSTRUCT
+// in the viewport, then replaces that viewport with one showing the referenced CT with the overlay,
+// and acting on a viewport it is about to destroy crashes OHIF ("viewport has been destroyed").
+// With `answerPrompt`, OHIF's "open this Segmentation?" is confirmed whenever it shows.
+export function waitForSegmentationOnCt(page, { contour = false, answerPrompt = false, polling = 200 } = {}) {
+  return page.waitForFunction(({ contour: wantContour, answerPrompt: answer }) => {
+    if (answer) {
+      const yes = [...document.querySelectorAll('button')].find((b) => b.textContent.trim() === 'Yes');
+      if (yes && /open this/i.test(document.body.innerText)) yes.click();
+    }
+    const { segmentationService, viewportGridService, displaySetService } = window.services;
+    const id = viewportGridService.getActiveViewportId();
+    const shown = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
+    const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
+    const represented = segmentationService.getSegmentationRepresentations(id);
+    let segmented;
+    if (wantContour) {
+      const c = segmentationService.getSegmentations().find((s) => s.representationData?.Contour);
+      segmented = Boolean(c) && represented.some((r) => r.segmentationId === c.segmentationId);
+    } else {
+      segmented = segmentationService.getSegmentations().length > 0 && represented.length > 0;
+    }
+    const ready = segmented
+      && shown.some((uid) => displaySetService.getDisplaySetByUID(uid)?.Modality === 'CT')
+      && viewport?.getCurrentImageId?.();
+    const now = performance.now();
+    if (!ready || window.__stableViewport !== viewport) {
+      window.__stableViewport = ready ? viewport : null;
+      window.__stableSince = now;
+      return false;
+    }
+    return now - window.__stableSince > 1000;
+  }, { contour, answerPrompt }, { polling });
+}
