@@ -195,15 +195,6 @@ def label_box(labels: NDArray[Any], label: Any) -> tuple[slice, slice, slice] | 
     return slice(z0, z1), slice(r0, r1), slice(int(in_cols[0]), int(in_cols[-1]) + 1)
 
 
-def label_mask(labels: NDArray[Any], values: Sequence[int]) -> NDArray[np.bool_]:
-    """``np.isin(labels, values)``, made a few slices at a time (np.isin on a whole 320-slice
-    label map has temporaries several times the mask's size)."""
-    out = np.empty(labels.shape, dtype=bool)
-    for z in range(0, labels.shape[0], BOX_SLAB):
-        out[z : z + BOX_SLAB] = np.isin(labels[z : z + BOX_SLAB], values)
-    return out
-
-
 #: Slices per step of :func:`label_box`.
 BOX_SLAB = 16
 
