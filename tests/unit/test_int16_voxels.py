@@ -23,7 +23,7 @@ from orthanc_plugin.core.config import load_pipelines, segment_specs
 from orthanc_plugin.core.results import AlgorithmInfo, VolumeMeasurement
 from orthanc_plugin.imaging import preprocess, resample
 from orthanc_plugin.imaging.model_input import prepare
-from orthanc_plugin.imaging.quality import airway_in_segments, high_percentile, measure_segment
+from orthanc_plugin.imaging.quality import airway_in_segments, high_percentile, measure_label
 from orthanc_plugin.imaging.radiomics import RadiomicsSettings, label_features
 from orthanc_plugin.imaging.volume import Geometry, Volume, build_volume, default_pixels
 from orthanc_plugin.outputs.key_images import render_key_images
@@ -97,8 +97,7 @@ def test_quality_values_are_equal(ct: tuple[Volume, Volume, NDArray[np.uint8]]) 
     for q in (99.5, 99.0, 90.0, 50.0):
         assert high_percentile(small.voxels, q) == high_percentile(wide.voxels, q)
     for label in (1, 2):
-        mask = labels == label
-        assert measure_segment(small, mask) == measure_segment(wide, mask)
+        assert measure_label(small, labels, label) == measure_label(wide, labels, label)
     assert airway_in_segments(small, labels, [1, 2]) == airway_in_segments(wide, labels, [1, 2])
     # The pipeline's checks and measurements, the plausible mean among them.
     header = Dataset()

@@ -20,15 +20,16 @@ from pydantic import ValidationError
 from orthanc_plugin.core.config import SegmentChecks, load_pipelines
 from orthanc_plugin.core.results import VolumeMeasurement
 from orthanc_plugin.imaging.quality import (
+    SegmentQuality,
     confidence,
     high_percentile,
     measure_label,
-    measure_segment,
     sphericity,
 )
 from orthanc_plugin.imaging.volume import Volume
 from orthanc_plugin.worker.pipeline import BadInput, measure
 
+from .quality_reference import measure_segment
 from .test_fhir_report import ALGORITHM as FHIR_ALGORITHM
 from .test_fhir_report import IDS, ISSUED, STUDY, resources
 from .test_seg import SEGMENTS, make_seg
@@ -38,6 +39,11 @@ Array = NDArray[Any]
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = {p.name: p for p in load_pipelines(ROOT / "config" / "pipelines.yaml")}
 RNG = np.random.default_rng(17)
+
+
+def measured(volume: Volume, mask: NDArray[np.bool_], **kw: Any) -> SegmentQuality:
+    """:func:`measure_label` of a segment given as a mask."""
+    return measure_label(volume, mask.astype(np.uint8), 1, **kw)
 
 
 def grid(shape: tuple[int, int, int], spacing: tuple[float, float, float], voxels: Array) -> Volume:
@@ -90,7 +96,7 @@ def test_ball_in_air_volume_shape_and_surroundings() -> None:
     z, y, x = mm((40, 64, 64), (2.0, 2.0, 2.0))
     ball = np.sqrt(z**2 + y**2 + x**2) <= 25
     volume = grid((40, 64, 64), (2.0, 2.0, 2.0), np.where(ball, 100.0, 0.0))
-    q = measure_segment(volume, ball)
+    q = measured(volume, ball)
     assert q.volume_ml == pytest.approx(4 / 3 * math.pi * 25**3 / 1000, rel=0.03)
     assert not q.partial
     assert q.enclosed == 0.0  # air all around
@@ -101,9 +107,9 @@ def test_ball_in_air_volume_shape_and_surroundings() -> None:
 
 def test_segment_on_the_first_or_last_slice_is_partial() -> None:
     volume, brain = head(slab=True)
-    assert measure_segment(volume, brain).partial
+    assert measured(volume, brain).partial
     whole, whole_brain = head(slab=False)
-    q = measure_segment(whole, whole_brain)
+    q = measured(whole, whole_brain)
     assert not q.partial
     assert q.volume_ml == pytest.approx(4 / 3 * math.pi * 65 * 80 * 65 / 1000, rel=0.03)
 
@@ -273,7 +279,7 @@ def test_high_percentile_is_numpys_bit_for_bit() -> None:
     assert checked == 360
 
 
-def test_measure_label_equals_measure_segment_of_its_mask() -> None:
+def test_measure_label_equals_the_whole_grid_measurement() -> None:
     """The box-only measurement gives the whole-grid one's values exactly: phantoms, and blobs
     at every offset against the coarse grids (touching the ends, near the edges, too small for
     the sample, thin ones the coarse grid misses)."""

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from orthanc_plugin.imaging.quality import measure_segment
-
-from .test_quality import RNG, grid, mm
+from .test_quality import RNG, grid, measured, mm
 
 
 def full_resolution(volume, mask, shell_mm: float, tissue_above: float) -> tuple[float, float]:
@@ -34,7 +32,7 @@ def test_coarse_shell_gives_the_full_resolution_values(spacing) -> None:
     image = np.where(x > 0, 40.0, -1000.0)  # tissue on one side, air on the other
     image = np.where(lung, -850.0, image) + RNG.normal(0, 20, shape)
     volume = grid(shape, spacing, image)
-    q = measure_segment(volume, lung, shell_mm=10.0, tissue_above=-500)
+    q = measured(volume, lung, shell_mm=10.0, tissue_above=-500)
     contrast, enclosed = full_resolution(volume, lung, 10.0, -500)
     assert 0.3 < enclosed < 0.7
     assert q.contrast == pytest.approx(contrast, abs=0.02)
