@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pydicom
 import pytest
 import yaml
 from pydicom.uid import generate_uid
 
+from devstack.derive import as_new_series
 from devstack.medplum_server import MedplumServer, missing
 from devstack.stack import ROOT, OrthancServer, free_port
 from devstack.triton_server import TritonServer
@@ -210,19 +210,11 @@ def shipped_pipelines() -> list[dict[str, Any]]:
 
 
 def copy_as_new_study(folder: Path, dest: Path) -> tuple[str, list[Path]]:
-    """The series in ``folder`` as a new study (new Study, Series and SOP Instance UIDs) in ``dest``."""
+    """The series in ``folder`` as a new study (new Study, Series and SOP Instance UIDs) in ``dest``,
+    its files in slice order."""
     require_data(folder)
-    study, series = generate_uid(), generate_uid()
-    dest.mkdir(parents=True)
-    out = []
-    for f in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(dest / f.name, enforce_file_format=True)
-        out.append(dest / f.name)
-    return study, out
+    study = generate_uid()
+    return study, as_new_series(folder, dest, study)
 
 
 @pytest.fixture(scope="module")

@@ -9,33 +9,14 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from devstack.stack import OrthancServer
 
-from ..conftest import CT_B40, require_data
-from .conftest import series_by_modality, wait_job_done
+from ..conftest import CT_B40
+from .conftest import copy_as_new_study, series_by_modality, wait_job_done
 
 pytestmark = pytest.mark.integration
-
-
-def _copy_with_new_uids(src: Path, dest: Path) -> tuple[str, list[Path]]:
-    """A copy of the series in ``src`` with new Study/Series/SOP Instance UIDs, so it is a new study."""
-    require_data(src)
-    dest.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for f in sorted(src.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = dest / f.name
-        ds.save_as(path, enforce_file_format=True)
-        out.append(path)
-    return study, out
 
 
 def _assert_processed(orthanc: OrthancServer, uid: str) -> None:
@@ -51,7 +32,7 @@ def _assert_processed(orthanc: OrthancServer, uid: str) -> None:
 def test_c_store_with_storescu(orthanc: OrthancServer, tmp_path: Path) -> None:
     storescu = shutil.which("storescu")
     assert storescu, "dcmtk's storescu is missing (Debian package dcmtk, installed with Orthanc)"
-    uid, files = _copy_with_new_uids(CT_B40, tmp_path / "cstore")
+    uid, files = copy_as_new_study(CT_B40, tmp_path / "cstore")
     r = subprocess.run(
         [storescu, "-aet", "TEST_SCU", "-aec", "ORTHANC_AI", "127.0.0.1", str(orthanc.dicom_port),
          *map(str, files)],
@@ -62,7 +43,7 @@ def test_c_store_with_storescu(orthanc: OrthancServer, tmp_path: Path) -> None:
 
 
 def test_stow_rs(orthanc: OrthancServer, tmp_path: Path) -> None:
-    uid, files = _copy_with_new_uids(CT_B40, tmp_path / "stow")
+    uid, files = copy_as_new_study(CT_B40, tmp_path / "stow")
     boundary = f"orthanc-ai-{uuid.uuid4().hex}"
     body = (
         b"".join(
