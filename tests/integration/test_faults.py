@@ -323,11 +323,16 @@ def test_burst_with_kills_every_study_once(
     for uid in uids:
         assert_one_seg_one_sr(api, uid)
     # The job records show the faults were survived by retrying, not by luck: the job whose
-    # worker was killed went back to the queue and succeeded on a later attempt.
-    killed = next(j for j in detail if j["id"] == killed_job)
-    assert any(e["kind"] == "requeued" for e in killed["events"]) and killed["attempts"] >= 2, killed[
-        "events"
-    ]
+    # worker was killed went back to the queue and succeeded on a later attempt, or, when its
+    # series changed meanwhile (an instance re-sent after the Orthanc kill), was superseded by
+    # the job that holds the study's one result (checked above) and stored nothing itself.
+    killed = api.get(f"/ai/jobs/{killed_job}").json()
+    assert any(e["kind"] == "requeued" for e in killed["events"]), killed["events"]
+    if killed["superseded_by"] is None:
+        assert killed["state"] == "succeeded" and killed["attempts"] >= 2, killed["events"]
+    else:
+        assert killed["state"] in ("cancelled", "succeeded"), killed
+        assert any(j["study"]["StudyInstanceUID"] == killed["study"]["StudyInstanceUID"] for j in detail)
     # Every report reached the EHR exactly once.
     for j in detail:
         assert j["delivery"]["state"] == "delivered", j["delivery"]
