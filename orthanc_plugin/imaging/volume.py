@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -119,7 +120,8 @@ def _fits_int16(arr: NDArray[np.generic], intercept: int) -> bool:
     """Whether the stored values ``arr`` plus ``intercept`` are integers within int16's range."""
     if arr.dtype.kind not in "iu" or arr.size == 0:
         return arr.size == 0
-    return int(arr.min()) + intercept >= -(1 << 15) and int(arr.max()) + intercept < 1 << 15
+    ints = cast(NDArray[np.integer[Any]], arr)  # its kind says so
+    return int(np.min(ints)) + intercept >= -(1 << 15) and int(np.max(ints)) + intercept < 1 << 15
 
 
 def _floats(ds: Dataset, keyword: str, n: int) -> NDArray[np.float64] | None:
