@@ -17,7 +17,7 @@ import dataclasses
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -546,20 +546,23 @@ def encode(run: Run, volume: Volume, labels: Labels, findings: Findings, algorit
     return Encoded(datasets, fhir, hl7)
 
 
-def superseded_report(run: Run) -> dict[str, Any] | None:
-    """The FHIR bundle of the latest job this one supersedes that made one (a superseded job may
-    have been replaced before it ran)."""
+def superseded_jobs(run: Run) -> Iterator[Job]:
+    """The jobs this one supersedes, latest first (each superseded the one before it)."""
     jid, seen = run.job.input.supersedes, set()
     while jid is not None and jid not in seen:
         seen.add(jid)
         try:
             old = run.store.get(jid)
         except NotFound:
-            return None
-        if old.fhir is not None:
-            return old.fhir
+            return
+        yield old
         jid = old.input.supersedes
-    return None
+
+
+def superseded_report(run: Run) -> dict[str, Any] | None:
+    """The FHIR bundle of the latest job this one supersedes that made one (a superseded job may
+    have been replaced before it ran)."""
+    return next((old.fhir for old in superseded_jobs(run) if old.fhir is not None), None)
 
 
 def encode_key_images(
@@ -667,18 +670,11 @@ def remove_replaced(run: Run, stored: dict[str, StoredInstance | tuple[StoredIns
     delete the instances of the superseded jobs that the new result has no counterpart for (e.g.
     a key image fewer), so the study holds one current result."""
     kept = {s.sop_instance_uid for v in stored.values() for s in (v if isinstance(v, tuple) else (v,))}
-    jid, seen = run.job.input.supersedes, set()
-    while jid is not None and jid not in seen:
-        seen.add(jid)
-        try:
-            old = run.store.get(jid)
-        except NotFound:
-            return
+    for old in superseded_jobs(run):
         for _, instance in old.outputs.instances() if old.outputs is not None else ():
             if instance.sop_instance_uid not in kept and instance.orthanc_id:
                 with contextlib.suppress(OrthancError):
                     run.orthanc.delete_instance(instance.orthanc_id)
-        jid = old.input.supersedes
 
 
 # --------------------------------------------------------------------------- helpers of the stages
