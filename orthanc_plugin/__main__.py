@@ -1,5 +1,8 @@
 """Command line: ``python -m orthanc_plugin worker --settings FILE`` (and more sub-commands).
 
+``viewer --orthanc URL --dist DIR --config FILE --origin https://pacs.example`` serves the OHIF viewer
+and DICOMweb on one origin, see :mod:`orthanc_plugin.viewer.gateway`.
+
 ``worker --orthanc-url URL --triton-url HOST:PORT --database-url postgresql://... --pipelines FILE``
 runs workers on a host without Orthanc (scale-out), see :mod:`orthanc_plugin.worker.remote`.
 """
@@ -45,6 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ml = msub.add_parser("list", help="models in the repository, their versions and inputs/outputs")
     ml.add_argument("--repository", default="triton_models", help="model repository (default triton_models)")
+    v = sub.add_parser("viewer", help="serve OHIF and Orthanc's DICOMweb on one origin (the viewer gateway)")
+    v.add_argument("--orthanc", required=True, help="Orthanc's HTTP root, e.g. http://orthanc:8042")
+    v.add_argument(
+        "--listen", default="127.0.0.1:3000", help="HOST:PORT to listen on (default 127.0.0.1:3000)"
+    )
+    v.add_argument("--dist", required=True, help="OHIF's prebuilt dist/ folder (the image: /opt/ohif/dist)")
+    v.add_argument("--config", required=True, help="the app-config.js to serve (viewer/app-config.js)")
+    v.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        help="origin whose pages may store a corrected segmentation (STOW-RS), e.g. https://pacs.example;"
+        " repeat or separate by commas; none: nothing is stored through the gateway",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
@@ -65,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.parent_pid is None:  # a worker host reading the Orthancs' configuration file
             return run_remote_workers(args, from_file=True)
         return worker_main(args.settings, args.owner, args.parent_pid)  # started by Orthanc's plugin
+    if args.command == "viewer":
+        from pathlib import Path
+
+        from orthanc_plugin.viewer.gateway import ViewerError, parse_listen, parse_origins, serve
+
+        try:
+            host, port = parse_listen(args.listen)
+            origins = parse_origins(args.origin)
+            serve(args.orthanc, host, port, Path(args.dist).resolve(), Path(args.config).resolve(), origins)
+        except (ValueError, ViewerError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "check-config":
         from pathlib import Path
 

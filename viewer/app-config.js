@@ -1,7 +1,7 @@
 /** @type {AppTypes.Config} */
 // OHIF 3.13 configuration for orthanc-ai (SPDX-License-Identifier: AGPL-3.0-or-later).
 //
-// Served at /app-config.js by orthanc_plugin/viewer.py, which also forwards /dicom-web/ and /wado
+// Served at /app-config.js by the viewer gateway (orthanc_plugin/viewer/gateway.py), which also forwards /dicom-web/ and /wado
 // to Orthanc. Viewer and DICOMweb therefore share one origin: Orthanc 1.10 has no CORS option, and
 // the BulkDataURIs Orthanc writes into the metadata (built from the forwarded Host header) point
 // back at this same origin.

@@ -1,6 +1,6 @@
 """docker-compose.yml validates (``docker-compose config``, no Docker engine needed) and holds the
 services of a production deployment: Orthanc (built on the orthancteam image: Python, DICOMweb and
-PostgreSQL plugins, our package inside), NVIDIA Triton with a GPU and triton_models/ mounted, OHIF, HAPI FHIR,
+PostgreSQL plugins, our package inside), NVIDIA Triton with a GPU and triton_models/ mounted, the OHIF viewer gateway, HAPI FHIR,
 PostgreSQL. Runs in CI with the rest of the unit tests (about 2 s).
 """
 
@@ -19,7 +19,10 @@ import yaml
 from devstack.common import ROOT
 
 # Placeholders for the variables the file requires (secrets in production, never in the repository).
-ENV = {"POSTGRES_PASSWORD": "compose-check", "ORTHANC_ADMIN_PASSWORD": "compose-check", "FHIR_TOKEN": ""}
+ENV = {
+    "POSTGRES_PASSWORD": "compose-check", "ORTHANC_ADMIN_PASSWORD": "compose-check", "FHIR_TOKEN": "",
+    "VIEWER_ORIGIN": "https://pacs.example",
+}  # fmt: skip
 
 
 def compose_command() -> list[str]:
@@ -113,7 +116,14 @@ def test_triton_with_gpu_and_models(compose: dict[str, Any]) -> None:
 
 
 def test_viewer_fhir_and_database(compose: dict[str, Any]) -> None:
-    _service(compose, "ohif/app:")
+    from orthanc_plugin.viewer.gateway import parse_listen, parse_origins
+
+    # The viewer gateway (tests/unit/test_dockerfile.py: from this image), storing only from the site's origin.
+    entry = compose["services"]["viewer"]["entrypoint"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in entry[4:])
+    assert parse_origins([flags["origin"]]) == {"https://pacs.example"}
+    assert parse_listen(flags["listen"]) == ("0.0.0.0", 3000)
+    assert not any(str(s.get("image", "")).startswith("ohif/app") for s in compose["services"].values())
     fhir = _service(compose, "hapiproject/hapi:")
     assert fhir["environment"]["hapi.fhir.fhir_version"] == "R4"
     postgres = _service(compose, "postgres:")

@@ -30,6 +30,8 @@ IMAGE_REQUIREMENTS = ROOT / "docker" / "orthanc" / "requirements.txt"
 #: 25.1.1 brought Python plugin 5.0; up to 25.2.0 the images are Debian 12 with Python 3.11,
 #: later ones Ubuntu 24.04 with Python 3.12).
 BASE_IMAGE = "orthancteam/orthanc:25.2.0"
+VIEWER_CONFIG = ROOT / "viewer" / "app-config.js"
+OHIF_DIST = "/opt/ohif/dist"
 BASE_PYTHON = (3, 11)
 #: Import names whose distribution is named otherwise.
 DISTRIBUTION = {"yaml": "pyyaml", "fhir": "fhir.resources", "skimage": "scikit-image", "PIL": "pillow"}
@@ -113,7 +115,7 @@ def dockerfile() -> list[tuple[str, str]]:
 def test_the_admin_page_charts_come_from_a_build_stage() -> None:
     # Chart.js is installed by npm ci from the committed lock file in a stage of its own (the
     # runtime image has no Node.js), and only its node_modules reach the image.
-    charts, final = stages(instructions(DOCKERFILE))
+    charts, _ohif, final = stages(instructions(DOCKERFILE))
     assert charts[0][1].endswith(" AS charts"), charts[0]
     vendor = ROOT / "orthanc_plugin" / "server" / "ui" / "vendor"
     sources = [ROOT / x for w, a in charts if w == "COPY" for x in shlex.split(a)[:-1]]
@@ -142,11 +144,25 @@ def test_based_on_the_official_image_with_its_python(dockerfile: list[tuple[str,
 
 def test_copies_only_the_package(dockerfile: list[tuple[str, str]]) -> None:
     files = copies(dockerfile)
-    assert set(files.values()) == {ROOT / "orthanc_plugin", IMAGE_REQUIREMENTS}
+    assert set(files.values()) == {ROOT / "orthanc_plugin", IMAGE_REQUIREMENTS, VIEWER_CONFIG}
     assert all(source.exists() for source in files.values())
     # The build context sends nothing else either.
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*") :][:3] == ["*", "!orthanc_plugin/", "!docker/orthanc/requirements.txt"]
+    assert ignore[ignore.index("*") :][:4] == [
+        "*", "!orthanc_plugin/", "!docker/orthanc/requirements.txt", "!viewer/app-config.js",
+    ]  # fmt: skip
+
+
+def test_the_viewer_is_the_tested_ohif_build() -> None:
+    # The image's OHIF is the npm package's prebuilt dist/ at the version the browser tests use.
+    _charts, ohif, final = stages(instructions(DOCKERFILE))
+    assert ohif[0][1].endswith(" AS ohif"), ohif[0]
+    tested = re.search(r"^OHIF_VERSION=(\S+)$", (ROOT / "scripts" / "install_viewer.sh").read_text(), re.M)
+    assert tested is not None
+    assert ("ARG", f"OHIF_VERSION={tested.group(1)}") in ohif
+    assert any(w == "RUN" and "npm pack" in a and "@ohif/app@${OHIF_VERSION}" in a for w, a in ohif)
+    from_ohif = [shlex.split(a) for w, a in final if w == "COPY" and a.startswith("--from=ohif")]
+    assert from_ohif == [["--from=ohif", "/ohif/package/dist/", OHIF_DIST + "/"]]
 
 
 def test_compose_services_run_this_image(compose: dict[str, Any], dockerfile: list[tuple[str, str]]) -> None:
@@ -192,6 +208,17 @@ def test_compose_services_run_this_image(compose: dict[str, Any], dockerfile: li
     assert in_image(f"{worker['working_dir']}/orthanc_plugin/__main__.py", files) is not None
     (pipelines,) = [a.split("=", 1)[1] for a in entry if a.startswith("--pipelines=")]
     assert _source(pipelines, _mounts(worker), files).is_file()
+
+    # The viewer gateway: this image, the product's command, OHIF and its configuration from the image.
+    viewer = compose["services"]["viewer"]
+    assert viewer["image"] in images
+    entry = viewer["entrypoint"]
+    assert entry[0] == f"{venv}/bin/python" and entry[1:4] == ["-m", "orthanc_plugin", "viewer"]
+    assert in_image(f"{viewer['working_dir']}/orthanc_plugin/viewer/gateway.py", files) is not None
+    flags = dict(a.removeprefix("--").split("=", 1) for a in entry[4:])
+    assert flags["dist"] == OHIF_DIST
+    assert _source(flags["config"], _mounts(viewer), files) == VIEWER_CONFIG
+    assert flags["orthanc"] == "http://orthanc:8042"
 
 
 def _source(path: str, mounts: dict[str, str], files: dict[PurePosixPath, Path]) -> Path:

@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "review": {"core", "jobs", "imaging", "outputs", "fhir", "orthanc_rest"},
     "worker": {"core", "jobs", "imaging", "inference", "outputs", "fhir", "hl7", "orthanc_rest", "review"},
     "server": {"core", "jobs", "intake", "monitoring", "fhir", "orthanc_rest", "inference", "worker"},
+    "viewer": set(),
 }
 #: never imported by the product
 FOREIGN = ("devstack", "tests", "bench", "scripts", "triton_models")

@@ -3,15 +3,21 @@ whatever the path is dressed as."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from devstack.viewer import create_app, local_origins, upstream_path
+from devstack.stack import free_port
+from devstack.viewer import local_origins
+from orthanc_plugin.viewer.gateway import create_app, parse_listen, parse_origins, upstream_path
 
 
 @pytest.mark.parametrize(
@@ -218,3 +224,75 @@ def test_a_single_part_bulk_request_gets_the_part_the_viewer_asked_for(tmp_path:
         assert multipart.status_code == 200 and b"--b0undary" in multipart.content  # passed through as is
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0", "3000", ":3000", "host:0", "host:70000", "host:x"])
+def test_listen_must_be_host_and_port(value: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen(value)
+
+
+def test_origins_are_scheme_host_and_port_only() -> None:
+    assert parse_origins(["https://PACS.example/", "http://10.0.0.5:3000,https://b.example"]) == {
+        "https://pacs.example", "http://10.0.0.5:3000", "https://b.example",
+    }  # fmt: skip
+    for bad in ("pacs.example", "https://pacs.example/viewer", "ftp://pacs.example", "*"):
+        with pytest.raises(ValueError, match="origin"):
+            parse_origins([bad])
+
+
+def test_the_product_command_serves_reads_and_stores_only_from_its_configured_origin(tmp_path: Path) -> None:
+    """``python -m orthanc_plugin viewer`` as docker-compose.yml runs it (a real process, real HTTP)."""
+    recorder = type("Recorder", (_Recorder,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text("<html>OHIF</html>")
+    config = tmp_path / "app-config.js"
+    config.write_text("window.config = {};")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orthanc_plugin", "viewer", f"--orthanc=http://127.0.0.1:{server.server_port}",
+         f"--listen=127.0.0.1:{port}", f"--dist={dist}", f"--config={config}", "--origin=https://pacs.example"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else proc.returncode
+            try:
+                httpx.get(f"{base}/app-config.js", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway did not listen within 30 s"
+                time.sleep(0.1)
+        assert httpx.get(f"{base}/viewer?StudyInstanceUIDs=1.2.3").text == "<html>OHIF</html>"
+        assert httpx.get(f"{base}/app-config.js").text == "window.config = {};"
+        assert httpx.get(f"{base}/dicom-web/studies").status_code == 200
+        stow = {"Content-Type": STOW["Content-Type"]}
+        foreign = httpx.post(f"{base}/dicom-web/studies", content=b"x", headers={**stow, "Origin": base})
+        assert foreign.status_code == 403  # its own address is not the configured public origin
+        site = httpx.post(
+            f"{base}/dicom-web/studies", content=b"x", headers={**stow, "Origin": "https://pacs.example"}
+        )
+        assert site.status_code == 200
+        assert [(m, p) for m, p, _, _ in recorder.seen] == [
+            ("GET", "/dicom-web/studies"),
+            ("POST", "/dicom-web/studies"),
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        server.shutdown()
+
+
+def test_the_product_command_refuses_a_bad_origin_before_listening(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "orthanc_plugin", "viewer", "--orthanc=http://127.0.0.1:9", f"--dist={tmp_path}",
+         f"--config={tmp_path / 'c.js'}", "--origin=https://pacs.example/viewer"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "give an origin such as https://pacs.example" in r.stderr
