@@ -147,3 +147,22 @@ def test_rtstruct_contours_are_drawn_on_the_ct_with_roi_names(ohif: dict[str, An
     )
     assert on_slice["points"] > 20 and on_slice["svgShapes"] >= 2, f"no contour drawn: {on_slice}"
     assert (artifacts / "ohif-rtstruct.png").is_file()
+
+
+def test_behind_the_sites_https_proxy_bulk_data_points_at_the_public_origin(
+    ohif: dict[str, Any], orthanc: OrthancServer
+) -> None:
+    """In production the gateway sits behind the site's HTTPS proxy: the ``Forwarded`` header
+    (RFC 7239) that proxy sets passes through the gateway, and Orthanc writes the BulkDataURIs OHIF
+    fetches on the public origin (an http:// address there would be mixed content the browser
+    blocks). Every DICOMweb plugin release here reads it (``X-Forwarded-*`` only from 1.14)."""
+    uid = ohif["job"]["study"]["StudyInstanceUID"]
+    with ViewerServer(orthanc.url, free_port()) as viewer:
+        metadata = httpx.get(
+            f"{viewer.url}/dicom-web/studies/{uid}/metadata",
+            headers={"Forwarded": "host=pacs.example;proto=https"},
+            timeout=60,
+        ).json()
+    uris = [v["BulkDataURI"] for item in metadata for v in item.values() if "BulkDataURI" in v]
+    assert uris, "no BulkDataURI in the study's metadata"
+    assert all(u.startswith("https://pacs.example/dicom-web/") for u in uris), uris[:3]
