@@ -479,46 +479,38 @@ def _intensity_of_integers(x: NDArray[np.integer[Any]], lowest: int, highest: in
     percentiles, the mean distance from the median, the mean of the values from p10 to p90),
     and from the values themselves, in the same order and the same float64 operations, where
     they are not (the moments about the mean, the mean distances from the mean and from the
-    robust mean): two buffers of the region's size, no float64 copy of the values."""
+    robust mean: :func:`_deviation_sums`), without a float64 copy of the values."""
+    x = x.ravel()
     n = x.size
     counts = _value_counts(x, lowest, highest)
     values = np.arange(lowest, highest + 1, dtype=np.int64)
     mu = float(int(counts @ values)) / n
-    d = x - mu  # float64, as the float64 values less their mean
-    buf = d * d
-    var = float(buf.mean())
+    squares, cubes, fourths, distances = _deviation_sums(x, mu, moments=True)
+    var = squares / n
     sd = math.sqrt(var)
-    np.multiply(buf, d, out=buf)
-    third = float(buf.mean())
-    np.multiply(d, d, out=buf)
-    np.multiply(buf, buf, out=buf)
-    fourth = float(buf.mean())
-    np.abs(d, out=d)
-    mad = float(d.mean())
-    del d
+    third = cubes / n
+    fourth = fourths / n
+    mad = distances / n
     p10, p25, median, p75, p90 = _order_statistics(counts, float(lowest), n, (10, 25, 50, 75, 90))
     twice = 2 * median
     if twice == math.floor(twice):  # always: the median of integers is a whole or half number
         medad = float(int(counts @ np.abs(2 * values - int(twice)))) / 2 / n
     else:  # pragma: no cover - kept for the definition's sake
-        np.subtract(x, median, out=buf)
-        np.abs(buf, out=buf)
-        medad = float(buf.mean())
+        medad = _deviation_sums(x, median, moments=False)[3] / n
     inside = (values >= p10) & (values <= p90)
     robust_n = int(counts[inside].sum())
-    # No value from p10 to p90 (two values): their mean is NaN, as NumPy's of an empty array.
-    robust_mean = float(int(counts[inside] @ values[inside])) / robust_n if robust_n else math.nan
-    # The values from p10 to p90 (in order, a million at a time) less their mean, in the buffer.
-    k = 0
-    for i in range(0, n, _COUNT_CHUNK):
-        part = x[i : i + _COUNT_CHUNK]
-        kept = part[(part >= p10) & (part <= p90)]
-        np.subtract(kept, robust_mean, out=buf[k : k + kept.size])
-        k += kept.size
-    robust = buf[:k]
-    np.abs(robust, out=robust)
-    rmad = float(robust.mean())
-    del robust, buf
+    if robust_n:  # the values from p10 to p90, in order, and their mean distance from their mean
+        robust_mean = float(int(counts[inside] @ values[inside])) / robust_n
+        kept = np.concatenate(
+            [
+                part[(part >= p10) & (part <= p90)]
+                for part in np.split(x, range(_COUNT_CHUNK, n, _COUNT_CHUNK))
+            ]
+        )
+        rmad = _deviation_sums(kept, robust_mean, moments=False)[3] / robust_n
+        del kept
+    else:  # no value from p10 to p90 (two values): NaN, as NumPy's mean of none
+        rmad = math.nan
     energy = float(int(counts @ (values * values)))
     return {
         "stat.mean": mu,
@@ -540,6 +532,85 @@ def _intensity_of_integers(x: NDArray[np.integer[Any]], lowest: int, highest: in
         "stat.energy": energy,
         "stat.rms": math.sqrt(energy / n),
     }
+
+
+def _deviation_sums(x: NDArray[Any], centre: float, *, moments: bool) -> tuple[float, float, float, float]:
+    """The sums NumPy makes of d^2, d^3 (as (d d) d), d^4 (as (d d)(d d)) and |d|, d = x - centre
+    in float64 (only the last unless ``moments``), bit for bit: as NumPy adds a float64 array, the
+    running sum of the pairwise sums of its blocks of 8192 values, computed a few blocks at a time
+    (cache-sized buffers, no region-sized float64 array) where :func:`_numpy_sums_by_blocks`
+    found NumPy to add that way, or else from whole arrays."""
+    n = x.size
+    if not _numpy_sums_by_blocks():
+        d = x - centre
+        if not moments:
+            np.abs(d, out=d)
+            return math.nan, math.nan, math.nan, float(np.add.reduce(d))
+        buf = d * d
+        squares = float(np.add.reduce(buf))
+        np.multiply(buf, d, out=buf)
+        cubes = float(np.add.reduce(buf))
+        np.multiply(d, d, out=buf)
+        np.multiply(buf, buf, out=buf)
+        fourths = float(np.add.reduce(buf))
+        np.abs(d, out=d)
+        return squares, cubes, fourths, float(np.add.reduce(d))
+    step = _BLOCK * _BLOCKS
+    d = np.empty(min(step, n))
+    buf = np.empty(min(step, n))
+    sums = [0.0, 0.0, 0.0, 0.0]
+
+    def add(k: int, part: NDArray[np.float64]) -> None:
+        whole = part.size // _BLOCK * _BLOCK
+        blocks = [float(s) for s in np.add.reduce(part[:whole].reshape(-1, _BLOCK), axis=1)] if whole else []
+        if whole < part.size:
+            blocks.append(float(np.add.reduce(part[whole:])))
+        total = sums[k]
+        for s in blocks:  # one after the other, as NumPy's running sum
+            total += s
+        sums[k] = total
+
+    for start in range(0, n, step):
+        part = x[start : start + step]
+        dd, bb = d[: part.size], buf[: part.size]
+        np.subtract(part, centre, out=dd)
+        if moments:
+            np.multiply(dd, dd, out=bb)
+            add(0, bb)
+            np.multiply(bb, dd, out=bb)
+            add(1, bb)
+            np.multiply(dd, dd, out=bb)
+            np.multiply(bb, bb, out=bb)
+            add(2, bb)
+        np.abs(dd, out=dd)
+        add(3, dd)
+    return (sums[0], sums[1], sums[2], sums[3]) if moments else (math.nan, math.nan, math.nan, sums[3])
+
+
+@functools.cache
+def _numpy_sums_by_blocks() -> bool:
+    """Whether this NumPy sums a contiguous float64 array as the running sum of the pairwise sums
+    of its blocks of :data:`_BLOCK` values, and sums each row of a C-contiguous block matrix as
+    that row alone: checked once on random values of many magnitudes, where any other order of
+    addition gives another result (NumPy 1.26 does; later versions may grow their blocks)."""
+    rng = np.random.default_rng(1612)
+    for n in (1, 7, _BLOCK - 1, _BLOCK, _BLOCK + 1, 3 * _BLOCK + 77, 9 * _BLOCK + 4099):
+        x = rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 8, n)
+        total = 0.0
+        for start in range(0, n, _BLOCK):
+            total += float(np.add.reduce(x[start : start + _BLOCK]))
+        if float(np.add.reduce(x)) != total or float(x.mean()) != total / n:
+            return False
+    rows = x[: 4 * _BLOCK].reshape(4, _BLOCK)
+    return all(
+        float(a) == float(np.add.reduce(r)) for a, r in zip(np.add.reduce(rows, axis=1), rows, strict=True)
+    )
+
+
+#: Values NumPy's reductions sum pairwise at a time (its buffer size), and blocks of them handled
+#: at a time by :func:`_deviation_sums` (two float64 buffers of 256 kB).
+_BLOCK = 8192
+_BLOCKS = 4
 
 
 def _value_counts(x: NDArray[np.integer[Any]], lowest: int, highest: int) -> NDArray[np.int64]:

@@ -315,9 +315,12 @@ def integer_samples() -> list[Array]:
 
 @pytest.mark.parametrize("k", range(len(integer_samples())))
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
+@pytest.mark.parametrize("by_blocks", [True, False], ids=["as NumPy sums", "whole arrays"])
 def test_integer_intensities_give_the_float64_statistics(
-    k: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+    k: int, chunk: int, by_blocks: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if not by_blocks:
+        monkeypatch.setattr(radiomics, "_numpy_sums_by_blocks", lambda: False)
     x = integer_samples()[k]
     with warnings.catch_warnings():  # the mean of no value (two values: none from p10 to p90)
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -353,3 +356,28 @@ def test_the_weighted_centre_of_integers_is_the_float64_one(dtype: Any) -> None:
     expected = original._weighted_centre(image, mask, sp)
     assert np.array_equal(radiomics._weighted_centre(image, mask, sp), expected)
     assert np.array_equal(radiomics._weighted_centre(image, mask, sp, slab=5), expected)
+
+
+def test_numpy_1_sums_by_blocks() -> None:
+    """The sums by blocks are used where NumPy is known to add that way (1.26, Debian 12's);
+    elsewhere the check at first use decides, and whole arrays give the same sums."""
+    if np.lib.NumpyVersion(np.__version__) < "2.0.0":
+        assert radiomics._numpy_sums_by_blocks()
+
+
+@pytest.mark.parametrize("n", [1, 5, 8191, 8192, 8193, 4 * 8192, 100_003])
+@pytest.mark.parametrize("by_blocks", [True, False], ids=["as NumPy sums", "whole arrays"])
+def test_deviation_sums_are_numpys_sums(n: int, by_blocks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not by_blocks:
+        monkeypatch.setattr(radiomics, "_numpy_sums_by_blocks", lambda: False)
+    x = np.round(np.random.default_rng(n).normal(-700, 250, n)).astype(np.int16)
+    centre = float(x.astype(np.float64).mean())
+    d = x.astype(np.float64) - centre
+    plain = (
+        float((d * d).sum()),
+        float((d * d * d).sum()),
+        float(((d * d) * (d * d)).sum()),
+        float(np.abs(d).sum()),
+    )
+    assert radiomics._deviation_sums(x, centre, moments=True) == plain
+    assert radiomics._deviation_sums(x, centre, moments=False)[3] == plain[3]
