@@ -316,9 +316,11 @@ def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[int, FloatA
     of its planes (exact integer moments): no N x 3 coordinate array for a region of 10^7 voxels."""
     n = int(np.count_nonzero(mask))
     idx = [np.arange(k, dtype=np.float64) for k in mask.shape]
-    zy = mask.sum(axis=2, dtype=np.int64).astype(np.float64)
-    zx = mask.sum(axis=1, dtype=np.int64).astype(np.float64)
-    yx = mask.sum(axis=0, dtype=np.int64).astype(np.float64)
+    # Counted in int32 (at most a side's length each: exact), which NumPy sums faster than int64.
+    ones = mask.view(np.uint8)
+    zy = ones.sum(axis=2, dtype=np.int32).astype(np.float64)
+    zx = ones.sum(axis=1, dtype=np.int32).astype(np.float64)
+    yx = ones.sum(axis=0, dtype=np.int32).astype(np.float64)
     z, y, x = zy.sum(axis=1), zy.sum(axis=0), zx.sum(axis=0)
     first = np.array([idx[0] @ z, idx[1] @ y, idx[2] @ x])
     mean = first / n
