@@ -228,8 +228,9 @@ def _surface(mask: BoolArray, sp: FloatArray) -> _Mesh:
     for k in range(3):
         c = verts[:, k] + np.float32(lo[k])  # exact: whole and half voxels
         columns.append(np.ascontiguousarray(c) if unit else c.astype(np.float64) * sp[k])
-    half = (verts * 2).astype(np.intp)
-    grid = half if np.array_equal(half, verts * 2) else None
+    twice = verts * 2
+    half = twice.astype(np.intp)
+    grid = half if np.array_equal(half, twice) else None
     return _Mesh(columns, faces, grid)
 
 
@@ -298,9 +299,9 @@ def _line_ends(grid: NDArray[np.intp]) -> NDArray[np.intp]:
     """Indices (ascending) of the points of ``grid`` (N x 3, non-negative whole numbers) that are
     the first or the last on their line along x, then of those along y, then along z."""
     keep = np.arange(len(grid))
-    top = grid.max(axis=0) + 1
+    top = np.array([int(grid[:, k].max()) + 1 for k in range(3)], dtype=np.intp)
     for axis, (a, b) in ((2, (0, 1)), (1, (0, 2)), (0, (1, 2))):
-        g = grid[keep]
+        g = grid if len(keep) == len(grid) else grid[keep]
         line = g[:, a] * top[b] + g[:, b]
         pos = g[:, axis]
         first = np.full(int(top[a] * top[b]), top[axis], dtype=np.intp)
