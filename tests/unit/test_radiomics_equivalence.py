@@ -6,6 +6,8 @@ What the faster parts rely on is checked here too: scikit-image's marching cubes
 mesh on the mask's own box, moved back by the box's corner, and on the cubes with a surface only;
 the vertices of a binary mask's mesh lie on half voxels; the farthest pair of vertices survives
 the line-end filter; the sums made in integers are the ones the floating-point code made exactly.
+
+Run as a script, it times the two on the chest CT and prints their peak memory (see ``main``).
 """
 
 from __future__ import annotations
@@ -381,3 +383,70 @@ def test_deviation_sums_are_numpys_sums(n: int, by_blocks: bool, monkeypatch: py
     )
     assert radiomics._deviation_sums(x, centre, moments=True) == plain
     assert radiomics._deviation_sums(x, centre, moments=False)[3] == plain[3]
+
+
+def main() -> None:
+    """Time the module against the previous implementation on the chest CT (or a version of it
+    resampled to ``--slices`` slices along z, as ``bench/pipeline_stages.py`` derives it), both
+    lungs labelled as the ``ct_lung`` model is trained to (``reference_labels``): the two
+    alternately, ``--pairs`` times, then the peak memory of each (``tracemalloc``, per lung).
+    ``python -m tests.unit.test_radiomics_equivalence --slices 320``."""
+    import argparse
+    import tempfile
+    import time
+    import tracemalloc
+    from pathlib import Path
+
+    from devstack.derive import resample_z, sorted_slices
+    from triton_models.ct_lung.reference_labels import reference_labels
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = CT_A0001
+        if args.slices != 64:
+            folder = resample_z(
+                sorted_slices(CT_A0001), args.slices, Path(tmp) / "ct", f"bench-z-{args.slices}"
+            )
+        volume = build_volume(read_series(folder))
+    v, sp = volume.voxels, tuple(float(s) for s in volume.spacing)
+    labels = reference_labels(v, sp)
+    spacing = (sp[0], sp[1], sp[2])
+
+    def new() -> list[dict[str, float]]:
+        return [label_features(v, labels, label, spacing, CT) for label in (1, 2)]
+
+    def old() -> list[dict[str, float]]:
+        return [original.label_features(v, labels, label, spacing, old_settings(CT)) for label in (1, 2)]
+
+    assert all(same(a, b) == [] for a, b in zip(new(), old(), strict=True)), "the features differ"
+    times: dict[str, list[float]] = {"previous": [], "this": []}
+    for _ in range(args.pairs):
+        for name, run in (("previous", old), ("this", new)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    before, after = (float(np.median(times[k])) for k in ("previous", "this"))
+    pairs = float(np.median(np.array(times["this"]) / np.array(times["previous"])))
+    print(f"{v.shape[0]} slices, both lungs, {args.pairs} pairs: previous {before:.3f} s, this {after:.3f} s")
+    print(f"  ratio of the medians {after / before:.2f}, median of the pairs' ratios {pairs:.2f}")
+    print(
+        f"  fastest: previous {min(times['previous']):.3f} s, this {min(times['this']):.3f} s; features equal"
+    )
+    for name, module in (("previous", original), ("this", radiomics)):
+        peaks = []
+        tracemalloc.start()
+        for label in (1, 2):
+            tracemalloc.reset_peak()
+            held = tracemalloc.get_traced_memory()[0]
+            settings = old_settings(CT) if module is original else CT
+            module.label_features(v, labels, label, spacing, settings)  # type: ignore[arg-type]
+            peaks.append((tracemalloc.get_traced_memory()[1] - held) / 1e6)
+        tracemalloc.stop()
+        print(f"  peak memory per lung, {name}: " + ", ".join(f"{p:.0f} MB" for p in peaks))
+
+
+if __name__ == "__main__":
+    main()
