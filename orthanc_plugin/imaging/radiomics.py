@@ -22,6 +22,8 @@ phantom against the consensus values.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -109,11 +111,30 @@ def resample(
     return img, msk
 
 
-def discretise(values: FloatArray, settings: RadiomicsSettings) -> tuple[NDArray[np.int64], int]:
+def discretise(
+    values: NDArray[Any], settings: RadiomicsSettings
+) -> tuple[NDArray[np.int64] | NDArray[np.int32], int]:
     """Discretised grey levels (1..Ng) of ``values`` and Ng."""
     if settings.bin_width is not None:
         low = settings.resegment[0] if settings.resegment is not None else float(np.min(values))
-        scaled = values - low
+        width = settings.bin_width
+        if (
+            np.issubdtype(values.dtype, np.integer)
+            and values.dtype.itemsize <= 2
+            and low == math.floor(low)
+            and abs(low) < _SMALL
+            and width == math.floor(width)
+            and width < _SMALL
+        ):
+            # Whole intensities, bound and width: floor((v - low) / width) in float64 is the
+            # integer floor division (the quotient is never within rounding of a whole number
+            # it is not), done in int32 without a float64 copy.
+            levels32 = values.astype(np.int32)
+            levels32 -= int(low)
+            levels32 //= int(width)
+            levels32 += 1
+            return levels32, int(levels32.max())
+        scaled = np.asarray(values, dtype=np.float64) - low
         scaled /= settings.bin_width
         np.floor(scaled, out=scaled)
         levels = scaled.astype(np.int64)
@@ -121,6 +142,7 @@ def discretise(values: FloatArray, settings: RadiomicsSettings) -> tuple[NDArray
         levels += 1
         return levels, int(np.max(levels))
     assert settings.bin_count is not None
+    values = np.asarray(values, dtype=np.float64)
     lo, hi = float(np.min(values)), float(np.max(values))
     n = settings.bin_count
     if hi == lo:
@@ -135,14 +157,9 @@ def discretise(values: FloatArray, settings: RadiomicsSettings) -> tuple[NDArray
 def morphology(
     image: NDArray[Any], morph_mask: BoolArray, int_mask: BoolArray, spacing_zyx: Sequence[float]
 ) -> dict[str, float]:
-    from skimage.measure import marching_cubes
-
     sp = np.asarray(spacing_zyx, dtype=np.float64)
-    padded = np.zeros(tuple(k + 2 for k in morph_mask.shape), dtype=np.float32)
-    padded[1:-1, 1:-1, 1:-1] = morph_mask
-    verts, faces, _, _ = marching_cubes(padded, level=0.5, spacing=tuple(sp))  # type: ignore[no-untyped-call]
-    del padded
-    volume, area = _mesh_volume_and_area(verts, faces)
+    mesh = _surface(morph_mask, sp)
+    volume, area = _mesh_sums(mesh.columns, mesh.faces)
     n_voxels, geom, cov = _centre_and_covariance(morph_mask, sp)
     approx = float(n_voxels * np.prod(sp))
     f: dict[str, float] = {
@@ -157,15 +174,7 @@ def morphology(
         "morph.asphericity": (area**3 / (36 * math.pi * volume**2)) ** (1 / 3) - 1,
     }
     f["morph.com"] = float(np.linalg.norm(geom - _weighted_centre(image, int_mask, sp)))
-    hull_points = verts
-    if len(verts) >= 4:
-        try:
-            hull_points = verts[ConvexHull(verts).vertices]
-        except Exception:  # noqa: BLE001 - degenerate (flat) meshes: use every vertex
-            hull_points = verts
-    f["morph.diam"] = (
-        float(math.sqrt(pdist(hull_points, "sqeuclidean").max())) if len(hull_points) > 1 else 0.0
-    )
+    f["morph.diam"] = _diameter(mesh)
     eig = np.sort(np.linalg.eigvalsh(cov))[::-1] if cov is not None else np.zeros(3)
     major, minor, least = (max(float(e), 0.0) for e in eig)
     f["morph.pca.major"] = 4 * math.sqrt(major)
@@ -173,10 +182,134 @@ def morphology(
     f["morph.pca.least"] = 4 * math.sqrt(least)
     f["morph.pca.elongation"] = math.sqrt(minor / major) if major > 0 else 1.0
     f["morph.pca.flatness"] = math.sqrt(least / major) if major > 0 else 1.0
-    ext = verts.max(axis=0) - verts.min(axis=0)
+    # The mesh's bounding box, in the vertices' own type (float32 when the spacing is 1 mm).
+    ext = np.array([c.max() - c.min() for c in mesh.columns], dtype=mesh.columns[0].dtype)
     f["morph.v.dens.aabb"] = volume / float(np.prod(ext))
     f["morph.a.dens.aabb"] = area / float(2 * (ext[0] * ext[1] + ext[1] * ext[2] + ext[0] * ext[2]))
     return f
+
+
+@dataclass(frozen=True, slots=True)
+class _Mesh:
+    """A marching-cubes mesh of a mask: ``columns`` the vertices' z, y and x in mm (contiguous,
+    float64, or float32 where the spacing is 1 mm, as scikit-image returns them), ``faces`` the
+    vertex indices per triangle, ``grid`` the vertices in half voxels of the mask's box (whole
+    numbers: a vertex of a binary mask at level 0.5 lies halfway along an edge, on a face's or
+    a cube's centre), or None where they are not."""
+
+    columns: list[NDArray[np.floating[Any]]]
+    faces: NDArray[np.integer[Any]]
+    grid: NDArray[np.intp] | None
+
+
+def _surface(mask: BoolArray, sp: FloatArray) -> _Mesh:
+    """The mesh of ``mask`` padded by one voxel of background (closed where the mask touches its
+    box), as ``marching_cubes(padded, 0.5, spacing=sp)`` gives it: vertices, their order and the
+    faces' are the same, the vertices' values bit for bit.
+
+    Made on the mask's own bounding box (the region handed over is the box grown by the crop
+    margin) and moved back by the box's corner in voxel units, where the move is exact (whole and
+    half voxels in float32); the cubes marched are only those with both inside and outside
+    corners (:func:`_surface_cubes`; the others give no triangle), where scikit-image's mask
+    selects cubes as :func:`_cube_mask_selects_cubes` checked."""
+    from skimage.measure import marching_cubes
+
+    lo, hi = _bounds(mask)
+    shape = tuple(b - a + 2 for a, b in zip(lo, hi, strict=True))
+    padded = np.zeros(shape, dtype=np.uint8)
+    padded[1:-1, 1:-1, 1:-1] = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    cubes = _surface_cubes(padded) if _cube_mask_selects_cubes() else None
+    volume = padded.astype(np.float32)
+    del padded
+    verts, faces, _, _ = marching_cubes(volume, level=0.5, mask=cubes)  # type: ignore[no-untyped-call]
+    del volume, cubes
+    unit = bool(np.array_equal(sp, (1, 1, 1)))  # scikit-image then leaves the vertices in float32
+    columns: list[NDArray[np.floating[Any]]] = []
+    for k in range(3):
+        c = verts[:, k] + np.float32(lo[k])  # exact: whole and half voxels
+        columns.append(np.ascontiguousarray(c) if unit else c.astype(np.float64) * sp[k])
+    twice = verts * 2
+    half = twice.astype(np.intp)
+    grid = half if np.array_equal(half, twice) else None
+    return _Mesh(columns, faces, grid)
+
+
+def _bounds(mask: BoolArray) -> tuple[list[int], list[int]]:
+    """The smallest box holding the voxels of ``mask`` (not empty): lower and upper bounds per axis."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        found = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(int(found[0]))
+        hi.append(int(found[-1]) + 1)
+    return lo, hi
+
+
+def _surface_cubes(padded: NDArray[np.uint8], slab: int = 32) -> BoolArray:
+    """Where scikit-image's marching cubes is to look: the cube whose corners are (z..z+1,
+    y..y+1, x..x+1) is marked at (z+1, y+1, x+1) when its eight corners are not all alike.
+    Counted ``slab`` slices at a time (the corners' sum, 0 or 8 for a cube all out or all in)."""
+    cubes = np.zeros(padded.shape, dtype=bool)
+    for z in range(0, padded.shape[0] - 1, slab):
+        part = padded[z : z + slab + 1]
+        s = part[:-1] + part[1:]
+        s = s[:, :-1] + s[:, 1:]
+        s = s[:, :, :-1] + s[:, :, 1:]
+        s -= 1  # 0 (all out) wraps to 255; 8 (all in) becomes 7
+        np.less(s, 7, out=cubes[z + 1 : z + 1 + len(s), 1:, 1:])
+    return cubes
+
+
+@functools.cache
+def _cube_mask_selects_cubes() -> bool:
+    """Whether scikit-image's ``marching_cubes(..., mask=)`` marches the cubes that
+    :func:`_surface_cubes` marks, checked once on a small blob against the unmasked mesh (its
+    documentation does not say which corner of a cube the mask is read at); without it every
+    cube is marched."""
+    from skimage.measure import marching_cubes
+
+    z, y, x = np.ogrid[:9, :10, :11]
+    blob = ((z - 4.2) ** 2 / 9 + (y - 4.6) ** 2 / 12 + (x - 5.1) ** 2 / 16 <= 1) | (
+        (z == 7) & (y == 2) & (x > 6)
+    )
+    padded = np.zeros((11, 12, 13), dtype=np.uint8)
+    padded[1:-1, 1:-1, 1:-1] = blob
+    volume = padded.astype(np.float32)
+    plain = marching_cubes(volume, level=0.5)  # type: ignore[no-untyped-call]
+    masked = marching_cubes(volume, level=0.5, mask=_surface_cubes(padded, slab=3))  # type: ignore[no-untyped-call]
+    return all(np.array_equal(a, b) for a, b in zip(plain[:2], masked[:2], strict=True))
+
+
+def _diameter(mesh: _Mesh) -> float:
+    """The largest distance between two vertices: between two of the convex hull's, found among
+    the vertices that are not strictly between two others on a line along a grid axis (per line
+    of vertices along x only the first and last, then along y, then along z): a point between
+    two others is never a corner of the hull, and the farthest pair is two corners."""
+    n = len(mesh.columns[0])
+    if n < 2:
+        return 0.0
+    keep = _line_ends(mesh.grid) if mesh.grid is not None else np.arange(n)
+    points = np.stack([c[keep] for c in mesh.columns], axis=1)
+    if len(points) >= 4:
+        with contextlib.suppress(Exception):  # degenerate (flat) sets: every candidate
+            points = points[ConvexHull(points).vertices]
+    return float(math.sqrt(pdist(points, "sqeuclidean").max())) if len(points) > 1 else 0.0
+
+
+def _line_ends(grid: NDArray[np.intp]) -> NDArray[np.intp]:
+    """Indices (ascending) of the points of ``grid`` (N x 3, non-negative whole numbers) that are
+    the first or the last on their line along x, then of those along y, then along z."""
+    keep = np.arange(len(grid))
+    top = np.array([int(grid[:, k].max()) + 1 for k in range(3)], dtype=np.intp)
+    for axis, (a, b) in ((2, (0, 1)), (1, (0, 2)), (0, (1, 2))):
+        g = grid if len(keep) == len(grid) else grid[keep]
+        line = g[:, a] * top[b] + g[:, b]
+        pos = g[:, axis]
+        first = np.full(int(top[a] * top[b]), top[axis], dtype=np.intp)
+        last = np.full(int(top[a] * top[b]), -1, dtype=np.intp)
+        np.minimum.at(first, line, pos)
+        np.maximum.at(last, line, pos)
+        keep = keep[(pos == first[line]) | (pos == last[line])]
+    return keep
 
 
 def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[int, FloatArray, FloatArray | None]:
@@ -184,9 +317,11 @@ def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[int, FloatA
     of its planes (exact integer moments): no N x 3 coordinate array for a region of 10^7 voxels."""
     n = int(np.count_nonzero(mask))
     idx = [np.arange(k, dtype=np.float64) for k in mask.shape]
-    zy = mask.sum(axis=2, dtype=np.int64).astype(np.float64)
-    zx = mask.sum(axis=1, dtype=np.int64).astype(np.float64)
-    yx = mask.sum(axis=0, dtype=np.int64).astype(np.float64)
+    # Counted in int32 (at most a side's length each: exact), which NumPy sums faster than int64.
+    ones = mask.view(np.uint8)
+    zy = ones.sum(axis=2, dtype=np.int32).astype(np.float64)
+    zx = ones.sum(axis=1, dtype=np.int32).astype(np.float64)
+    yx = ones.sum(axis=0, dtype=np.int32).astype(np.float64)
     z, y, x = zy.sum(axis=1), zy.sum(axis=0), zx.sum(axis=0)
     first = np.array([idx[0] @ z, idx[1] @ y, idx[2] @ x])
     mean = first / n
@@ -202,10 +337,16 @@ def _centre_and_covariance(mask: BoolArray, sp: FloatArray) -> tuple[int, FloatA
 
 
 def _mesh_volume_and_area(verts: FloatArray, faces: NDArray[np.integer[Any]]) -> tuple[float, float]:
+    """Volume and area of a closed triangle mesh (``verts`` N x 3): :func:`_mesh_sums`."""
+    return _mesh_sums([np.ascontiguousarray(verts[:, k]) for k in range(3)], faces)
+
+
+def _mesh_sums(
+    v: Sequence[NDArray[np.floating[Any]]], faces: NDArray[np.integer[Any]]
+) -> tuple[float, float]:
     """Volume (divergence theorem: signed tetrahedra from the origin) and area of a closed
-    triangle mesh, from one cross product per face, coordinate by coordinate, a block of faces
-    at a time."""
-    v = [np.ascontiguousarray(verts[:, k]) for k in range(3)]
+    triangle mesh given its vertices' coordinates ``v`` (three contiguous columns), from one
+    cross product per face, coordinate by coordinate, a block of faces at a time."""
     six_volume = 0.0
     twice_area = 0.0
     for start in range(0, len(faces), _FACES):
@@ -226,7 +367,16 @@ _FACES = 1 << 16
 
 
 def _weighted_centre(image: NDArray[Any], mask: BoolArray, sp: FloatArray, slab: int = 16) -> FloatArray:
-    """Intensity-weighted mean position (mm) of the voxels of ``mask``, ``slab`` slices at a time."""
+    """Intensity-weighted mean position (mm) of the voxels of ``mask``, ``slab`` slices at a time.
+
+    Integer intensities (CT in HU) are summed as integers: every sum the floating-point
+    computation makes is then a whole number below 2^53, exact in either, so the result is the
+    same bit for bit without converting the region to float64."""
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        bound = int(np.count_nonzero(mask)) * max(abs(int(info.min)), int(info.max)) * max(mask.shape)
+        if bound < _EXACT:
+            return _weighted_centre_exact(image, mask, sp, slab)
     sums = np.zeros(3)
     total = 0.0
     iy, ix = np.arange(mask.shape[1], dtype=np.float64), np.arange(mask.shape[2], dtype=np.float64)
@@ -240,7 +390,36 @@ def _weighted_centre(image: NDArray[Any], mask: BoolArray, sp: FloatArray, slab:
     return sums / total * sp
 
 
-def intensity(values: FloatArray) -> dict[str, float]:
+def _weighted_centre_exact(image: NDArray[Any], mask: BoolArray, sp: FloatArray, slab: int) -> FloatArray:
+    """:func:`_weighted_centre` of an integer image, in integers (per row and per column of each
+    slab: the intensities weigh their slice, row and column)."""
+    per_row = np.empty(mask.shape[:2], dtype=np.int64)
+    per_column = np.zeros(mask.shape[2], dtype=np.int64)
+    for z0 in range(0, mask.shape[0], slab):
+        w = image[z0 : z0 + slab] * mask[z0 : z0 + slab]  # the image's type: 0 or the value
+        per_row[z0 : z0 + slab] = w.sum(axis=2, dtype=np.int64)
+        per_column += w.sum(axis=(0, 1), dtype=np.int64)
+    per_z, per_y = per_row.sum(axis=1), per_row.sum(axis=0)
+    moments = [
+        int(np.arange(len(per_z), dtype=np.int64) @ per_z),
+        int(np.arange(len(per_y), dtype=np.int64) @ per_y),
+        int(np.arange(len(per_column), dtype=np.int64) @ per_column),
+    ]
+    return np.array(moments, dtype=np.float64) / float(per_z.sum()) * sp
+
+
+#: Integers below this are exact in float64 (and any sum of them that stays below it).
+_EXACT = 1 << 53
+
+
+def intensity(values: NDArray[Any]) -> dict[str, float]:
+    """The intensity-based statistics of ``values`` (any real type; integers, e.g. CT in HU, are
+    not converted to float64 as a whole: see :func:`_intensity_of_integers`)."""
+    if np.issubdtype(values.dtype, np.integer) and values.size:
+        smallest, largest = int(values.min()), int(values.max())
+        top = max(-smallest, largest) + 1
+        if largest - smallest < _MAX_SPAN and 4 * values.size * top * top < _EXACT:
+            return _intensity_of_integers(values, smallest, largest)
     x = np.asarray(values, dtype=np.float64)  # no copy when it is float64 already
     mu = float(x.mean())
     # Two region-sized buffers however many moments: d = x - mu, and powers of it in turn.
@@ -297,6 +476,180 @@ def intensity(values: FloatArray) -> dict[str, float]:
     }
 
 
+def _intensity_of_integers(x: NDArray[np.integer[Any]], lowest: int, highest: int) -> dict[str, float]:
+    """:func:`intensity` of integer values, bit for bit, from a count per value where the plain
+    computation's sums are exact (whole or half numbers below 2^53: the mean, the energy, the
+    percentiles, the mean distance from the median, the mean of the values from p10 to p90),
+    and from the values themselves, in the same order and the same float64 operations, where
+    they are not (the moments about the mean, the mean distances from the mean and from the
+    robust mean: :func:`_deviation_sums`), without a float64 copy of the values."""
+    x = x.ravel()
+    n = x.size
+    counts = _value_counts(x, lowest, highest)
+    values = np.arange(lowest, highest + 1, dtype=np.int64)
+    mu = float(int(counts @ values)) / n
+    squares, cubes, fourths, distances = _deviation_sums(x, mu, moments=True)
+    var = squares / n
+    sd = math.sqrt(var)
+    third = cubes / n
+    fourth = fourths / n
+    mad = distances / n
+    p10, p25, median, p75, p90 = _order_statistics(counts, float(lowest), n, (10, 25, 50, 75, 90))
+    twice = 2 * median
+    if twice == math.floor(twice):  # always: the median of integers is a whole or half number
+        medad = float(int(counts @ np.abs(2 * values - int(twice)))) / 2 / n
+    else:  # pragma: no cover - kept for the definition's sake
+        medad = _deviation_sums(x, median, moments=False)[3] / n
+    inside = (values >= p10) & (values <= p90)
+    robust_n = int(counts[inside].sum())
+    if robust_n:  # the values from p10 to p90, in order, and their mean distance from their mean
+        robust_mean = float(int(counts[inside] @ values[inside])) / robust_n
+        kept = np.concatenate(
+            [
+                part[(part >= p10) & (part <= p90)]
+                for part in np.split(x, range(_COUNT_CHUNK, n, _COUNT_CHUNK))
+            ]
+        )
+        rmad = _deviation_sums(kept, robust_mean, moments=False)[3] / robust_n
+        del kept
+    else:  # no value from p10 to p90 (two values): NaN, as NumPy's mean of none
+        rmad = math.nan
+    energy = float(int(counts @ (values * values)))
+    return {
+        "stat.mean": mu,
+        "stat.var": var,
+        "stat.skew": third / var**1.5 if var > 0 else 0.0,
+        "stat.kurt": fourth / var**2 - 3 if var > 0 else 0.0,
+        "stat.median": median,
+        "stat.min": float(lowest),
+        "stat.p10": p10,
+        "stat.p90": p90,
+        "stat.max": float(highest),
+        "stat.iqr": p75 - p25,
+        "stat.range": float(highest) - float(lowest),
+        "stat.mad": mad,
+        "stat.rmad": rmad,
+        "stat.medad": medad,
+        "stat.cov": sd / mu if mu != 0 else math.nan,
+        "stat.qcod": (p75 - p25) / (p75 + p25) if (p75 + p25) != 0 else math.nan,
+        "stat.energy": energy,
+        "stat.rms": math.sqrt(energy / n),
+    }
+
+
+def _deviation_sums(x: NDArray[Any], centre: float, *, moments: bool) -> tuple[float, float, float, float]:
+    """The sums NumPy makes of d^2, d^3 (as (d d) d), d^4 (as (d d)(d d)) and |d|, d = x - centre
+    in float64 (only the last unless ``moments``), bit for bit: as NumPy adds a float64 array, the
+    running sum of the pairwise sums of its blocks of 8192 values, computed a few blocks at a time
+    (cache-sized buffers, no region-sized float64 array) where :func:`_numpy_sums_by_blocks`
+    found NumPy to add that way, or else from whole arrays."""
+    n = x.size
+    if not _numpy_sums_by_blocks():
+        d = x - centre
+        if not moments:
+            np.abs(d, out=d)
+            return math.nan, math.nan, math.nan, float(np.add.reduce(d))
+        buf = d * d
+        squares = float(np.add.reduce(buf))
+        np.multiply(buf, d, out=buf)
+        cubes = float(np.add.reduce(buf))
+        np.multiply(d, d, out=buf)
+        np.multiply(buf, buf, out=buf)
+        fourths = float(np.add.reduce(buf))
+        np.abs(d, out=d)
+        return squares, cubes, fourths, float(np.add.reduce(d))
+    step = _BLOCK * _BLOCKS
+    d = np.empty(min(step, n))
+    buf = np.empty(min(step, n))
+    sums = [0.0, 0.0, 0.0, 0.0]
+
+    def add(k: int, part: NDArray[np.float64]) -> None:
+        whole = part.size // _BLOCK * _BLOCK
+        blocks = [float(s) for s in np.add.reduce(part[:whole].reshape(-1, _BLOCK), axis=1)] if whole else []
+        if whole < part.size:
+            blocks.append(float(np.add.reduce(part[whole:])))
+        total = sums[k]
+        for s in blocks:  # one after the other, as NumPy's running sum
+            total += s
+        sums[k] = total
+
+    for start in range(0, n, step):
+        part = x[start : start + step]
+        dd, bb = d[: part.size], buf[: part.size]
+        np.subtract(part, centre, out=dd)
+        if moments:
+            np.multiply(dd, dd, out=bb)
+            add(0, bb)
+            np.multiply(bb, dd, out=bb)
+            add(1, bb)
+            np.multiply(dd, dd, out=bb)
+            np.multiply(bb, bb, out=bb)
+            add(2, bb)
+        np.abs(dd, out=dd)
+        add(3, dd)
+    return (sums[0], sums[1], sums[2], sums[3]) if moments else (math.nan, math.nan, math.nan, sums[3])
+
+
+@functools.cache
+def _numpy_sums_by_blocks() -> bool:
+    """Whether this NumPy sums a contiguous float64 array as the running sum of the pairwise sums
+    of its blocks of :data:`_BLOCK` values, and sums each row of a C-contiguous block matrix as
+    that row alone: checked once on random values of many magnitudes, where any other order of
+    addition gives another result (NumPy 1.26 does; later versions may grow their blocks)."""
+    rng = np.random.default_rng(1612)
+    for n in (1, 7, _BLOCK - 1, _BLOCK, _BLOCK + 1, 3 * _BLOCK + 77, 9 * _BLOCK + 4099):
+        x = rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 8, n)
+        total = 0.0
+        for start in range(0, n, _BLOCK):
+            total += float(np.add.reduce(x[start : start + _BLOCK]))
+        if float(np.add.reduce(x)) != total or float(x.mean()) != total / n:
+            return False
+    rows = x[: 4 * _BLOCK].reshape(4, _BLOCK)
+    return all(
+        float(a) == float(np.add.reduce(r)) for a, r in zip(np.add.reduce(rows, axis=1), rows, strict=True)
+    )
+
+
+#: Values NumPy's reductions sum pairwise at a time (its buffer size), and blocks of them handled
+#: at a time by :func:`_deviation_sums` (two float64 buffers of 256 kB).
+_BLOCK = 8192
+_BLOCKS = 4
+
+
+def _value_counts(x: NDArray[np.integer[Any]], lowest: int, highest: int) -> NDArray[np.int64]:
+    """How many of ``x`` equal lowest, lowest + 1, ... highest; a million values at a time (no
+    region-sized index array)."""
+    counts = np.zeros(highest - lowest + 1, dtype=np.int64)
+    for i in range(0, x.size, _COUNT_CHUNK):
+        part = x[i : i + _COUNT_CHUNK].astype(np.intp)
+        part -= lowest
+        counts += np.bincount(part, minlength=counts.size)
+    return counts
+
+
+def _order_statistics(
+    counts: NDArray[np.integer[Any]], lowest: float, n: int, q: Sequence[float]
+) -> list[float]:
+    """``np.percentile`` of the ``n`` values counted per value from ``lowest`` up (linear
+    interpolation between the order statistics around ``(n - 1) q / 100``, as NumPy computes it)."""
+    below = np.cumsum(counts)
+
+    def order(k: int) -> float:  # the k-th smallest value, from 0
+        return lowest + float(np.searchsorted(below, k, side="right"))
+
+    out = []
+    for pct in q:
+        v = (n - 1) * (pct / 100)
+        if v >= n - 1:
+            out.append(order(n - 1))
+            continue
+        k = math.floor(v)
+        a, b, t = order(k), order(k + 1), v - k
+        diff = b - a
+        out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+    return out
+
+
 def _percentiles(
     x: FloatArray, q: Sequence[float], lowest: float, highest: float, buf: FloatArray
 ) -> list[float]:
@@ -318,27 +671,13 @@ def _percentiles(
                 break
             counts += np.bincount(offsets, minlength=counts.size)
         if integers:
-            below = np.cumsum(counts)
-            n = x.size
-
-            def order(k: int) -> float:  # the k-th smallest value, from 0
-                return lowest + float(np.searchsorted(below, k, side="right"))
-
-            out = []
-            for pct in q:
-                v = (n - 1) * (pct / 100)
-                if v >= n - 1:
-                    out.append(order(n - 1))
-                    continue
-                k = math.floor(v)
-                a, b, t = order(k), order(k + 1), v - k
-                diff = b - a
-                out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
-            return out
+            return _order_statistics(counts, lowest, x.size, q)
     np.copyto(buf, x)
     return [float(v) for v in np.percentile(buf, q, overwrite_input=True)]
 
 
+#: Bounds and bin widths up to this are discretised in int32 (:func:`discretise`).
+_SMALL = 1 << 30
 #: Widest integer range that :func:`_percentiles` counts per value.
 _MAX_SPAN = 1 << 16
 #: Values converted to integers at a time by :func:`_percentiles`.
@@ -378,27 +717,31 @@ def _cooccurrences(g: NDArray[np.integer[Any]], n_levels: int) -> list[FloatArra
     Works on the region's voxels only: each one's neighbour in a direction is a fixed offset in
     the flattened grid (positive for the 13 directions, the grid being padded). Outside counts
     as level 0, an extra column of the count matrix that is dropped at the end: no mask per
-    direction, one gather, one sum and one count."""
+    direction. A pair's key (own level - 1) * (Ng + 1) + the neighbour's level is made in two
+    bytes where it fits (up to 255 levels) and counted with ``np.add.at``, which NumPy does
+    without a sort or an index check pass, unlike ``np.bincount``."""
     flat = g.ravel()
     strides = np.array([g.shape[1] * g.shape[2], g.shape[2], 1], dtype=np.intp)
     offsets = [int(np.dot(d, strides)) for d in DIRECTIONS]
     width = n_levels + 1  # neighbour levels 0 (outside) .. n_levels
-    counts = np.zeros((len(DIRECTIONS), n_levels * width), dtype=np.int64)
+    size = n_levels * width
+    key_type = np.uint16 if size <= 1 << 16 else np.intp
+    counts = np.zeros((len(DIRECTIONS), size), dtype=np.intp)
     # A million grid positions at a time: bounded index arrays however large the region.
     for start in range(0, flat.size, _CHUNK):
-        at = np.flatnonzero(flat[start : start + _CHUNK])
+        part = flat[start : start + _CHUNK]
+        at = np.flatnonzero(part != 0)
         if at.size == 0:
             continue
-        at += start
-        row = flat[at].astype(np.intp)  # (own level - 1) * width: the row of the pair's key
+        row: NDArray[Any] = part[at].astype(key_type)  # (own level - 1) * width: the row of the pair's key
         row -= 1
         row *= width
         other = np.empty(at.size, dtype=flat.dtype)
-        key = np.empty(at.size, dtype=np.intp)
+        key = np.empty(at.size, dtype=key_type)
         for k, offset in enumerate(offsets):
-            np.take(flat[offset:], at, out=other, mode="clip")
-            np.add(row, other, out=key)
-            counts[k] += np.bincount(key, minlength=n_levels * width)
+            np.take(flat[start + offset :], at, out=other, mode="clip")
+            np.add(row, other, out=key, casting="unsafe")
+            np.add.at(counts[k], key, 1)
     out = []
     for k in range(len(DIRECTIONS)):
         c = counts[k].reshape(n_levels, width)[:, 1:].astype(np.float64)
@@ -554,7 +897,9 @@ def compute_features(
             )
     # One family after the other, each one's temporaries gone before the next one's.
     out = morphology(img, morph_mask, int_mask, spacing)
-    values = np.asarray(img[int_mask], dtype=np.float64)
+    values = img[int_mask]
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.asarray(values, dtype=np.float64)  # integers (CT in HU) stay as they are
     levels_flat, n_levels = discretise(values, settings)
     grid = np.zeros(tuple(k + 2 for k in int_mask.shape), dtype=_level_type(n_levels))
     grid[1:-1, 1:-1, 1:-1][int_mask] = levels_flat
