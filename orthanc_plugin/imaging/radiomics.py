@@ -133,7 +133,7 @@ def discretise(
             levels32 -= int(low)
             levels32 //= int(width)
             levels32 += 1
-            return levels32, int(levels32.max())
+            return levels32, int(np.max(levels32))
         scaled = np.asarray(values, dtype=np.float64) - low
         scaled /= settings.bin_width
         np.floor(scaled, out=scaled)
@@ -183,7 +183,7 @@ def morphology(
     f["morph.pca.elongation"] = math.sqrt(minor / major) if major > 0 else 1.0
     f["morph.pca.flatness"] = math.sqrt(least / major) if major > 0 else 1.0
     # The mesh's bounding box, in the vertices' own type (float32 when the spacing is 1 mm).
-    ext = np.array([c.max() - c.min() for c in mesh.columns], dtype=mesh.columns[0].dtype)
+    ext = np.array([np.max(c) - np.min(c) for c in mesh.columns], dtype=mesh.columns[0].dtype)
     f["morph.v.dens.aabb"] = volume / float(np.prod(ext))
     f["morph.a.dens.aabb"] = area / float(2 * (ext[0] * ext[1] + ext[1] * ext[2] + ext[0] * ext[2]))
     return f
@@ -299,7 +299,7 @@ def _line_ends(grid: NDArray[np.intp]) -> NDArray[np.intp]:
     """Indices (ascending) of the points of ``grid`` (N x 3, non-negative whole numbers) that are
     the first or the last on their line along x, then of those along y, then along z."""
     keep = np.arange(len(grid))
-    top = np.array([int(grid[:, k].max()) + 1 for k in range(3)], dtype=np.intp)
+    top = np.array([int(np.max(grid[:, k])) + 1 for k in range(3)], dtype=np.intp)
     for axis, (a, b) in ((2, (0, 1)), (1, (0, 2)), (0, (1, 2))):
         g = grid if len(keep) == len(grid) else grid[keep]
         line = g[:, a] * top[b] + g[:, b]
@@ -548,16 +548,16 @@ def _deviation_sums(x: NDArray[Any], centre: float, *, moments: bool) -> tuple[f
         d = x - centre
         if not moments:
             np.abs(d, out=d)
-            return math.nan, math.nan, math.nan, float(np.add.reduce(d))
+            return math.nan, math.nan, math.nan, float(np.sum(d))
         buf = d * d
-        squares = float(np.add.reduce(buf))
+        squares = float(np.sum(buf))
         np.multiply(buf, d, out=buf)
-        cubes = float(np.add.reduce(buf))
+        cubes = float(np.sum(buf))
         np.multiply(d, d, out=buf)
         np.multiply(buf, buf, out=buf)
-        fourths = float(np.add.reduce(buf))
+        fourths = float(np.sum(buf))
         np.abs(d, out=d)
-        return squares, cubes, fourths, float(np.add.reduce(d))
+        return squares, cubes, fourths, float(np.sum(d))
     step = _BLOCK * _BLOCKS
     d = np.empty(min(step, n))
     buf = np.empty(min(step, n))
@@ -565,9 +565,9 @@ def _deviation_sums(x: NDArray[Any], centre: float, *, moments: bool) -> tuple[f
 
     def add(k: int, part: NDArray[np.float64]) -> None:
         whole = part.size // _BLOCK * _BLOCK
-        blocks = [float(s) for s in np.add.reduce(part[:whole].reshape(-1, _BLOCK), axis=1)] if whole else []
+        blocks = [float(s) for s in np.sum(part[:whole].reshape(-1, _BLOCK), axis=1)] if whole else []
         if whole < part.size:
-            blocks.append(float(np.add.reduce(part[whole:])))
+            blocks.append(float(np.sum(part[whole:])))
         total = sums[k]
         for s in blocks:  # one after the other, as NumPy's running sum
             total += s
@@ -601,13 +601,11 @@ def _numpy_sums_by_blocks() -> bool:
         x = rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 8, n)
         total = 0.0
         for start in range(0, n, _BLOCK):
-            total += float(np.add.reduce(x[start : start + _BLOCK]))
-        if float(np.add.reduce(x)) != total or float(x.mean()) != total / n:
+            total += float(np.sum(x[start : start + _BLOCK]))
+        if float(np.sum(x)) != total or float(x.mean()) != total / n:
             return False
     rows = x[: 4 * _BLOCK].reshape(4, _BLOCK)
-    return all(
-        float(a) == float(np.add.reduce(r)) for a, r in zip(np.add.reduce(rows, axis=1), rows, strict=True)
-    )
+    return all(float(a) == float(np.sum(r)) for a, r in zip(np.sum(rows, axis=1), rows, strict=True))
 
 
 #: Values NumPy's reductions sum pairwise at a time (its buffer size), and blocks of them handled
