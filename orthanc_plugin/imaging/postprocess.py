@@ -121,13 +121,16 @@ class _PlaneResampler:
         n = p.shape[0]
         # Winner and runner-up per model voxel, one channel at a time (cheaper than an
         # argmax across the strided class axis); ties go to the first class, like the argmax.
-        best = np.zeros(p.shape[1:], dtype=np.uint8)
-        top = p[0].copy()
-        second = np.full_like(top, -np.inf)
-        for c in range(1, n):
+        # The runner-up after channel c is max(runner-up, min(top, channel c)). (Where a value
+        # is NaN the top is NaN from then on and the voxel is never clear, whatever the runner-up.)
+        wins = p[1] > p[0]
+        best = wins.view(np.uint8).copy()
+        top = np.maximum(p[0], p[1])
+        second = np.minimum(p[0], p[1])
+        for c in range(2, n):
             v = p[c]
-            wins = v > top
-            np.copyto(second, np.where(wins, top, np.maximum(second, v)))
+            np.greater(v, top, out=wins)
+            np.maximum(second, np.minimum(top, v), out=second)
             np.maximum(top, v, out=top)
             best[wins] = c
         clear = (top - second) > margin
@@ -150,10 +153,12 @@ class _PlaneResampler:
         target = out.reshape(-1)
         assert np.shares_memory(target, out)  # out is a run of whole slices of the label map
         hy_of, hx_of = self.ys_count[ci], self.xs_count[cj]
-        for hy, hx in {(int(a), int(b)) for a, b in zip(hy_of, hx_of, strict=True)}:
+        size = hy_of * (int(self.xs_count.max()) + 1) + hx_of
+        for key in np.unique(size):
+            sel = np.flatnonzero(size == key)
+            hy, hx = int(hy_of[sel[0]]), int(hx_of[sel[0]])
             if hy == 0 or hx == 0:  # a source row or column that no output pixel reads (shrinking)
                 continue
-            sel = np.flatnonzero((hy_of == hy) & (hx_of == hx))
             self._cells(values, z[sel], ci[sel], cj[sel], hy, hx, target)
 
     def _cells(

@@ -298,8 +298,17 @@ def confidence(probabilities: NDArray[np.floating[Any]], labels: list[int]) -> d
     k = p.shape[0]
     if k < 2:
         return {}
-    winner = np.argmax(p, axis=0)
-    top = np.max(p, axis=0)
+    # The argmax and maximum one channel at a time (the channel axis is the strided one); the
+    # first channel wins ties, as in the argmax. A NaN (the argmax picks the first) takes the
+    # plain route.
+    top = p[0].copy()
+    winner = np.zeros(top.shape, dtype=np.intp)
+    for c in range(1, k):
+        wins = p[c] > top
+        winner[wins] = c
+        np.maximum(top, p[c], out=top)
+    if np.isnan(top).any():
+        winner, top = np.argmax(p, axis=0), np.max(p, axis=0)
     out: dict[int, tuple[float, float]] = {}
     for label in labels:
         if label >= k:

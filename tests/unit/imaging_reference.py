@@ -403,6 +403,28 @@ def _shell(
     return grown & ~crop, box
 
 
+def confidence(probabilities: NDArray[np.floating[Any]], labels: list[int]) -> dict[int, tuple[float, float]]:
+    """Per label: mean maximum probability and mean normalised entropy over the voxels of the
+    model grid the network gave that label (channel ``label`` of ``probabilities[K, ...]``)."""
+    p = np.asarray(probabilities, dtype=np.float32)
+    k = p.shape[0]
+    if k < 2:
+        return {}
+    winner = np.argmax(p, axis=0)
+    top = np.max(p, axis=0)
+    out: dict[int, tuple[float, float]] = {}
+    for label in labels:
+        if label >= k:
+            continue
+        where = winner == label
+        if not where.any():
+            continue
+        q = np.clip(p[:, where], 1e-7, 1.0)
+        entropy = float((-(q * np.log(q)).sum(axis=0) / math.log(k)).mean())
+        out[label] = (float(top[where].mean()), entropy)
+    return out
+
+
 def _find_airway(
     volume: Volume,
     lungs: LungExtent,

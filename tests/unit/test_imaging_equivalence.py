@@ -84,6 +84,7 @@ def test_real_ct_tensor_labels_and_quality_equal_the_reference(real, slices: int
     assert labels.dtype == np.uint8 and set(np.unique(labels)) == {0, 1, 2}
     assert labels.tobytes() == ref.labels_from_probabilities(probs, volume.shape, True).tobytes()
     same_quality(volume, labels, [1, 2], every_variant=slices == 64)
+    assert repr(quality.confidence(probs, [1, 2])) == repr(ref.confidence(probs, [1, 2]))
     if slices == 64:
         plain = postprocess.labels_from_probabilities(probs, volume.shape, False)
         assert plain.tobytes() == ref.labels_from_probabilities(probs, volume.shape, False).tobytes()
@@ -246,3 +247,17 @@ def test_margin_scale_equals_the_whole_resampled_maximum() -> None:
         stacked = np.stack([ref.resize(p[c], (nz, *model[1:])) for c in range(3)])
         expected = max(1.0, float(np.nanmax(np.abs(stacked))))
         assert postprocess._AlongSlices(p, nz).largest_magnitude() == expected, trial
+
+
+def test_confidence_equals_the_reference_with_ties_and_nan() -> None:
+    rng = np.random.default_rng(53)
+    for trial in range(60):
+        p: NDArray[np.floating] = rng.random((int(rng.integers(2, 5)), 4, 5, 6)).astype(np.float32)
+        if trial % 3 == 0:
+            p = np.round(p, 1).astype(np.float32)  # ties: the first channel wins
+        if trial % 5 == 0:
+            p[int(rng.integers(0, p.shape[0])), 1, 2, 3] = np.nan
+        if trial % 7 == 0:
+            p = p.astype(np.float64)
+        labels = [0, 1, 2, 3, 7]
+        assert repr(quality.confidence(p, labels)) == repr(ref.confidence(p, labels)), trial
