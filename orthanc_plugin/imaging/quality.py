@@ -244,9 +244,10 @@ def _dilate_in_plane(mask: NDArray[np.bool_], disc: NDArray[np.bool_]) -> NDArra
     symmetric ``disc``; outside the array is outside the mask), row by row of the disc: a disc's
     row is a run of columns centred on it, so the dilation is the union, over the disc's rows,
     of the mask dilated along the columns by that row's run and shifted by the row's offset.
-    A handful of passes over the mask instead of one look-up per disc element per voxel."""
+    The runs are grown one column at a time, shortest first: a few dozen or-ed shifts of the
+    mask instead of one look-up per disc element per voxel."""
     ry, rx = disc.shape[0] // 2, disc.shape[1] // 2
-    runs: dict[int, int] = {}  # row offset -> half-length of its run of columns
+    by_run: dict[int, list[int]] = {}  # half-length of a row's run of columns -> the rows' offsets
     for a in range(-ry, ry + 1):
         xs = np.flatnonzero(disc[a + ry]) - rx
         if xs.size == 0:
@@ -254,21 +255,22 @@ def _dilate_in_plane(mask: NDArray[np.bool_], disc: NDArray[np.bool_]) -> NDArra
         h = int(xs[-1])
         if not np.array_equal(xs, np.arange(-h, h + 1)):  # not a disc: the general dilation
             return np.asarray(ndimage.binary_dilation(mask, structure=disc[np.newaxis]))
-        runs[a] = h
-    along: dict[int, NDArray[np.bool_]] = {}
-    for h in set(runs.values()):
-        along[h] = ndimage.maximum_filter1d(mask.view(np.uint8), 2 * h + 1, axis=2, mode="constant").view(
-            bool
-        )
+        by_run.setdefault(h, []).append(a)
     grown = np.zeros_like(mask)
-    rows = mask.shape[1]
-    for a, h in runs.items():
-        if abs(a) >= rows:
-            continue
-        if a >= 0:
-            grown[:, a:] |= along[h][:, : rows - a]
-        else:
-            grown[:, : rows + a] |= along[h][:, -a:]
+    along = mask.copy()  # the mask dilated along the columns by the current run
+    rows, done = mask.shape[1], 0
+    for h in sorted(by_run):
+        for s in range(done + 1, h + 1):
+            along[:, :, s:] |= mask[:, :, :-s]
+            along[:, :, :-s] |= mask[:, :, s:]
+        done = h
+        for a in by_run[h]:
+            if abs(a) >= rows:
+                continue
+            if a >= 0:
+                grown[:, a:] |= along[:, : rows - a]
+            else:
+                grown[:, : rows + a] |= along[:, -a:]
     return grown
 
 
@@ -416,8 +418,13 @@ def _find_airway(
     box = (z, slice(int(rows[0]), int(rows[-1]) + 1), slice(x0, x1))
     air = np.asarray(volume.voxels[box] < air_below)
     # Per slice, only air regions of at most max_area_mm2 (in-plane connectivity).
-    flat, _ = ndimage.label(
-        air, structure=np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))])
+    # Labelled straight into the index type: the sizes' bincount and the look-up below would
+    # each convert int32 labels to it.
+    flat = np.empty(air.shape, dtype=np.intp)
+    ndimage.label(
+        air,
+        structure=np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))]),
+        output=flat,
     )
     sizes = np.bincount(flat.ravel()) * dy * dx
     small = sizes <= max_area_mm2
