@@ -111,9 +111,10 @@ def stages(n: int, ct: Volume, session: ort.InferenceSession, pairs: int) -> Non
             peak_old = peak_mb(f)
         peak_new = peak_mb(f)
         mo, mn = statistics.median(old), statistics.median(new)
+        pair_ratio = statistics.median(b / a for a, b in zip(old, new, strict=True))
         print(
-            f"| {n} | {name} | {mo * 1000:.1f} | {mn * 1000:.1f} | {mn / mo:.2f} | {peak_old:.0f} | "
-            f"{peak_new:.0f} | {'yes' if identical else 'NO'} |"
+            f"| {n} | {name} | {mo * 1000:.1f} ({min(old) * 1000:.1f}) | {mn * 1000:.1f} ({min(new) * 1000:.1f}) | "
+            f"{mn / mo:.2f} | {pair_ratio:.2f} | {peak_old:.0f} | {peak_new:.0f} | {'yes' if identical else 'NO'} |"
         )
 
 
@@ -130,9 +131,10 @@ def main() -> int:
         f"load average {os.getloadavg()[0]:.2f} at the start; {args.pairs} pairs run alternately, medians"
     )
     print(
-        "| slices | stage | earlier ms | current ms | current/earlier | peak MB earlier | current | identical |"
+        "| slices | stage | earlier ms (fastest) | current ms (fastest) | current/earlier | "
+        "median of the pairs' ratios | peak MB earlier | current | identical |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for n in args.slices:
         stages(n, ct, session, args.pairs)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
