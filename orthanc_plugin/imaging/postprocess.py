@@ -40,9 +40,12 @@ def labels_from_probabilities(
         raise ValueError(f"shape must be three positive sizes, got {shape}")
     n, mz, my, mx = probabilities.shape
     nz, ny, nx = (int(s) for s in shape)
-    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
     if n < 2:
-        return labels
+        return np.zeros((nz, ny, nx), dtype=np.uint8)
+    # Every voxel is written below. np.empty, not np.zeros: NumPy asks the kernel for huge pages
+    # for a large array it allocates itself (the 84 MB of 320 slices first written in about
+    # 6 ms instead of 35 ms of page faults on the machine above), not for a zeroed one.
+    labels = np.empty((nz, ny, nx), dtype=np.uint8)
     along_z = _AlongSlices(probabilities, nz)
     plane = _PlaneResampler(my, mx, ny, nx)
     scale = along_z.largest_magnitude()
