@@ -21,7 +21,9 @@ def window(volume: NDArray[Any], low: float, high: float) -> NDArray[np.float32]
     """Clip intensities to ``[low, high]`` and scale them linearly to ``[0, 1]``."""
     if not high > low:
         raise ValueError(f"window: high ({high}) must be greater than low ({low})")
-    out = (np.asarray(volume, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    # One float32 result, then in place: the same operations as ``(v - low) / (high - low)``.
+    out = np.subtract(volume, np.float32(low), dtype=np.float32)
+    np.divide(out, np.float32(high - low), out=out)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -82,33 +84,90 @@ def resize(
         out = ndimage.zoom(v, zoom, order=0, mode="nearest", grid_mode=True, prefilter=False)
         return np.asarray(out, dtype=np.float32)
     # Shrinking axes first, growing ones last: every pass then works on the smallest array.
-    for axis in sorted(range(3), key=lambda ax: shape[ax] / v.shape[ax]):
-        n_in, n_out = v.shape[axis], shape[axis]
-        if n_in == n_out:
-            continue
-        lo, hi, w = axis_weights(n_in, n_out)
-        wshape = [1, 1, 1]
-        wshape[axis] = n_out
-        wb = w.reshape(wshape)
-        a, b = _planes(v, lo, axis), _planes(v, hi, axis)
-        if pointwise is not None:  # element-wise, so it commutes with taking planes
+    axes = [ax for ax in sorted(range(3), key=lambda ax: shape[ax] / v.shape[ax]) if v.shape[ax] != shape[ax]]
+    return _Linear(v, shape, axes, pointwise).run()
+
+
+class _Linear:
+    """Linear resampling along ``axes`` in that order, one output slice at a time.
+
+    The passes in the image plane are independent from slice to slice, and the pass along the
+    slices blends two input slices per output slice; so each output slice is made from its two
+    input slices (each scaled by ``pointwise`` and passed along the plane's axes that come first,
+    once, kept while later output slices use it), blended, then passed along the remaining
+    axes: the operations of the pass-by-pass resampling, element for element (so the result is
+    the same bit for bit), without its volume-sized intermediates, each slice's steps done while
+    it is in the cache.
+    """
+
+    def __init__(
+        self,
+        v: NDArray[Any],
+        shape: tuple[int, int, int],
+        axes: list[int],
+        pointwise: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None,
+    ) -> None:
+        self.v, self.shape, self.pointwise = v, shape, pointwise
+        k = axes.index(0) if 0 in axes else len(axes)
+        self.before, self.along_z, self.after = axes[:k], 0 in axes, axes[k + 1 :]
+        self.weights = {ax: axis_weights(v.shape[ax], shape[ax]) for ax in axes}
+
+    def run(self) -> NDArray[np.float32]:
+        out = np.empty(self.shape, dtype=np.float32)
+        kept: dict[int, NDArray[np.float32]] = {}
+        if self.along_z:
+            lo, hi, w = self.weights[0]
+        else:
+            lo = hi = np.arange(self.shape[0])
+        for j in range(self.shape[0]):
+            i0, i1 = int(lo[j]), int(hi[j])
+            for i in [i for i in kept if i < i0]:  # the sources ascend: no later slice needs these
+                del kept[i]
+            a = kept.get(i0)
+            if a is None:
+                a = kept[i0] = self._source(i0)
+            if not self.along_z:
+                plane = a
+            else:
+                b = kept.get(i1)
+                if b is None:
+                    b = kept[i1] = self._source(i1)
+                # a + (b - a) * w, as the whole-volume pass does it
+                plane = b - a
+                plane *= w[j]
+                plane += a
+            for ax in self.after:
+                plane = self._pass(plane, ax, None)
+            out[j] = plane
+        return out
+
+    def _source(self, i: int) -> NDArray[np.float32]:
+        """Input slice ``i`` scaled and passed along the plane's axes that come before the slices."""
+        plane: NDArray[Any] = self.v[i]
+        if not self.before:
+            plane = np.asarray(plane, dtype=np.float32)
+            if self.pointwise is not None:
+                plane = np.asarray(self.pointwise(plane), dtype=np.float32)
+            return plane
+        for n, ax in enumerate(self.before):
+            plane = self._pass(plane, ax, self.pointwise if n == 0 else None)
+        return plane
+
+    def _pass(
+        self,
+        plane: NDArray[Any],
+        axis: int,
+        pointwise: Callable[[NDArray[np.float32]], NDArray[np.float32]] | None,
+    ) -> NDArray[np.float32]:
+        """One slice resampled along volume axis ``axis`` (1: rows, 2: columns); ``pointwise``
+        applied to the rows or columns it reads first."""
+        lo, hi, w = self.weights[axis]
+        a = np.asarray(np.take(plane, lo, axis=axis - 1), dtype=np.float32)
+        b = np.asarray(np.take(plane, hi, axis=axis - 1), dtype=np.float32)
+        if pointwise is not None:  # element-wise, so it commutes with taking rows or columns
             a = np.asarray(pointwise(a), dtype=np.float32)
             b = np.asarray(pointwise(b), dtype=np.float32)
-            pointwise = None
-        # a + (b - a) * w, in place to keep peak memory at three copies of the largest pass.
         b -= a
-        b *= wb
+        b *= w.reshape((-1, 1) if axis == 1 else (1, -1))
         a += b
-        v = a
-    return v
-
-
-def _planes(v: NDArray[Any], index: NDArray[np.intp], axis: int) -> NDArray[np.float32]:
-    """``np.take(v, index, axis)`` as float32: along the slices of an int16 volume copied plane by
-    plane into the float32 result (no int16 copy of the planes first)."""
-    if v.dtype == np.float32 or axis != 0:
-        return np.asarray(np.take(v, index, axis=axis), dtype=np.float32)
-    out = np.empty((len(index), *v.shape[1:]), dtype=np.float32)
-    for j, i in enumerate(index):
-        out[j] = v[i]
-    return out
+        return a

@@ -230,13 +230,48 @@ def _shell(
     )
     at = tuple(slice(p.start + f - a, p.stop + f - a) for p, f, a in zip(part, first, lo, strict=True))
     crop[at] = coarse[part]
-    grown = ndimage.binary_dilation(crop, structure=disc[np.newaxis])
+    grown = _dilate_in_plane(crop, disc)
     box = (
         slice(z0 * step_z, z1 * step_z, step_z),
         slice(y0 * step, y1 * step, step),
         slice(x0 * step, x1 * step, step),
     )
     return grown & ~crop, box
+
+
+def _dilate_in_plane(mask: NDArray[np.bool_], disc: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """``ndimage.binary_dilation(mask, structure=disc[np.newaxis])`` (each slice by the centred,
+    symmetric ``disc``; outside the array is outside the mask), row by row of the disc: a disc's
+    row is a run of columns centred on it, so the dilation is the union, over the disc's rows,
+    of the mask dilated along the columns by that row's run and shifted by the row's offset.
+    The runs are grown one column at a time, shortest first: a few dozen or-ed shifts of the
+    mask instead of one look-up per disc element per voxel."""
+    ry, rx = disc.shape[0] // 2, disc.shape[1] // 2
+    by_run: dict[int, list[int]] = {}  # half-length of a row's run of columns -> the rows' offsets
+    for a in range(-ry, ry + 1):
+        xs = np.flatnonzero(disc[a + ry]) - rx
+        if xs.size == 0:
+            continue
+        h = int(xs[-1])
+        if not np.array_equal(xs, np.arange(-h, h + 1)):  # not a disc: the general dilation
+            return np.asarray(ndimage.binary_dilation(mask, structure=disc[np.newaxis]))
+        by_run.setdefault(h, []).append(a)
+    grown = np.zeros_like(mask)
+    along = mask.copy()  # the mask dilated along the columns by the current run
+    rows, done = mask.shape[1], 0
+    for h in sorted(by_run):
+        for s in range(done + 1, h + 1):
+            along[:, :, s:] |= mask[:, :, :-s]
+            along[:, :, :-s] |= mask[:, :, s:]
+        done = h
+        for a in by_run[h]:
+            if abs(a) >= rows:
+                continue
+            if a >= 0:
+                grown[:, a:] |= along[:, : rows - a]
+            else:
+                grown[:, : rows + a] |= along[:, -a:]
+    return grown
 
 
 def sphericity(mask: NDArray[np.bool_], spacing: tuple[float, float, float]) -> float:
@@ -265,8 +300,17 @@ def confidence(probabilities: NDArray[np.floating[Any]], labels: list[int]) -> d
     k = p.shape[0]
     if k < 2:
         return {}
-    winner = np.argmax(p, axis=0)
-    top = np.max(p, axis=0)
+    # The argmax and maximum one channel at a time (the channel axis is the strided one); the
+    # first channel wins ties, as in the argmax. A NaN (the argmax picks the first) takes the
+    # plain route.
+    top = p[0].copy()
+    winner = np.zeros(top.shape, dtype=np.intp)
+    for c in range(1, k):
+        wins = p[c] > top
+        winner[wins] = c
+        np.maximum(top, p[c], out=top)
+    if np.isnan(top).any():
+        winner, top = np.argmax(p, axis=0), np.max(p, axis=0)
     out: dict[int, tuple[float, float]] = {}
     for label in labels:
         if label >= k:
@@ -374,8 +418,13 @@ def _find_airway(
     box = (z, slice(int(rows[0]), int(rows[-1]) + 1), slice(x0, x1))
     air = np.asarray(volume.voxels[box] < air_below)
     # Per slice, only air regions of at most max_area_mm2 (in-plane connectivity).
-    flat, _ = ndimage.label(
-        air, structure=np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))])
+    # Labelled straight into the index type: the sizes' bincount and the look-up below would
+    # each convert int32 labels to it.
+    flat = np.empty(air.shape, dtype=np.intp)
+    ndimage.label(
+        air,
+        structure=np.array([np.zeros((3, 3)), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3))]),
+        output=flat,
     )
     sizes = np.bincount(flat.ravel()) * dy * dx
     small = sizes <= max_area_mm2
@@ -412,10 +461,27 @@ def airway_in_segments(
     """mL of the trachea and main bronchi (:func:`find_airway`) inside each segment of ``values``
     (0.0 each when no trachea was found; nothing, i.e. not measured, where the series cannot show
     it)."""
-    airway = find_airway(volume, LungExtent.of(labels, lambda z0, z1: np.isin(labels[z0:z1], values)))
+    airway = find_airway(volume, LungExtent.of(labels, lambda z0, z1: is_one_of(labels[z0:z1], values)))
     if not airway.measurable:
         return {}
     if airway.mask is None:
         return dict.fromkeys(values, 0.0)
     inside = labels[airway.box][airway.mask]
     return {v: float(np.count_nonzero(inside == v)) * volume.voxel_volume_ml for v in values}
+
+
+def is_one_of(labels: NDArray[np.integer[Any]], values: list[int]) -> NDArray[np.bool_]:
+    """``np.isin(labels, values)``; for unsigned labels and values that are a run (1 and 2, the
+    lungs) one subtraction that wraps below the run and one comparison, in the labels' own type:
+    a fraction of ``np.isin``'s comparison per value, or-ed into a mask."""
+    run = sorted(set(values))
+    if (
+        labels.dtype.kind == "u"
+        and run
+        and run == list(range(run[0], run[-1] + 1))
+        and run[0] >= 0
+        and run[-1] <= np.iinfo(labels.dtype).max
+    ):
+        shifted = np.subtract(labels, labels.dtype.type(run[0]))  # wraps below run[0]: too large
+        return np.less_equal(shifted, labels.dtype.type(run[-1] - run[0]))
+    return np.isin(labels, values)
