@@ -85,20 +85,23 @@ class _AlongSlices:
         if self.p.size == 0:
             return 1.0
         # fmin/fmax ignore NaN (a NaN only where every value is one: then so is the blend).
-        lowest, highest = np.fmin.reduce(self.p, axis=None), np.fmax.reduce(self.p, axis=None)
+        lowest, highest = _FMIN.reduce(self.p, axis=None), _FMAX.reduce(self.p, axis=None)
         if not (lowest < 0 or highest > 1):
             # A blend a + (b - a) w of two values in [0, 1] with w in [0, 1] rounds to a value in
             # [0, 1] (rounding is monotonic and never passes an exact bound): the maximum is 1.
             return 1.0
         top = 0.0
         for z0 in range(0, self.nz, _SLAB):
-            m = float(np.fmax.reduce(np.abs(self.slab(z0, min(self.nz, z0 + _SLAB))), axis=None))
+            m = float(_FMAX.reduce(np.abs(self.slab(z0, min(self.nz, z0 + _SLAB))), axis=None))
             top = max(top, m)  # a NaN m (a slab of NaN only) changes nothing, as in nanmax
         return max(1.0, top)
 
 
 #: Output slices per step of :meth:`_AlongSlices.largest_magnitude`.
 _SLAB = 16
+#: fmin/fmax reductions (NaN ignored), typed loosely: NumPy 2.5's stubs have no overload for axis=None.
+_FMIN: Any = np.fmin
+_FMAX: Any = np.fmax
 
 
 class _PlaneResampler:
@@ -156,7 +159,7 @@ class _PlaneResampler:
         target = out.reshape(-1)
         assert np.shares_memory(target, out)  # out is a run of whole slices of the label map
         hy_of, hx_of = self.ys_count[ci], self.xs_count[cj]
-        size = hy_of * (int(self.xs_count.max()) + 1) + hx_of
+        size = hy_of * (int(np.max(self.xs_count)) + 1) + hx_of
         for key in np.unique(size):
             sel = np.flatnonzero(size == key)
             hy, hx = int(hy_of[sel[0]]), int(hx_of[sel[0]])

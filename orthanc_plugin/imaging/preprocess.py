@@ -22,9 +22,10 @@ def window(volume: NDArray[Any], low: float, high: float) -> NDArray[np.float32]
     if not high > low:
         raise ValueError(f"window: high ({high}) must be greater than low ({low})")
     # One float32 result, then in place: the same operations as ``(v - low) / (high - low)``.
-    out = np.subtract(volume, np.float32(low), dtype=np.float32)
+    out: NDArray[np.float32] = np.subtract(volume, np.float32(low), dtype=np.float32)
     np.divide(out, np.float32(high - low), out=out)
-    return np.clip(out, 0.0, 1.0, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
 
 
 def minmax(volume: NDArray[Any]) -> NDArray[np.float32]:

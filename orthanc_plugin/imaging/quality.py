@@ -483,5 +483,6 @@ def is_one_of(labels: NDArray[np.integer[Any]], values: list[int]) -> NDArray[np
         and run[-1] <= np.iinfo(labels.dtype).max
     ):
         shifted = np.subtract(labels, labels.dtype.type(run[0]))  # wraps below run[0]: too large
-        return np.less_equal(shifted, labels.dtype.type(run[-1] - run[0]))
+        inside: NDArray[np.bool_] = np.less_equal(shifted, labels.dtype.type(run[-1] - run[0]))
+        return inside
     return np.isin(labels, values)
