@@ -24,7 +24,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
-from pydicom import DataElement, Dataset
+from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.valuerep import DA, TM
 
@@ -55,6 +55,7 @@ from orthanc_plugin.core.results import (
 )
 from orthanc_plugin.core.uids import derived_uid
 from orthanc_plugin.imaging.postprocess import BOX_SLAB, label_box
+from orthanc_plugin.outputs import explicit_vr
 from orthanc_plugin.outputs.seg import (
     SEG_SOP_CLASS_UIDS,
     algorithm_equipment,
@@ -71,6 +72,7 @@ MAX_POLYGON_POINTS = 64
 IMAGE_REGION_CODE_VALUE = "111030"
 IMAGING_MEASUREMENTS_CODE_VALUE = "126010"
 GRAPHIC_DATA = 0x00700022
+CONTENT_SEQUENCE = 0x0040A730
 
 # Language of the content (TID 1204), RFC 5646 tag as in DICOM CID 5000.
 _ENGLISH_US = hd.sr.CodedConcept(
@@ -141,8 +143,15 @@ def build_sr(
         version=algorithm.version,
         parameters=[f"{k}={v}" for k, v in algorithm.parameters.items()],
     )
+    # Each segment's box and voxels per slice, found once: for the slice the groups start on
+    # and for tracing the segment's outlines inside its box.
+    slices = (
+        {} if lab is None else {m.segment_label: _label_slices(lab, m.segment_label) for m in measurements}
+    )
     key_slice = (
-        None if lab is None else _key_slice(lab, [m.segment_label for m in measurements if m.volume_ml > 0])
+        None
+        if lab is None
+        else _key_slice_of([slices[m.segment_label][1] for m in measurements if m.volume_ml > 0])
     )
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -151,9 +160,10 @@ def build_sr(
     ] = []
     # highdicom's document constructor deep-copies and re-reads the whole content tree (about
     # 1.5 ms per image region, 1 s for a 320-slice series): each group is given to it with its
-    # first image region only, and the others (see image_regions) are put back in their place
-    # afterwards. The encoded document is the same.
-    more_regions: list[list[Dataset]] = []
+    # first image region and its volume only; the further regions (see image_regions) and the
+    # radiomics features are put in their place afterwards (_attach), already encoded. The
+    # encoded document is the same.
+    more: list[tuple[hd.sr.ImageRegion | None, list[tuple[NDArray[np.float32], Dataset]], list[Dataset]]] = []
     for m in sorted(measurements, key=lambda m: m.segment_label):
         spec = by_label[m.segment_label]
         found = in_seg.get(spec.tracking_id)
@@ -165,12 +175,15 @@ def build_sr(
             continue
         segment_number, tracking_uid = found
         extra = features_by_label.get(spec.label)
-        group, more = _group(
-            spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice,
-            feature_measurements(extra) if extra is not None else [],
+        box = None if lab is None else slices[spec.label][0]
+        group, lead, regions = _group(
+            spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice, box
         )  # fmt: skip
         groups.append(group)
-        more_regions.append(more)
+        items: list[Dataset] = (
+            [] if extra is None else [item for m in feature_measurements(extra) for item in m]
+        )
+        more.append((lead, regions, items))
     if not groups:
         raise ValueError("nothing to report: no measurement refers to a segment of the SEG")
     # Only classifications are shown on it (no 84 MB count over a 320-slice label map otherwise).
@@ -212,7 +225,8 @@ def build_sr(
         series_description=series_description,
         contributing_equipment=[algorithm_equipment(algorithm, created)],
     )
-    _attach_regions(sr, more_regions)
+    explicit_vr.resolve_ambiguous_vrs(sr)
+    _attach(sr, more)
     if features:
         scheme = Dataset()
         scheme.CodingSchemeDesignator = IBSI_SCHEME
@@ -221,6 +235,7 @@ def build_sr(
         sr.CodingSchemeIdentificationSequence = [scheme]
     sr.ContentDate = DA(created.date())
     sr.ContentTime = TM(created.time())
+    explicit_vr.mark_as_written(sr)
     return sr
 
 
@@ -231,8 +246,13 @@ def _is_image_region(item: Dataset) -> bool:
     )
 
 
-def _attach_regions(sr: Dataset, more_regions: Sequence[list[Dataset]]) -> None:
-    """Put each group's further image regions back after its first one."""
+def _attach(
+    sr: Dataset,
+    more: Sequence[tuple[hd.sr.ImageRegion | None, list[tuple[NDArray[np.float32], Dataset]], list[Dataset]]],
+) -> None:
+    """Put each volumetric group's further image regions after its first one and its radiomics
+    features after its volume, all encoded as the writer would: the group's content is kept as
+    bytes (explicit_vr.raw_sequence), thousands of items that the writer then only copies."""
     (measurements,) = [
         item
         for item in sr.ContentSequence
@@ -241,15 +261,28 @@ def _attach_regions(sr: Dataset, more_regions: Sequence[list[Dataset]]) -> None:
     ]
     # The volumetric groups come first, in the order they were made; others may follow.
     groups = [item for item in measurements.ContentSequence if item.get("ValueType") == "CONTAINER"]
-    if len(groups) < len(more_regions):
-        raise RuntimeError(f"the report has {len(groups)} measurement groups, {len(more_regions)} were made")
-    for group, regions in zip(groups[: len(more_regions)], more_regions, strict=True):
-        if not regions:
+    if len(groups) < len(more):
+        raise RuntimeError(f"the report has {len(groups)} measurement groups, {len(more)} were made")
+    charset = sr.get("SpecificCharacterSet")
+    for group, (lead, regions, features) in zip(groups[: len(more)], more, strict=True):
+        if not regions and not features:
             continue
         items = list(group.ContentSequence)
-        first = next(i for i, item in enumerate(items) if _is_image_region(item))
-        # Through the element: highdicom's own setter would re-wrap every item as a content item.
-        group["ContentSequence"].value = [*items[: first + 1], *regions, *items[first + 1 :]]
+        encoded = explicit_vr.encoded_items(items, charset)
+        # What follows which item: the volume (the group's only measurement so far) is followed
+        # by the features, the first image region by the others.
+        after: dict[int, list[bytes]] = {}
+        if features:
+            volume = max(i for i, item in enumerate(items) if item.get("ValueType") == "NUM")
+            after[volume] = explicit_vr.encoded_items(features, charset)
+        if regions:
+            if lead is None:
+                raise RuntimeError("further image regions without a first one")
+            first = next(i for i, item in enumerate(items) if _is_image_region(item))
+            encoder = _RegionEncoder(lead, charset)
+            after[first] = [encoder.encode(outline, image) for outline, image in regions]
+        parts = [part for i, own in enumerate(encoded) for part in (own, *after.get(i, ()))]
+        explicit_vr.raw_sequence(group, CONTENT_SEQUENCE, parts)
 
 
 def _seg_segments(seg: Dataset, source: Dataset) -> dict[str, tuple[int, str]]:
@@ -282,11 +315,16 @@ def _group(
     source_images: Sequence[Dataset],
     labels: NDArray[np.uint8] | None,
     algorithm_id: hd.sr.AlgorithmIdentification,
-    key_slice: int | None = None,
-    extra: Sequence[hd.sr.Measurement] = (),
-) -> tuple[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, list[Dataset]]:
-    """The TID 1411 group of one segment, made with its first image region, and the segment's
-    further image regions (to be put after that one in the encoded document)."""
+    key_slice: int | None,
+    box: tuple[slice, slice, slice] | None,
+) -> tuple[
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+    hd.sr.ImageRegion | None,
+    list[tuple[NDArray[np.float32], Dataset]],
+]:
+    """The TID 1411 group of one segment, made with its first image region and its volume
+    only; that region and the segment's further outlines with their images (to be put after
+    it in the encoded document). ``box`` is the segment's box in ``labels``."""
     source_of_measurement = hd.sr.SourceImageForMeasurement(
         referenced_sop_class_uid=seg.SOPClassUID,
         referenced_sop_instance_uid=seg.SOPInstanceUID,
@@ -304,17 +342,18 @@ def _group(
         referenced_images=[source_of_measurement],
     )
     regions = None
-    more: list[Dataset] = []
+    lead = None
+    more: list[tuple[NDArray[np.float32], Dataset]] = []
     segment_ref = None
     if labels is not None:
-        box = label_box(labels, spec.label)
         found = None if box is None else box_regions(labels[box] == spec.label, box, source_images, key_slice)
         if found is None:
             raise ValueError(
                 f"segment {spec.tracking_id!r} is in the SEG but has no voxel in labels: "
                 "labels must be the label map the SEG was made from"
             )
-        regions, more = [found[0]], found[1]
+        lead, more = found
+        regions = [lead]
     else:
         segment_ref = hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
@@ -334,14 +373,14 @@ def _group(
             else None
         ),
         algorithm_id=algorithm_id,
-        measurements=[volume, *extra],
+        measurements=[volume],
         qualitative_evaluations=(
             [hd.sr.QualitativeEvaluation(COVERAGE.to_highdicom(), PARTIAL_COVERAGE.to_highdicom())]
             if measurement.partial
             else None
         ),
     )
-    return group, more
+    return group, lead, more
 
 
 #: UCUM units of the radiomics features (DICOM writes UCUM with designator "UCUM").
@@ -361,27 +400,37 @@ def feature_measurements(features: SegmentFeatures) -> list[hd.sr.Measurement]:
     ]
 
 
+def _label_slices(
+    labels: NDArray[np.uint8], value: int
+) -> tuple[tuple[slice, slice, slice] | None, NDArray[np.int64]]:
+    """The box of ``value`` in ``labels`` (None when it has no voxel) and its voxels per slice,
+    counted inside the box only (no grid-sized mask)."""
+    per_slice = np.zeros(labels.shape[0], dtype=np.int64)
+    box = label_box(labels, value)
+    if box is not None:
+        inside = labels[box] == value
+        per_slice[box[0]] = np.count_nonzero(inside.reshape(inside.shape[0], -1), axis=1)
+    return box, per_slice
+
+
 def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:
     """The slice where all ``values`` are present with the largest total area, if there is one.
 
     Every group starts on it, so a viewer that opens each measurement on the image of its
     first region (OHIF) shows all of them together.
     """
-    if not values:
+    return _key_slice_of([_label_slices(labels, v)[1] for v in values])
+
+
+def _key_slice_of(per_slice: Sequence[NDArray[np.int64]]) -> int | None:
+    """:func:`_key_slice` from each value's voxels per slice."""
+    if not per_slice:
         return None
-    # Per-slice counts, one value at a time: np.isin on the whole label map is ten times slower.
-    present = np.ones(labels.shape[0], dtype=bool)
-    area = np.zeros(labels.shape[0], dtype=np.int64)
-    slabs = range(0, labels.shape[0], BOX_SLAB)  # a few slices at a time: no grid-sized mask
-    for v in values:
-        per_slice = np.concatenate(
-            [
-                np.count_nonzero((labels[z : z + BOX_SLAB] == v).reshape(-1, labels[0].size), axis=1)
-                for z in slabs
-            ]
-        )
-        present &= per_slice > 0
-        area += per_slice
+    present = np.ones(per_slice[0].shape[0], dtype=bool)
+    area = np.zeros(per_slice[0].shape[0], dtype=np.int64)
+    for counts in per_slice:
+        present &= counts > 0
+        area += counts
     if not present.any():
         return None
     area[~present] = -1
@@ -390,15 +439,16 @@ def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:
 
 def image_regions(
     mask: NDArray[np.bool_], source_images: Sequence[Dataset], first: int | None = None
-) -> tuple[hd.sr.ImageRegion, list[Dataset]] | None:
+) -> tuple[hd.sr.ImageRegion, list[tuple[NDArray[np.float32], Dataset]]] | None:
     """The largest outline of ``mask`` on every slice as SR image regions, or None if empty.
 
     Slice i of ``mask`` lies on ``source_images[i]``. Slice ``first`` (when the mask is on
     it), else the slice with the largest area, comes first, because OHIF shows a measurement
     on the image of its first region; the others follow in slice order. The first region is
-    made by highdicom; the others are the same content items made by :func:`_region_like`
-    from it (highdicom's per-item checks and conversions cost 1 ms each, 0.5 s on a
-    320-slice series; a unit test compares both encodings byte for byte).
+    made by highdicom; the others are given as (outline, image) pairs, which
+    :class:`_RegionEncoder` encodes as the same content items directly (highdicom's per-item
+    checks and conversions cost 1 ms each, 0.5 s on a 320-slice series; a unit test compares
+    both encodings byte for byte).
     """
     box = label_box(mask, True)
     return None if box is None else box_regions(np.asarray(mask[box], dtype=bool), box, source_images, first)
@@ -409,7 +459,7 @@ def box_regions(
     box: tuple[slice, slice, slice],
     source_images: Sequence[Dataset],
     first: int | None = None,
-) -> tuple[hd.sr.ImageRegion, list[Dataset]] | None:
+) -> tuple[hd.sr.ImageRegion, list[tuple[NDArray[np.float32], Dataset]]] | None:
     """:func:`image_regions` of a mask that is the contents of ``box`` of the series' grid, the
     rest being background: the outlines are traced inside the box only (a lung is a fifth of a
     chest CT's grid) and moved to the grid's coordinates."""
@@ -417,7 +467,7 @@ def box_regions(
     outlines = segment_outlines(mask)
     if not outlines:
         return None
-    area = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    area = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
     order = sorted(outlines)
     biggest = max(order, key=lambda i: int(area[i]))
     if first is not None and (first - z0) in outlines:
@@ -435,36 +485,59 @@ def box_regions(
             referenced_sop_instance_uid=image.SOPInstanceUID,
         ),
     )
-    return lead, [_region_like(lead, outlines[i], source_images[z0 + i]) for i in order]
+    return lead, [(outlines[i], source_images[z0 + i]) for i in order]
 
 
-def _region_like(lead: Dataset, outline: NDArray[np.float32], image: Dataset) -> Dataset:
-    """An image region (SCOORD POLYLINE selected from ``image``) shaped like ``lead``, one made
-    by ``hd.sr.ImageRegion``: the same attributes and values but the outline and the image.
+class _RegionEncoder:
+    """Image regions (SCOORD POLYLINE selected from an image) shaped like ``lead``, one made by
+    ``hd.sr.ImageRegion``, encoded as items of the content sequence: the same attributes and
+    values but the outline and the image, in the bytes the writer writes for them.
 
-    The code items are shared with ``lead`` (read-only, and written the same wherever they
-    are). The outline goes in as a list of floats, which the writer packs as FL like
-    highdicom's ``tolist()`` of the same float32 array.
+    What is the same in every region (the lead's relationship, value type, concept names and
+    graphic type) is encoded once by pydicom, in the document's character set; the image
+    reference and the outline (FL, the float32 values as highdicom's ``tolist()`` gives them
+    to the writer) are added per region.
     """
-    if outline.ndim != 2 or outline.shape[1] != 2 or outline.shape[0] < 2:
-        raise ValueError(f"an outline is (n >= 2, 2) (column, row) pairs, got shape {outline.shape}")
-    lead_image = lead.ContentSequence[0]
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = image.SOPClassUID
-    ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
-    selected = Dataset()
-    selected.ReferencedSOPSequence = [ref]
-    selected.RelationshipType = lead_image.RelationshipType
-    selected.ValueType = lead_image.ValueType
-    selected.ConceptNameCodeSequence = lead_image.ConceptNameCodeSequence
-    region = Dataset()
-    region.RelationshipType = lead.RelationshipType
-    region.ValueType = lead.ValueType
-    region.ConceptNameCodeSequence = lead.ConceptNameCodeSequence
-    region.ContentSequence = [selected]
-    region.add(DataElement(GRAPHIC_DATA, "FL", outline.ravel().tolist(), already_converted=True))
-    region.GraphicType = lead.GraphicType
-    return region
+
+    def __init__(self, lead: Dataset, character_set: str | list[str] | None) -> None:
+        lead_image = lead.ContentSequence[0]
+        region = Dataset()
+        region.RelationshipType = lead.RelationshipType
+        region.ValueType = lead.ValueType
+        region.ConceptNameCodeSequence = lead.ConceptNameCodeSequence
+        selected = Dataset()
+        selected.RelationshipType = lead_image.RelationshipType
+        selected.ValueType = lead_image.ValueType
+        selected.ConceptNameCodeSequence = lead_image.ConceptNameCodeSequence
+        graphic_type = Dataset()
+        graphic_type.GraphicType = lead.GraphicType
+        # Element order: RelationshipType, ValueType, ConceptNameCodeSequence (0040,A0xx), then
+        # ContentSequence (0040,A730), GraphicData (0070,0022), GraphicType (0070,0023); in the
+        # selected image item ReferencedSOPSequence (0008,1199) comes before the rest.
+        self.head, self.selected_tail, self.tail = (
+            _elements(ds, character_set) for ds in (region, selected, graphic_type)
+        )
+
+    def encode(self, outline: NDArray[np.float32], image: Dataset) -> bytes:
+        if outline.ndim != 2 or outline.shape[1] != 2 or outline.shape[0] < 2:
+            raise ValueError(f"an outline is (n >= 2, 2) (column, row) pairs, got shape {outline.shape}")
+        reference = explicit_vr.item(
+            explicit_vr.element(0x00081150, b"UI", explicit_vr.uid(str(image.SOPClassUID)))
+            + explicit_vr.element(0x00081155, b"UI", explicit_vr.uid(str(image.SOPInstanceUID)))
+        )
+        selected = explicit_vr.item(explicit_vr.sequence(0x00081199, [reference]) + self.selected_tail)
+        return explicit_vr.item(
+            self.head
+            + explicit_vr.sequence(CONTENT_SEQUENCE, [selected])
+            + explicit_vr.element(GRAPHIC_DATA, b"FL", np.asarray(outline, dtype="<f4").tobytes())
+            + self.tail
+        )
+
+
+def _elements(ds: Dataset, character_set: str | list[str] | None) -> bytes:
+    """The elements of ``ds`` as the writer encodes them inside a document in ``character_set``."""
+    (encoded,) = explicit_vr.encoded_items([ds], character_set)
+    return encoded[8:]  # without the item tag and length
 
 
 def segment_outlines(
@@ -722,16 +795,19 @@ def assessed_region(
     """A rectangle around everything segmented on the key slice (or the fullest slice): where a
     whole-organ classification is shown. Viewers such as OHIF place every measurement group on
     an image region and fail on a group that has none."""
-    # A few slices at a time: count_nonzero over an axis makes a boolean copy of what it counts.
-    per_slice = np.concatenate(
-        [
-            np.count_nonzero(labels[z : z + BOX_SLAB].reshape(-1, labels[0].size), axis=1)
-            for z in range(0, labels.shape[0], BOX_SLAB)
-        ]
-    )
-    if not per_slice.any():
-        return None
-    k = key_slice if key_slice is not None and per_slice[key_slice] > 0 else int(np.argmax(per_slice))
+    if key_slice is not None and labels[key_slice].any():
+        k = key_slice
+    else:
+        # A few slices at a time: count_nonzero over an axis makes a boolean copy of what it counts.
+        per_slice = np.concatenate(
+            [
+                np.count_nonzero(labels[z : z + BOX_SLAB].reshape(-1, labels[0].size), axis=1)
+                for z in range(0, labels.shape[0], BOX_SLAB)
+            ]
+        )
+        if not per_slice.any():
+            return None
+        k = int(np.argmax(per_slice))
     rows = np.flatnonzero(labels[k].any(axis=1))
     cols = np.flatnonzero(labels[k].any(axis=0))
     r0, r1 = max(0, int(rows[0]) - 2), min(labels.shape[1] - 1, int(rows[-1]) + 2)
