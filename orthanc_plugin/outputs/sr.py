@@ -696,6 +696,11 @@ def _simplify_loops(
     "significance > t" is exactly the Douglas-Peucker result at tolerance t). A loop keeps
     its ``max_points`` most significant points above ``tolerance``. Each loop is split at
     point 0 and the point farthest from it; the result is closed (first point repeated).
+
+    The points are pixel corners (whole numbers): the farthest point from a chord is then the
+    one with the largest cross product with it (an exact whole number; dividing by the
+    chord's length keeps the order and the ties), so the distance is computed for the
+    farthest point of each chord only.
     """
     if not loops:
         return []
@@ -706,6 +711,9 @@ def _simplify_loops(
     sizes = np.array([len(p) for p in loops], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
     closed = np.concatenate([np.vstack([p, p[:1]]) for p in loops])
+    if not np.array_equal(closed, np.round(closed)):
+        raise ValueError("the outline's points must be pixel corners (whole numbers)")
+    x, y = np.ascontiguousarray(closed[:, 0]), np.ascontiguousarray(closed[:, 1])
     loop_of = np.repeat(np.arange(len(loops)), sizes + 1)
     significance = np.full(len(closed), -1.0)
     small = sizes + 1 <= max_points
@@ -720,7 +728,7 @@ def _simplify_loops(
         significance[np.concatenate([first, far, last])] = np.inf
         a = np.concatenate([first, far])
         b = np.concatenate([far, last])
-        budget = _BudgetCut(loop_of, offsets, in_big, max_points)
+        budget = _BudgetCut(loop_of, offsets, sizes, big, max_points)
         while a.size:
             live = b - a > 1
             a, b = a[live], b[live]
@@ -729,29 +737,51 @@ def _simplify_loops(
             counts = b - a - 1
             # Every interior point of every live chain, vectorised across chains.
             chain = np.repeat(np.arange(a.size), counts)
-            idx = a[chain] + 1 + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            pa = closed[a[chain]]
-            d = closed[b[chain]] - pa
-            rel = closed[idx] - pa
-            length = np.hypot(d[:, 0], d[:, 1])
-            cross = np.abs(d[:, 0] * rel[:, 1] - d[:, 1] * rel[:, 0])
-            dist = np.where(length > 0, cross / np.maximum(length, 1e-12), np.hypot(rel[:, 0], rel[:, 1]))
-            pick = _first_max_per_group(dist, chain)
-            best, best_dist = idx[pick], dist[pick]
+            idx = np.arange(counts.sum()) + np.repeat(a + 1 - (np.cumsum(counts) - counts), counts)
+            dx, dy = x[b] - x[a], y[b] - y[a]
+            # |d x rel| = |dx (y - ya) - dy (x - xa)|, exact in whole numbers.
+            cross = np.abs(
+                np.repeat(dx, counts) * y[idx]
+                - np.repeat(dy, counts) * x[idx]
+                - np.repeat(dx * y[a] - dy * x[a], counts)
+            )
+            pick = _first_max_per_group(cross, chain)
+            best = idx[pick]
+            length = np.hypot(dx, dy)
+            # A chord of length 0 (its ends on one point): the distance from that point.
+            best_dist = np.where(length > 0, cross[pick] / np.maximum(length, 1e-12), 0.0)
+            point = length == 0
+            if point.any():
+                best[point], best_dist[point] = _farthest_from_point(x, y, a[point], b[point])
             # Neither a point below the tolerance nor one below its loop's budget so far is
             # ever kept, and significance only falls down the tree: stop those chains.
             cut = budget.cut(significance)
             split = best_dist > np.maximum(tolerance, cut[loop_of[a]])
             a, b, best, best_dist = a[split], b[split], best[split], best_dist[split]
             significance[best] = np.minimum(best_dist, np.minimum(significance[a], significance[b]))
+            budget.found(loop_of[best])
             a, b = np.concatenate([a, best]), np.concatenate([best, b])
 
-    # Keep each loop's max_points most significant points above the tolerance.
-    order = np.lexsort((-significance, loop_of))
-    rank = np.empty(len(closed), dtype=np.int64)
-    rank[order] = np.arange(len(closed)) - offsets[loop_of[order]]
-    keep = (significance > tolerance) & (rank < max_points)
+    # Keep each loop's max_points most significant points above the tolerance (the others
+    # are never kept: only these are ranked).
+    candidates = np.flatnonzero(significance > tolerance)
+    order = candidates[np.lexsort((-significance[candidates], loop_of[candidates]))]
+    starts = np.searchsorted(loop_of[order], np.arange(len(loops)))
+    keep = np.zeros(len(closed), dtype=bool)
+    keep[order[np.arange(order.size) - starts[loop_of[order]] < max_points]] = True
     return [closed[o : o + s + 1][keep[o : o + s + 1]] for o, s in zip(offsets, sizes, strict=True)]
+
+
+def _farthest_from_point(
+    x: NDArray[np.float64], y: NDArray[np.float64], a: NDArray[np.int64], b: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """For chains whose ends are one point: the first interior point farthest from it, and its distance."""
+    counts = b - a - 1
+    chain = np.repeat(np.arange(a.size), counts)
+    idx = np.arange(counts.sum()) + np.repeat(a + 1 - (np.cumsum(counts) - counts), counts)
+    dist = np.hypot(x[idx] - np.repeat(x[a], counts), y[idx] - np.repeat(y[a], counts))
+    pick = _first_max_per_group(dist, chain)
+    return idx[pick], dist[pick]
 
 
 def _first_max_per_group(values: NDArray[np.float64], group: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -765,28 +795,45 @@ def _first_max_per_group(values: NDArray[np.float64], group: NDArray[np.int64]) 
 
 class _BudgetCut:
     """Per loop, the ``max_points``-th largest significance among the points of the big loops
-    found so far (0 while fewer): a table of one row per loop, partitioned at every call."""
+    found so far (0 while fewer): by partitioning a table of one row per loop, for the loops
+    that have that many points found and found more since it was last computed (a loop's
+    answer changes only then)."""
 
     def __init__(
         self,
         loop_of: NDArray[np.int64],
         offsets: NDArray[np.int64],
-        points: NDArray[np.int64],
+        sizes: NDArray[np.int64],
+        big: NDArray[np.int64],
         max_points: int,
     ) -> None:
-        self.points = points
-        self.loops, self.row = np.unique(loop_of[points], return_inverse=True)
-        self.col = points - offsets[loop_of[points]]
-        self.table = np.full((self.loops.size, int(np.max(self.col)) + 1), -1.0)
-        self.kth = self.table.shape[1] - max_points  # ascending position of the max_points-th largest
-        self.n_loops = int(loop_of[-1]) + 1
+        self.max_points = max_points
+        self.big = big
+        # Row r: the points of loop big[r] (first to last, closing point included), then padding
+        # (index -1: a significance of -1 appended when reading).
+        width = int(np.max(sizes[big])) + 1
+        col = np.arange(width)
+        self.points = np.where(col < sizes[big, None] + 1, offsets[big, None] + col, -1)
+        self.kth = width - max_points  # ascending position of the max_points-th largest
+        n_loops = int(loop_of[-1]) + 1
+        self.found_in = np.zeros(n_loops, dtype=np.int64)
+        self.found_in[big] = 3  # first, farthest, last (at most: they may coincide)
+        self.changed = np.zeros(n_loops, dtype=bool)
+        self.changed[big] = True
+        self.answer = np.zeros(n_loops)
+
+    def found(self, loops: NDArray[np.int64]) -> None:
+        """Points of ``loops`` (one entry per point) got their significance."""
+        np.add.at(self.found_in, loops, 1)
+        self.changed[loops] = True
 
     def cut(self, significance: NDArray[np.float64]) -> NDArray[np.float64]:
-        self.table[self.row, self.col] = significance[self.points]
-        cut = np.zeros(self.n_loops)
-        if self.kth >= 0:
-            cut[self.loops] = np.maximum(np.partition(self.table, self.kth, axis=1)[:, self.kth], 0.0)
-        return cut
+        rows = np.flatnonzero((self.found_in[self.big] >= self.max_points) & self.changed[self.big])
+        if rows.size:
+            table = np.append(significance, -1.0)[self.points[rows]]
+            self.answer[self.big[rows]] = np.maximum(np.partition(table, self.kth, axis=1)[:, self.kth], 0.0)
+            self.changed[self.big[rows]] = False
+        return self.answer
 
 
 def assessed_region(

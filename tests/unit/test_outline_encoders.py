@@ -251,3 +251,44 @@ def test_empty_labels_give_the_same_errors(ct: list[pydicom.Dataset]) -> None:
         compare_sr(ct, grid(ct), seg_labels=one_voxel(ct))
     with pytest.raises(ValueError, match="nothing to contour"):
         compare_rtstruct(ct, grid(ct))
+
+
+def random_loops(rng: np.random.Generator) -> list[NDArray[np.float64]]:
+    """Loops of pixel corners around the point budget's sizes: scattered points, random walks
+    (long straight runs, many ties) and loops that keep coming back to one point."""
+    loops = []
+    for _ in range(int(rng.integers(1, 12))):
+        n = int(rng.choice([1, 2, 3, 4, 10, 62, 63, 64, 65, 100, 511, 512, 513, 1025, 3000]))
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            points = rng.integers(0, 600, (n, 2)).astype(np.float64)
+        elif kind == 1:
+            points = np.cumsum(rng.integers(-1, 2, (n, 2)), axis=0).astype(np.float64) + 300
+        else:
+            points = np.full((n, 2), 7.0)
+            points[::3] += rng.integers(0, 3, (len(points[::3]), 2))
+        loops.append(points)
+    return loops
+
+
+def test_simplification_keeps_the_same_points(chest: tuple[list[pydicom.Dataset], Array]) -> None:
+    """Douglas-Peucker with the point budget, done with whole-number cross products and the
+    budget recomputed only where it can change: the same points as before, on the lungs'
+    outlines and on random loops."""
+    _, labels = chest
+    cases = []
+    for label in (1, 2):
+        graph = sr._CrackGraph(labels == label)
+        roots, _ = graph.loops()
+        cases.append([graph.corners(int(e)) for e in roots])  # every loop, holes included
+    rng = np.random.default_rng(1)
+    cases += [random_loops(rng) for _ in range(300)]
+    for k, loops in enumerate(cases):
+        for max_points in (4, 10, sr.MAX_POLYGON_POINTS) if k >= 2 else (sr.MAX_POLYGON_POINTS,):
+            ours = sr._simplify_loops(loops, max_points)
+            expected = sr_reference._simplify_loops(loops, max_points)
+            assert len(ours) == len(expected)
+            for a, b in zip(ours, expected, strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b), f"case {k}, max_points {max_points}"
+    with pytest.raises(ValueError, match="whole numbers"):
+        sr._simplify_loops([np.array([[0.0, 0.0], [1.5, 0.0], [1.0, 1.0]])], 64)
