@@ -18,6 +18,8 @@ segment reference (TID 1411 "Referenced Segment"), which other viewers read.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DS, TM
 
 from orthanc_plugin.core.codes import (
     ABSENT,
@@ -163,7 +165,7 @@ def build_sr(
     # first image region and its volume only; the further regions (see image_regions) and the
     # radiomics features are put in their place afterwards (_attach), already encoded. The
     # encoded document is the same.
-    more: list[tuple[hd.sr.ImageRegion | None, list[tuple[NDArray[np.float32], Dataset]], list[Dataset]]] = []
+    more: list[_Splice] = []
     for m in sorted(measurements, key=lambda m: m.segment_label):
         spec = by_label[m.segment_label]
         found = in_seg.get(spec.tracking_id)
@@ -180,10 +182,7 @@ def build_sr(
             spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice, box
         )  # fmt: skip
         groups.append(group)
-        items: list[Dataset] = (
-            [] if extra is None else [item for m in feature_measurements(extra) for item in m]
-        )
-        more.append((lead, regions, items))
+        more.append((lead, regions, extra))
     if not groups:
         raise ValueError("nothing to report: no measurement refers to a segment of the SEG")
     # Only classifications are shown on it (no 84 MB count over a 320-slice label map otherwise).
@@ -246,9 +245,14 @@ def _is_image_region(item: Dataset) -> bool:
     )
 
 
+#: What :func:`_attach` adds to a volumetric group: its first image region, the further
+#: outlines with their images, and the segment's radiomics features.
+_Splice = tuple[hd.sr.ImageRegion | None, list[tuple[NDArray[np.float32], Dataset]], SegmentFeatures | None]
+
+
 def _attach(
     sr: Dataset,
-    more: Sequence[tuple[hd.sr.ImageRegion | None, list[tuple[NDArray[np.float32], Dataset]], list[Dataset]]],
+    more: Sequence[_Splice],
 ) -> None:
     """Put each volumetric group's further image regions after its first one and its radiomics
     features after its volume, all encoded as the writer would: the group's content is kept as
@@ -265,16 +269,16 @@ def _attach(
         raise RuntimeError(f"the report has {len(groups)} measurement groups, {len(more)} were made")
     charset = sr.get("SpecificCharacterSet")
     for group, (lead, regions, features) in zip(groups[: len(more)], more, strict=True):
-        if not regions and not features:
+        if not regions and (features is None or not features.finite()):
             continue
         items = list(group.ContentSequence)
         encoded = explicit_vr.encoded_items(items, charset)
         # What follows which item: the volume (the group's only measurement so far) is followed
         # by the features, the first image region by the others.
         after: dict[int, list[bytes]] = {}
-        if features:
+        if features is not None and features.finite():
             volume = max(i for i, item in enumerate(items) if item.get("ValueType") == "NUM")
-            after[volume] = explicit_vr.encoded_items(features, charset)
+            after[volume] = _feature_items(features, charset)
         if regions:
             if lead is None:
                 raise RuntimeError("further image regions without a first one")
@@ -394,7 +398,7 @@ def feature_measurements(features: SegmentFeatures) -> list[hd.sr.Measurement]:
         hd.sr.Measurement(
             name=ibsi_feature(f.id, f.name).to_highdicom(),
             value=float(f"{f.value:.6g}"),
-            unit=hd.sr.CodedConcept(f.unit, "UCUM", _UCUM_MEANINGS.get(f.unit, f.unit)),
+            unit=_ucum(f.unit),
         )
         for f in features.finite()
     ]
@@ -411,6 +415,57 @@ def _label_slices(
         inside = labels[box] == value
         per_slice[box[0]] = np.count_nonzero(inside.reshape(inside.shape[0], -1), axis=1)
     return box, per_slice
+
+
+def _feature_items(features: SegmentFeatures, character_set: str | list[str] | None) -> list[bytes]:
+    """:func:`feature_measurements` as encoded content items (NUM, CONTAINS), in the bytes the
+    writer writes for highdicom's: the concept name and unit of each feature are encoded once
+    (they are the same in every report), the value as highdicom gives it to the writer
+    (NumericValue ``DS(value, auto_format=True)``, FloatingPointValue the float)."""
+    charset = (
+        character_set if character_set is None or isinstance(character_set, str) else tuple(character_set)
+    )
+    out = []
+    for f in features.finite():
+        value = float(f"{f.value:.6g}")
+        head, units = _feature_parts(f.id, f.name, f.unit, charset)
+        number = DS(value, auto_format=True)
+        text = str(getattr(number, "original_string", number))  # what the writer writes
+        measured = explicit_vr.item(
+            units
+            + explicit_vr.element(0x0040A161, b"FD", struct.pack("<d", value))  # FloatingPointValue
+            + explicit_vr.element(0x0040A30A, b"DS", explicit_vr.text(text))  # NumericValue
+        )
+        out.append(
+            explicit_vr.item(head + explicit_vr.sequence(0x0040A300, [measured]))
+        )  # MeasuredValueSequence
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _feature_parts(
+    feature_id: str, name: str, unit: str, character_set: str | tuple[str, ...] | None
+) -> tuple[bytes, bytes]:
+    """A feature's NUM item up to its Measured Value Sequence (relationship, value type,
+    concept name), and its MeasurementUnitsCodeSequence, encoded."""
+    item = hd.sr.NumContentItem(
+        name=ibsi_feature(feature_id, name).to_highdicom(),
+        value=0.0,
+        unit=_ucum(unit),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    head = Dataset()
+    head.RelationshipType = item.RelationshipType
+    head.ValueType = item.ValueType
+    head.ConceptNameCodeSequence = item.ConceptNameCodeSequence
+    units = Dataset()
+    units.MeasurementUnitsCodeSequence = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence
+    charset = list(character_set) if isinstance(character_set, tuple) else character_set
+    return _elements(head, charset), _elements(units, charset)
+
+
+def _ucum(unit: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(unit, "UCUM", _UCUM_MEANINGS.get(unit, unit))
 
 
 def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:

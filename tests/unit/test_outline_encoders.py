@@ -69,12 +69,18 @@ def written(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def features(labels: tuple[int, ...]) -> list[SegmentFeatures]:
+#: Feature values of every kind the DS formatting tells apart (sign, zero, magnitudes, digits).
+ODD_VALUES = (0.0, -0.0, 1.0, -7.0, 0.1, 1e-12, 2.5e-5, -3.25e-300, 123456789.0, 99999.95, -3.5e20, 1.7e308)
+
+
+def features(labels: tuple[int, ...], odd: bool = False) -> list[SegmentFeatures]:
     rng = np.random.default_rng(5)
     out = []
     for label in labels:
         values = rng.normal(100, 80, len(FEATURES_BY_ID))
         values[::17] = np.nan  # a ratio over zero: left out of the SR
+        if odd:
+            values[1 : 1 + len(ODD_VALUES)] = ODD_VALUES
         out.append(
             SegmentFeatures(
                 label,
@@ -113,6 +119,7 @@ def compare_sr(
     segments: tuple[SegmentSpec, ...] = LUNGS,
     seg_labels: Array | None = None,
     classified: bool = True,
+    odd: bool = False,
 ) -> bytes:
     """The SR of ``labels`` by both encoders, with volumes, radiomics features and a
     classification; asserts they are equal and returns the file."""
@@ -129,7 +136,7 @@ def compare_sr(
         images, seg, segments, measurements, ALGORITHM,
         series_instance_uid="2.25.2000", sop_instance_uid="2.25.2001", series_number=902,
         series_description="AI report", labels=labels, content_creation=CREATED,
-        classifications=[CLASSIFICATION] if classified else [], features=features(present),
+        classifications=[CLASSIFICATION] if classified else [], features=features(present, odd),
     )  # fmt: skip
     assert ours == expected
     return ours
@@ -292,3 +299,7 @@ def test_simplification_keeps_the_same_points(chest: tuple[list[pydicom.Dataset]
                 assert a.dtype == b.dtype and np.array_equal(a, b), f"case {k}, max_points {max_points}"
     with pytest.raises(ValueError, match="whole numbers"):
         sr._simplify_loops([np.array([[0.0, 0.0], [1.5, 0.0], [1.0, 1.0]])], 64)
+
+
+def test_feature_values_of_every_kind_give_the_same_files(ct: list[pydicom.Dataset]) -> None:
+    compare_sr(ct, two_components(ct), odd=True)
