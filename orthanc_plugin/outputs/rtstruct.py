@@ -74,30 +74,42 @@ def _traced(mask: NDArray[np.bool_], box: tuple[slice, slice, slice]) -> dict[in
     coordinates. Slices are independent and the box's frame is background as the grid's is, so
     the loops, their order and their corners are those of the whole grid, moved by the box's
     corner (a lung is a fifth of a chest CT's grid)."""
-    graph = _CrackGraph(mask)
-    roots, _ = graph.loops()
-    shift = np.array([box[2].start, box[1].start], dtype=np.float64)
+    points, counts, on_slice = _traced_flat(mask, box)
     out: dict[int, list[NDArray[np.float64]]] = {}
-    for edge in roots.tolist():
-        corners = graph.corners(edge)
-        corners += shift
-        out.setdefault(box[0].start + int(graph.slice_of[edge]), []).append(corners)
+    for z, corners in zip(on_slice.tolist(), np.split(points, np.cumsum(counts)[:-1]), strict=True):
+        out.setdefault(z, []).append(corners)
     return out
 
 
+def _traced_flat(
+    mask: NDArray[np.bool_], box: tuple[slice, slice, slice]
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+    """:func:`_traced` as the corners of every contour one after the other (slice by slice,
+    each slice's in the order traced), the number of corners of each and the slice it is on."""
+    graph = _CrackGraph(mask)
+    roots, _ = graph.loops()
+    roots = roots[np.argsort(graph.slice_of[roots], kind="stable")]
+    points, counts = graph.walks(roots.tolist())
+    points += np.array([box[2].start, box[1].start], dtype=np.float64)
+    return points, counts, box[0].start + graph.slice_of[roots]
+
+
 def _to_patient(
-    corners: NDArray[np.float64], slice_of: NDArray[np.int64], source_images: Sequence[Dataset]
+    corners: NDArray[np.float64],
+    slice_of: NDArray[np.int64],
+    sizes: NDArray[np.int64],
+    source_images: Sequence[Dataset],
 ) -> NDArray[np.float64]:
-    """Pixel-corner (column, row) coordinates -> patient coordinates (mm), point i on the plane
-    of ``source_images[slice_of[i]]``: all contours at once, each value computed as for one
-    image alone (``ipp + outer(col * spacing, row direction) + outer(row * spacing, column
-    direction)``), so bit for bit the same."""
-    slices, where = np.unique(slice_of, return_inverse=True)
+    """Pixel-corner (column, row) coordinates -> patient coordinates (mm) of contours one after
+    the other, contour k (``sizes[k]`` points) on the plane of ``source_images[slice_of[k]]``:
+    all at once, each value computed as for one image alone (``ipp + outer(col * spacing, row
+    direction) + outer(row * spacing, column direction)``), so bit for bit the same."""
+    slices, plane = np.unique(slice_of, return_inverse=True)
     images = [source_images[int(z)] for z in slices]
     iop = np.array([[float(v) for v in im.ImageOrientationPatient] for im in images], dtype=np.float64)
     ipp = np.array([[float(v) for v in im.ImagePositionPatient] for im in images], dtype=np.float64)
     spacing = np.array([[float(v) for v in im.PixelSpacing] for im in images], dtype=np.float64)
-    where = where.ravel()
+    where = np.repeat(plane.ravel(), sizes)
     # Image Position is the centre of the first pixel, half a pixel inside its corner.
     col = corners[:, 0] - 0.5
     row = corners[:, 1] - 0.5
@@ -235,18 +247,16 @@ def build_rtstruct(
     number = 0
     for spec in sorted(segments, key=lambda s: s.label):
         box = label_box(lab, spec.label)
-        per_slice = {} if box is None else _traced(lab[box] == spec.label, box)
-        if not per_slice:
+        if box is None:
+            continue
+        corners, sizes, slice_of_contour = _traced_flat(lab[box] == spec.label, box)
+        if not sizes.size:
             continue
         number += 1
         # The contours in slice order, each slice's in the order traced, all converted at once.
-        slices = sorted(per_slice)
-        contoured.update(slices)
-        corners = [c for z in slices for c in per_slice[z]]
-        on_slice = [z for z in slices for _ in per_slice[z]]
-        sizes = np.array([len(c) for c in corners], dtype=np.int64)
-        slice_of = np.repeat(np.array(on_slice, dtype=np.int64), sizes)
-        points = np.round(_to_patient(np.concatenate(corners), slice_of, source_images), decimals)
+        on_slice = slice_of_contour.tolist()
+        contoured.update(on_slice)
+        points = np.round(_to_patient(corners, slice_of_contour, sizes, source_images), decimals)
         texts = _decimal_strings(np.split(points, np.cumsum(sizes)[:-1]), decimals)
         contour_items = [
             explicit_vr.item(

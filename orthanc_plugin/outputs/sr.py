@@ -392,18 +392,6 @@ _UCUM_MEANINGS = {"1": "no units", "mm": "millimeter", "mm2": "square millimeter
                   "/mm": "per millimeter"}  # fmt: skip
 
 
-def feature_measurements(features: SegmentFeatures) -> list[hd.sr.Measurement]:
-    """The finite radiomics features of one segment as TID 300 measurements."""
-    return [
-        hd.sr.Measurement(
-            name=ibsi_feature(f.id, f.name).to_highdicom(),
-            value=float(f"{f.value:.6g}"),
-            unit=_ucum(f.unit),
-        )
-        for f in features.finite()
-    ]
-
-
 def _label_slices(
     labels: NDArray[np.uint8], value: int
 ) -> tuple[tuple[slice, slice, slice] | None, NDArray[np.int64]]:
@@ -418,10 +406,12 @@ def _label_slices(
 
 
 def _feature_items(features: SegmentFeatures, character_set: str | list[str] | None) -> list[bytes]:
-    """:func:`feature_measurements` as encoded content items (NUM, CONTAINS), in the bytes the
-    writer writes for highdicom's: the concept name and unit of each feature are encoded once
-    (they are the same in every report), the value as highdicom gives it to the writer
-    (NumericValue ``DS(value, auto_format=True)``, FloatingPointValue the float)."""
+    """The finite radiomics features of one segment as TID 300 measurements: the content items
+    (NUM, CONTAINS) that ``hd.sr.Measurement`` makes for each, named in the private scheme
+    ``99IBSI``, with its value to 6 significant digits and its UCUM unit, encoded in the bytes
+    the writer writes for them. Each feature's concept name and unit are encoded once (they are
+    the same in every report); the value as highdicom hands it to the writer (NumericValue
+    ``DS(value, auto_format=True)``, FloatingPointValue the float)."""
     charset = (
         character_set if character_set is None or isinstance(character_set, str) else tuple(character_set)
     )
@@ -610,7 +600,8 @@ def segment_outlines(
         raise ValueError(f"mask must be 3D (slice, row, column), got shape {mask.shape}")
     graph = _CrackGraph(np.asarray(mask, dtype=bool))
     chosen = graph.largest_outer_loops()
-    outlines = _simplify_loops([graph.corners(e) for e in chosen.values()], max_points)
+    points, counts = graph.walks(list(chosen.values()))
+    outlines = _simplify_loops(np.split(points, np.cumsum(counts)[:-1]) if counts.size else [], max_points)
     return {z: o.astype(np.float32) for z, o in zip(chosen, outlines, strict=True)}
 
 
@@ -731,15 +722,29 @@ class _CrackGraph:
 
     def corners(self, edge: int) -> NDArray[np.float64]:
         """Corner points (x, y) of the loop through ``edge``, in walking order."""
+        points, _ = self.walks([edge])
+        return points
+
+    def walks(self, edges: Sequence[int]) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+        """:meth:`corners` of the loops through ``edges``, one after the other, and how many
+        each has: the loops walked in one Python loop, their corners picked in one pass."""
         successor = self.successor
-        order = [edge]
-        e = successor[edge]
-        while e != edge:
-            order.append(e)
-            e = successor[e]
+        order: list[int] = []
+        sizes = []
+        for edge in edges:
+            start = len(order)
+            order.append(edge)
+            e = successor[edge]
+            while e != edge:
+                order.append(e)
+                e = successor[e]
+            sizes.append(len(order) - start)
         walk = np.asarray(order, dtype=np.int64)
-        x, y = self._xy(self.end[walk[self.corner_after[walk]]])
-        return np.stack([x, y], axis=1).astype(np.float64)
+        corner = self.corner_after[walk]
+        x, y = self._xy(self.end[walk[corner]])
+        loop = np.repeat(np.arange(len(sizes)), sizes)
+        counts: NDArray[np.int64] = np.bincount(loop[corner], minlength=len(sizes)).astype(np.int64)
+        return np.stack([x, y], axis=1).astype(np.float64), counts
 
 
 def _simplify_loops(
