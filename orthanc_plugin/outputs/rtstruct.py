@@ -122,27 +122,36 @@ def _to_patient(
 #: (3006,0050) Contour Data, DS.
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
 _CONTOUR_SEQUENCE = 0x30060040
+_CONTOUR_IMAGES = 0x30060016
 _NUMBER_OF_POINTS = 0x30060046
 #: (3006,0042) Contour Geometric Type, as encoded.
 _CLOSED_PLANAR = explicit_vr.element(0x30060042, b"CS", explicit_vr.text("CLOSED_PLANAR"))
 
 
 class _ContourImages:
-    """Contour Image Sequence (3006,0016) of a contour on slice z (the image's class and
-    instance UIDs), encoded the first time a slice is asked for."""
+    """The reference to slice z (an item holding the image's class and instance UIDs) and the
+    Contour Image Sequence (3006,0016) of a contour on it, encoded the first time a slice is
+    asked for."""
 
     def __init__(self, source_images: Sequence[Dataset]) -> None:
         self.source_images = source_images
-        self.encoded: dict[int, bytes] = {}
+        self.items: dict[int, bytes] = {}
+        self.sequences: dict[int, bytes] = {}
 
-    def __getitem__(self, z: int) -> bytes:
-        found = self.encoded.get(z)
+    def item(self, z: int) -> bytes:
+        found = self.items.get(z)
         if found is None:
             image = self.source_images[z]
-            reference = explicit_vr.element(
-                0x00081150, b"UI", explicit_vr.uid(str(image.SOPClassUID))
-            ) + explicit_vr.element(0x00081155, b"UI", explicit_vr.uid(str(image.SOPInstanceUID)))
-            found = self.encoded[z] = explicit_vr.sequence(0x30060016, [explicit_vr.item(reference)])
+            found = self.items[z] = explicit_vr.item(
+                explicit_vr.element(0x00081150, b"UI", explicit_vr.uid(str(image.SOPClassUID)))
+                + explicit_vr.element(0x00081155, b"UI", explicit_vr.uid(str(image.SOPInstanceUID)))
+            )
+        return found
+
+    def __getitem__(self, z: int) -> bytes:
+        found = self.sequences.get(z)
+        if found is None:
+            found = self.sequences[z] = explicit_vr.sequence(_CONTOUR_IMAGES, [self.item(z)])
         return found
 
 
@@ -301,14 +310,7 @@ def build_rtstruct(
     if not roi_items:
         raise ValueError("nothing to contour: no segment has a voxel in labels")
 
-    images = [
-        _ds(
-            ReferencedSOPClassUID=source_images[z].SOPClassUID,
-            ReferencedSOPInstanceUID=source_images[z].SOPInstanceUID,
-        )
-        for z in sorted(contoured)
-    ]
-    series = _ds(SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=images)
+    series = _ds(SeriesInstanceUID=first.SeriesInstanceUID)  # its Contour Image Sequence below
     study = _ds(
         ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1",  # Detached Study Management (retired, as PS3.3 asks)
         ReferencedSOPInstanceUID=first.StudyInstanceUID,
@@ -324,6 +326,7 @@ def build_rtstruct(
     # element is settled first (no ambiguous VR left), then the whole object is marked as
     # already in its final encoding.
     explicit_vr.resolve_ambiguous_vrs(ds)
+    explicit_vr.raw_sequence(series, _CONTOUR_IMAGES, [references.item(z) for z in sorted(contoured)])
     for roi_contour, items in roi_contours:
         explicit_vr.raw_sequence(roi_contour, _CONTOUR_SEQUENCE, items)
     ds.ROIContourSequence = DicomSequence([roi_contour for roi_contour, _ in roi_contours])
