@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
-from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
@@ -31,6 +29,7 @@ from pydicom.valuerep import DA, TM
 
 from orthanc_plugin.core.results import AlgorithmInfo, SegmentSpec
 from orthanc_plugin.imaging.postprocess import label_box
+from orthanc_plugin.outputs import explicit_vr
 from orthanc_plugin.outputs.seg import (
     algorithm_equipment,
     check_labels,
@@ -75,38 +74,90 @@ def _traced(mask: NDArray[np.bool_], box: tuple[slice, slice, slice]) -> dict[in
     coordinates. Slices are independent and the box's frame is background as the grid's is, so
     the loops, their order and their corners are those of the whole grid, moved by the box's
     corner (a lung is a fifth of a chest CT's grid)."""
-    graph = _CrackGraph(mask)
-    roots, _ = graph.loops()
-    shift = np.array([box[2].start, box[1].start], dtype=np.float64)
+    points, counts, on_slice = _traced_flat(mask, box)
     out: dict[int, list[NDArray[np.float64]]] = {}
-    for edge in roots.tolist():
-        corners = graph.corners(edge)
-        corners += shift
-        out.setdefault(box[0].start + int(graph.slice_of[edge]), []).append(corners)
+    for z, corners in zip(on_slice.tolist(), np.split(points, np.cumsum(counts)[:-1]), strict=True):
+        out.setdefault(z, []).append(corners)
     return out
 
 
-def _to_patient(corners: NDArray[np.float64], image: Dataset) -> NDArray[np.float64]:
-    """Pixel-corner (column, row) coordinates -> patient coordinates (mm) on ``image``'s plane."""
-    iop = np.asarray(image.ImageOrientationPatient, dtype=np.float64)
-    ipp = np.asarray(image.ImagePositionPatient, dtype=np.float64)
-    row_spacing, col_spacing = (float(v) for v in image.PixelSpacing)
+def _traced_flat(
+    mask: NDArray[np.bool_], box: tuple[slice, slice, slice]
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+    """:func:`_traced` as the corners of every contour one after the other (slice by slice,
+    each slice's in the order traced), the number of corners of each and the slice it is on."""
+    graph = _CrackGraph(mask)
+    roots, _ = graph.loops()
+    roots = roots[np.argsort(graph.slice_of[roots], kind="stable")]
+    points, counts = graph.walks(roots.tolist())
+    points += np.array([box[2].start, box[1].start], dtype=np.float64)
+    return points, counts, box[0].start + graph.slice_of[roots]
+
+
+def _to_patient(
+    corners: NDArray[np.float64],
+    slice_of: NDArray[np.int64],
+    sizes: NDArray[np.int64],
+    source_images: Sequence[Dataset],
+) -> NDArray[np.float64]:
+    """Pixel-corner (column, row) coordinates -> patient coordinates (mm) of contours one after
+    the other, contour k (``sizes[k]`` points) on the plane of ``source_images[slice_of[k]]``:
+    all at once, each value computed as for one image alone (``ipp + outer(col * spacing, row
+    direction) + outer(row * spacing, column direction)``), so bit for bit the same."""
+    slices, plane = np.unique(slice_of, return_inverse=True)
+    images = [source_images[int(z)] for z in slices]
+    iop = np.array([[float(v) for v in im.ImageOrientationPatient] for im in images], dtype=np.float64)
+    ipp = np.array([[float(v) for v in im.ImagePositionPatient] for im in images], dtype=np.float64)
+    spacing = np.array([[float(v) for v in im.PixelSpacing] for im in images], dtype=np.float64)
+    where = np.repeat(plane.ravel(), sizes)
     # Image Position is the centre of the first pixel, half a pixel inside its corner.
     col = corners[:, 0] - 0.5
     row = corners[:, 1] - 0.5
-    points: NDArray[np.float64] = (
-        ipp + np.outer(col * col_spacing, iop[:3]) + np.outer(row * row_spacing, iop[3:])
-    )
+    col_step = (col * spacing[where, 1])[:, None]
+    row_step = (row * spacing[where, 0])[:, None]
+    points: NDArray[np.float64] = ipp[where] + col_step * iop[where, :3] + row_step * iop[where, 3:]
     return points
 
 
 #: (3006,0050) Contour Data, DS.
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
+_CONTOUR_SEQUENCE = 0x30060040
+_CONTOUR_IMAGES = 0x30060016
+_NUMBER_OF_POINTS = 0x30060046
+#: (3006,0042) Contour Geometric Type, as encoded.
+_CLOSED_PLANAR = explicit_vr.element(0x30060042, b"CS", explicit_vr.text("CLOSED_PLANAR"))
 
 
-def _decimal_strings(points: Sequence[NDArray[np.float64]], decimals: int) -> list[RawDataElement]:
+class _ContourImages:
+    """The reference to slice z (an item holding the image's class and instance UIDs) and the
+    Contour Image Sequence (3006,0016) of a contour on it, encoded the first time a slice is
+    asked for."""
+
+    def __init__(self, source_images: Sequence[Dataset]) -> None:
+        self.source_images = source_images
+        self.items: dict[int, bytes] = {}
+        self.sequences: dict[int, bytes] = {}
+
+    def item(self, z: int) -> bytes:
+        found = self.items.get(z)
+        if found is None:
+            image = self.source_images[z]
+            found = self.items[z] = explicit_vr.item(
+                explicit_vr.element(0x00081150, b"UI", explicit_vr.uid(str(image.SOPClassUID)))
+                + explicit_vr.element(0x00081155, b"UI", explicit_vr.uid(str(image.SOPInstanceUID)))
+            )
+        return found
+
+    def __getitem__(self, z: int) -> bytes:
+        found = self.sequences.get(z)
+        if found is None:
+            found = self.sequences[z] = explicit_vr.sequence(_CONTOUR_IMAGES, [self.item(z)])
+        return found
+
+
+def _decimal_strings(points: Sequence[NDArray[np.float64]], decimals: int) -> list[bytes]:
     """Contour Data of each contour as the bytes pydicom would write for these values as DS
-    strings (joined by backslashes, padded to even length), kept raw: a contour set holds 10^5
+    strings (joined by backslashes, padded to even length), encoded here: a contour set holds 10^5
     numbers, and pydicom validates each DS value it is given one by one (a second on a 64-slice
     chest CT). A contour set takes few distinct values (a coordinate is a pixel corner on one
     of the slices), so each distinct value is formatted once."""
@@ -126,7 +177,7 @@ def _decimal_strings(points: Sequence[NDArray[np.float64]], decimals: int) -> li
         start += p.size
         if len(value) % 2:
             value += b" "
-        out.append(RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True))
+        out.append(value)
     return out
 
 
@@ -198,38 +249,33 @@ def build_rtstruct(
     ds.ContributingEquipmentSequence = [algorithm_equipment(algorithm, created)]
 
     contoured: set[int] = set()
-    roi_items, contour_items, observation_items = [], [], []
+    roi_items, observation_items = [], []
+    roi_contours: list[tuple[Dataset, list[bytes]]] = []
+    # Contour Image Sequence of a contour on each slice, encoded once.
+    references = _ContourImages(source_images)
     number = 0
     for spec in sorted(segments, key=lambda s: s.label):
         box = label_box(lab, spec.label)
-        per_slice = {} if box is None else _traced(lab[box] == spec.label, box)
-        if not per_slice:
+        if box is None:
+            continue
+        corners, sizes, slice_of_contour = _traced_flat(lab[box] == spec.label, box)
+        if not sizes.size:
             continue
         number += 1
-        contours, all_points = [], []
-        for z in sorted(per_slice):
-            image = source_images[z]
-            contoured.add(z)
-            for corners in per_slice[z]:
-                points = np.round(_to_patient(corners, image), decimals)
-                all_points.append(points)
-                contours.append(
-                    _ds(
-                        ContourImageSequence=[
-                            _ds(
-                                ReferencedSOPClassUID=image.SOPClassUID,
-                                ReferencedSOPInstanceUID=image.SOPInstanceUID,
-                            )
-                        ],
-                        ContourGeometricType="CLOSED_PLANAR",
-                        NumberOfContourPoints=len(points),
-                    )
-                )
-        for item, data in zip(contours, _decimal_strings(all_points, decimals), strict=True):
-            item[_CONTOUR_DATA] = data
-            # Written as explicit VR little endian in the default character set, as created:
-            # pydicom then writes the raw Contour Data as it is instead of decoding each value.
-            item.set_original_encoding(False, True, default_encoding)
+        # The contours in slice order, each slice's in the order traced, all converted at once.
+        on_slice = slice_of_contour.tolist()
+        contoured.update(on_slice)
+        points = np.round(_to_patient(corners, slice_of_contour, sizes, source_images), decimals)
+        texts = _decimal_strings(np.split(points, np.cumsum(sizes)[:-1]), decimals)
+        contour_items = [
+            explicit_vr.item(
+                references[z]
+                + _CLOSED_PLANAR
+                + explicit_vr.element(_NUMBER_OF_POINTS, b"IS", explicit_vr.text(str(n)))
+                + explicit_vr.element(_CONTOUR_DATA, b"DS", text)
+            )
+            for z, n, text in zip(on_slice, sizes.tolist(), texts, strict=True)
+        ]
         roi_items.append(
             _ds(
                 ROINumber=number,
@@ -240,9 +286,8 @@ def build_rtstruct(
                 ROIGenerationDescription=f"{algorithm.name} {algorithm.version}"[:64],
             )
         )
-        contour_items.append(
-            _ds(ROIDisplayColor=list(spec.color_rgb), ContourSequence=contours, ReferencedROINumber=number)
-        )
+        roi_contour = _ds(ROIDisplayColor=list(spec.color_rgb), ReferencedROINumber=number)
+        roi_contours.append((roi_contour, contour_items))
         identification = _ds(
             CodeValue=spec.type.value,
             CodingSchemeDesignator=spec.type.scheme,
@@ -265,14 +310,7 @@ def build_rtstruct(
     if not roi_items:
         raise ValueError("nothing to contour: no segment has a voxel in labels")
 
-    images = [
-        _ds(
-            ReferencedSOPClassUID=source_images[z].SOPClassUID,
-            ReferencedSOPInstanceUID=source_images[z].SOPInstanceUID,
-        )
-        for z in sorted(contoured)
-    ]
-    series = _ds(SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=images)
+    series = _ds(SeriesInstanceUID=first.SeriesInstanceUID)  # its Contour Image Sequence below
     study = _ds(
         ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1",  # Detached Study Management (retired, as PS3.3 asks)
         ReferencedSOPInstanceUID=first.StudyInstanceUID,
@@ -282,13 +320,21 @@ def build_rtstruct(
         _ds(FrameOfReferenceUID=frame_uid, RTReferencedStudySequence=[study])
     ]
     ds.StructureSetROISequence = DicomSequence(roi_items)
-    ds.ROIContourSequence = DicomSequence(contour_items)
     ds.RTROIObservationsSequence = DicomSequence(observation_items)
     ds.ApprovalStatus = "UNAPPROVED"  # RT Approval: nobody has reviewed the contours yet
+    # The contours (thousands of items) go in as bytes, which the writer copies: every other
+    # element is settled first (no ambiguous VR left), then the whole object is marked as
+    # already in its final encoding.
+    explicit_vr.resolve_ambiguous_vrs(ds)
+    explicit_vr.raw_sequence(series, _CONTOUR_IMAGES, [references.item(z) for z in sorted(contoured)])
+    for roi_contour, items in roi_contours:
+        explicit_vr.raw_sequence(roi_contour, _CONTOUR_SEQUENCE, items)
+    ds.ROIContourSequence = DicomSequence([roi_contour for roi_contour, _ in roi_contours])
 
     meta = Dataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta  # type: ignore[assignment]
+    explicit_vr.mark_as_written(ds)
     return ds

@@ -18,15 +18,17 @@ segment reference (TID 1411 "Referenced Segment"), which other viewers read.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
-from pydicom import DataElement, Dataset
+from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DS, TM
 
 from orthanc_plugin.core.codes import (
     ABSENT,
@@ -55,6 +57,7 @@ from orthanc_plugin.core.results import (
 )
 from orthanc_plugin.core.uids import derived_uid
 from orthanc_plugin.imaging.postprocess import BOX_SLAB, label_box
+from orthanc_plugin.outputs import explicit_vr
 from orthanc_plugin.outputs.seg import (
     SEG_SOP_CLASS_UIDS,
     algorithm_equipment,
@@ -71,6 +74,7 @@ MAX_POLYGON_POINTS = 64
 IMAGE_REGION_CODE_VALUE = "111030"
 IMAGING_MEASUREMENTS_CODE_VALUE = "126010"
 GRAPHIC_DATA = 0x00700022
+CONTENT_SEQUENCE = 0x0040A730
 
 # Language of the content (TID 1204), RFC 5646 tag as in DICOM CID 5000.
 _ENGLISH_US = hd.sr.CodedConcept(
@@ -141,8 +145,15 @@ def build_sr(
         version=algorithm.version,
         parameters=[f"{k}={v}" for k, v in algorithm.parameters.items()],
     )
+    # Each segment's box and voxels per slice, found once: for the slice the groups start on
+    # and for tracing the segment's outlines inside its box.
+    slices = (
+        {} if lab is None else {m.segment_label: _label_slices(lab, m.segment_label) for m in measurements}
+    )
     key_slice = (
-        None if lab is None else _key_slice(lab, [m.segment_label for m in measurements if m.volume_ml > 0])
+        None
+        if lab is None
+        else _key_slice_of([slices[m.segment_label][1] for m in measurements if m.volume_ml > 0])
     )
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -151,9 +162,10 @@ def build_sr(
     ] = []
     # highdicom's document constructor deep-copies and re-reads the whole content tree (about
     # 1.5 ms per image region, 1 s for a 320-slice series): each group is given to it with its
-    # first image region only, and the others (see image_regions) are put back in their place
-    # afterwards. The encoded document is the same.
-    more_regions: list[list[Dataset]] = []
+    # first image region and its volume only; the further regions (see image_regions) and the
+    # radiomics features are put in their place afterwards (_attach), already encoded. The
+    # encoded document is the same.
+    more: list[_Splice] = []
     for m in sorted(measurements, key=lambda m: m.segment_label):
         spec = by_label[m.segment_label]
         found = in_seg.get(spec.tracking_id)
@@ -165,12 +177,12 @@ def build_sr(
             continue
         segment_number, tracking_uid = found
         extra = features_by_label.get(spec.label)
-        group, more = _group(
-            spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice,
-            feature_measurements(extra) if extra is not None else [],
+        box = None if lab is None else slices[spec.label][0]
+        group, lead, regions = _group(
+            spec, m, segment_number, tracking_uid, seg, source_images, lab, algorithm_id, key_slice, box
         )  # fmt: skip
         groups.append(group)
-        more_regions.append(more)
+        more.append((lead, regions, extra))
     if not groups:
         raise ValueError("nothing to report: no measurement refers to a segment of the SEG")
     # Only classifications are shown on it (no 84 MB count over a 320-slice label map otherwise).
@@ -212,7 +224,8 @@ def build_sr(
         series_description=series_description,
         contributing_equipment=[algorithm_equipment(algorithm, created)],
     )
-    _attach_regions(sr, more_regions)
+    explicit_vr.resolve_ambiguous_vrs(sr)
+    _attach(sr, more)
     if features:
         scheme = Dataset()
         scheme.CodingSchemeDesignator = IBSI_SCHEME
@@ -221,6 +234,7 @@ def build_sr(
         sr.CodingSchemeIdentificationSequence = [scheme]
     sr.ContentDate = DA(created.date())
     sr.ContentTime = TM(created.time())
+    explicit_vr.mark_as_written(sr)
     return sr
 
 
@@ -231,8 +245,18 @@ def _is_image_region(item: Dataset) -> bool:
     )
 
 
-def _attach_regions(sr: Dataset, more_regions: Sequence[list[Dataset]]) -> None:
-    """Put each group's further image regions back after its first one."""
+#: What :func:`_attach` adds to a volumetric group: its first image region, the further
+#: outlines with their images, and the segment's radiomics features.
+_Splice = tuple[hd.sr.ImageRegion | None, list[tuple[NDArray[np.float32], Dataset]], SegmentFeatures | None]
+
+
+def _attach(
+    sr: Dataset,
+    more: Sequence[_Splice],
+) -> None:
+    """Put each volumetric group's further image regions after its first one and its radiomics
+    features after its volume, all encoded as the writer would: the group's content is kept as
+    bytes (explicit_vr.raw_sequence), thousands of items that the writer then only copies."""
     (measurements,) = [
         item
         for item in sr.ContentSequence
@@ -241,15 +265,28 @@ def _attach_regions(sr: Dataset, more_regions: Sequence[list[Dataset]]) -> None:
     ]
     # The volumetric groups come first, in the order they were made; others may follow.
     groups = [item for item in measurements.ContentSequence if item.get("ValueType") == "CONTAINER"]
-    if len(groups) < len(more_regions):
-        raise RuntimeError(f"the report has {len(groups)} measurement groups, {len(more_regions)} were made")
-    for group, regions in zip(groups[: len(more_regions)], more_regions, strict=True):
-        if not regions:
+    if len(groups) < len(more):
+        raise RuntimeError(f"the report has {len(groups)} measurement groups, {len(more)} were made")
+    charset = sr.get("SpecificCharacterSet")
+    for group, (lead, regions, features) in zip(groups[: len(more)], more, strict=True):
+        if not regions and (features is None or not features.finite()):
             continue
         items = list(group.ContentSequence)
-        first = next(i for i, item in enumerate(items) if _is_image_region(item))
-        # Through the element: highdicom's own setter would re-wrap every item as a content item.
-        group["ContentSequence"].value = [*items[: first + 1], *regions, *items[first + 1 :]]
+        encoded = explicit_vr.encoded_items(items, charset)
+        # What follows which item: the volume (the group's only measurement so far) is followed
+        # by the features, the first image region by the others.
+        after: dict[int, list[bytes]] = {}
+        if features is not None and features.finite():
+            volume = max(i for i, item in enumerate(items) if item.get("ValueType") == "NUM")
+            after[volume] = _feature_items(features, charset)
+        if regions:
+            if lead is None:
+                raise RuntimeError("further image regions without a first one")
+            first = next(i for i, item in enumerate(items) if _is_image_region(item))
+            encoder = _RegionEncoder(lead, charset)
+            after[first] = [encoder.encode(outline, image) for outline, image in regions]
+        parts = [part for i, own in enumerate(encoded) for part in (own, *after.get(i, ()))]
+        explicit_vr.raw_sequence(group, CONTENT_SEQUENCE, parts)
 
 
 def _seg_segments(seg: Dataset, source: Dataset) -> dict[str, tuple[int, str]]:
@@ -282,11 +319,16 @@ def _group(
     source_images: Sequence[Dataset],
     labels: NDArray[np.uint8] | None,
     algorithm_id: hd.sr.AlgorithmIdentification,
-    key_slice: int | None = None,
-    extra: Sequence[hd.sr.Measurement] = (),
-) -> tuple[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, list[Dataset]]:
-    """The TID 1411 group of one segment, made with its first image region, and the segment's
-    further image regions (to be put after that one in the encoded document)."""
+    key_slice: int | None,
+    box: tuple[slice, slice, slice] | None,
+) -> tuple[
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+    hd.sr.ImageRegion | None,
+    list[tuple[NDArray[np.float32], Dataset]],
+]:
+    """The TID 1411 group of one segment, made with its first image region and its volume
+    only; that region and the segment's further outlines with their images (to be put after
+    it in the encoded document). ``box`` is the segment's box in ``labels``."""
     source_of_measurement = hd.sr.SourceImageForMeasurement(
         referenced_sop_class_uid=seg.SOPClassUID,
         referenced_sop_instance_uid=seg.SOPInstanceUID,
@@ -304,17 +346,18 @@ def _group(
         referenced_images=[source_of_measurement],
     )
     regions = None
-    more: list[Dataset] = []
+    lead = None
+    more: list[tuple[NDArray[np.float32], Dataset]] = []
     segment_ref = None
     if labels is not None:
-        box = label_box(labels, spec.label)
         found = None if box is None else box_regions(labels[box] == spec.label, box, source_images, key_slice)
         if found is None:
             raise ValueError(
                 f"segment {spec.tracking_id!r} is in the SEG but has no voxel in labels: "
                 "labels must be the label map the SEG was made from"
             )
-        regions, more = [found[0]], found[1]
+        lead, more = found
+        regions = [lead]
     else:
         segment_ref = hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
@@ -334,14 +377,14 @@ def _group(
             else None
         ),
         algorithm_id=algorithm_id,
-        measurements=[volume, *extra],
+        measurements=[volume],
         qualitative_evaluations=(
             [hd.sr.QualitativeEvaluation(COVERAGE.to_highdicom(), PARTIAL_COVERAGE.to_highdicom())]
             if measurement.partial
             else None
         ),
     )
-    return group, more
+    return group, lead, more
 
 
 #: UCUM units of the radiomics features (DICOM writes UCUM with designator "UCUM").
@@ -349,16 +392,70 @@ _UCUM_MEANINGS = {"1": "no units", "mm": "millimeter", "mm2": "square millimeter
                   "/mm": "per millimeter"}  # fmt: skip
 
 
-def feature_measurements(features: SegmentFeatures) -> list[hd.sr.Measurement]:
-    """The finite radiomics features of one segment as TID 300 measurements."""
-    return [
-        hd.sr.Measurement(
-            name=ibsi_feature(f.id, f.name).to_highdicom(),
-            value=float(f"{f.value:.6g}"),
-            unit=hd.sr.CodedConcept(f.unit, "UCUM", _UCUM_MEANINGS.get(f.unit, f.unit)),
+def _label_slices(
+    labels: NDArray[np.uint8], value: int
+) -> tuple[tuple[slice, slice, slice] | None, NDArray[np.int64]]:
+    """The box of ``value`` in ``labels`` (None when it has no voxel) and its voxels per slice,
+    counted inside the box only (no grid-sized mask)."""
+    per_slice = np.zeros(labels.shape[0], dtype=np.int64)
+    box = label_box(labels, value)
+    if box is not None:
+        inside = labels[box] == value
+        per_slice[box[0]] = np.count_nonzero(inside.reshape(inside.shape[0], -1), axis=1)
+    return box, per_slice
+
+
+def _feature_items(features: SegmentFeatures, character_set: str | list[str] | None) -> list[bytes]:
+    """The finite radiomics features of one segment as TID 300 measurements: the content items
+    (NUM, CONTAINS) that ``hd.sr.Measurement`` makes for each, named in the private scheme
+    ``99IBSI``, with its value to 6 significant digits and its UCUM unit, encoded in the bytes
+    the writer writes for them. Each feature's concept name and unit are encoded once (they are
+    the same in every report); the value as highdicom hands it to the writer (NumericValue
+    ``DS(value, auto_format=True)``, FloatingPointValue the float)."""
+    charset = (
+        character_set if character_set is None or isinstance(character_set, str) else tuple(character_set)
+    )
+    out = []
+    for f in features.finite():
+        value = float(f"{f.value:.6g}")
+        head, units = _feature_parts(f.id, f.name, f.unit, charset)
+        number = DS(value, auto_format=True)
+        text = str(getattr(number, "original_string", number))  # what the writer writes
+        measured = explicit_vr.item(
+            units
+            + explicit_vr.element(0x0040A161, b"FD", struct.pack("<d", value))  # FloatingPointValue
+            + explicit_vr.element(0x0040A30A, b"DS", explicit_vr.text(text))  # NumericValue
         )
-        for f in features.finite()
-    ]
+        out.append(
+            explicit_vr.item(head + explicit_vr.sequence(0x0040A300, [measured]))
+        )  # MeasuredValueSequence
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _feature_parts(
+    feature_id: str, name: str, unit: str, character_set: str | tuple[str, ...] | None
+) -> tuple[bytes, bytes]:
+    """A feature's NUM item up to its Measured Value Sequence (relationship, value type,
+    concept name), and its MeasurementUnitsCodeSequence, encoded."""
+    item = hd.sr.NumContentItem(
+        name=ibsi_feature(feature_id, name).to_highdicom(),
+        value=0.0,
+        unit=_ucum(unit),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    head = Dataset()
+    head.RelationshipType = item.RelationshipType
+    head.ValueType = item.ValueType
+    head.ConceptNameCodeSequence = item.ConceptNameCodeSequence
+    units = Dataset()
+    units.MeasurementUnitsCodeSequence = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence
+    charset = list(character_set) if isinstance(character_set, tuple) else character_set
+    return _elements(head, charset), _elements(units, charset)
+
+
+def _ucum(unit: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(unit, "UCUM", _UCUM_MEANINGS.get(unit, unit))
 
 
 def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:
@@ -367,21 +464,18 @@ def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:
     Every group starts on it, so a viewer that opens each measurement on the image of its
     first region (OHIF) shows all of them together.
     """
-    if not values:
+    return _key_slice_of([_label_slices(labels, v)[1] for v in values])
+
+
+def _key_slice_of(per_slice: Sequence[NDArray[np.int64]]) -> int | None:
+    """:func:`_key_slice` from each value's voxels per slice."""
+    if not per_slice:
         return None
-    # Per-slice counts, one value at a time: np.isin on the whole label map is ten times slower.
-    present = np.ones(labels.shape[0], dtype=bool)
-    area = np.zeros(labels.shape[0], dtype=np.int64)
-    slabs = range(0, labels.shape[0], BOX_SLAB)  # a few slices at a time: no grid-sized mask
-    for v in values:
-        per_slice = np.concatenate(
-            [
-                np.count_nonzero((labels[z : z + BOX_SLAB] == v).reshape(-1, labels[0].size), axis=1)
-                for z in slabs
-            ]
-        )
-        present &= per_slice > 0
-        area += per_slice
+    present = np.ones(per_slice[0].shape[0], dtype=bool)
+    area = np.zeros(per_slice[0].shape[0], dtype=np.int64)
+    for counts in per_slice:
+        present &= counts > 0
+        area += counts
     if not present.any():
         return None
     area[~present] = -1
@@ -390,15 +484,16 @@ def _key_slice(labels: NDArray[np.uint8], values: Sequence[int]) -> int | None:
 
 def image_regions(
     mask: NDArray[np.bool_], source_images: Sequence[Dataset], first: int | None = None
-) -> tuple[hd.sr.ImageRegion, list[Dataset]] | None:
+) -> tuple[hd.sr.ImageRegion, list[tuple[NDArray[np.float32], Dataset]]] | None:
     """The largest outline of ``mask`` on every slice as SR image regions, or None if empty.
 
     Slice i of ``mask`` lies on ``source_images[i]``. Slice ``first`` (when the mask is on
     it), else the slice with the largest area, comes first, because OHIF shows a measurement
     on the image of its first region; the others follow in slice order. The first region is
-    made by highdicom; the others are the same content items made by :func:`_region_like`
-    from it (highdicom's per-item checks and conversions cost 1 ms each, 0.5 s on a
-    320-slice series; a unit test compares both encodings byte for byte).
+    made by highdicom; the others are given as (outline, image) pairs, which
+    :class:`_RegionEncoder` encodes as the same content items directly (highdicom's per-item
+    checks and conversions cost 1 ms each, 0.5 s on a 320-slice series; a unit test compares
+    both encodings byte for byte).
     """
     box = label_box(mask, True)
     return None if box is None else box_regions(np.asarray(mask[box], dtype=bool), box, source_images, first)
@@ -409,7 +504,7 @@ def box_regions(
     box: tuple[slice, slice, slice],
     source_images: Sequence[Dataset],
     first: int | None = None,
-) -> tuple[hd.sr.ImageRegion, list[Dataset]] | None:
+) -> tuple[hd.sr.ImageRegion, list[tuple[NDArray[np.float32], Dataset]]] | None:
     """:func:`image_regions` of a mask that is the contents of ``box`` of the series' grid, the
     rest being background: the outlines are traced inside the box only (a lung is a fifth of a
     chest CT's grid) and moved to the grid's coordinates."""
@@ -417,7 +512,7 @@ def box_regions(
     outlines = segment_outlines(mask)
     if not outlines:
         return None
-    area = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    area = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
     order = sorted(outlines)
     biggest = max(order, key=lambda i: int(area[i]))
     if first is not None and (first - z0) in outlines:
@@ -435,36 +530,59 @@ def box_regions(
             referenced_sop_instance_uid=image.SOPInstanceUID,
         ),
     )
-    return lead, [_region_like(lead, outlines[i], source_images[z0 + i]) for i in order]
+    return lead, [(outlines[i], source_images[z0 + i]) for i in order]
 
 
-def _region_like(lead: Dataset, outline: NDArray[np.float32], image: Dataset) -> Dataset:
-    """An image region (SCOORD POLYLINE selected from ``image``) shaped like ``lead``, one made
-    by ``hd.sr.ImageRegion``: the same attributes and values but the outline and the image.
+class _RegionEncoder:
+    """Image regions (SCOORD POLYLINE selected from an image) shaped like ``lead``, one made by
+    ``hd.sr.ImageRegion``, encoded as items of the content sequence: the same attributes and
+    values but the outline and the image, in the bytes the writer writes for them.
 
-    The code items are shared with ``lead`` (read-only, and written the same wherever they
-    are). The outline goes in as a list of floats, which the writer packs as FL like
-    highdicom's ``tolist()`` of the same float32 array.
+    What is the same in every region (the lead's relationship, value type, concept names and
+    graphic type) is encoded once by pydicom, in the document's character set; the image
+    reference and the outline (FL, the float32 values as highdicom's ``tolist()`` gives them
+    to the writer) are added per region.
     """
-    if outline.ndim != 2 or outline.shape[1] != 2 or outline.shape[0] < 2:
-        raise ValueError(f"an outline is (n >= 2, 2) (column, row) pairs, got shape {outline.shape}")
-    lead_image = lead.ContentSequence[0]
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = image.SOPClassUID
-    ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
-    selected = Dataset()
-    selected.ReferencedSOPSequence = [ref]
-    selected.RelationshipType = lead_image.RelationshipType
-    selected.ValueType = lead_image.ValueType
-    selected.ConceptNameCodeSequence = lead_image.ConceptNameCodeSequence
-    region = Dataset()
-    region.RelationshipType = lead.RelationshipType
-    region.ValueType = lead.ValueType
-    region.ConceptNameCodeSequence = lead.ConceptNameCodeSequence
-    region.ContentSequence = [selected]
-    region.add(DataElement(GRAPHIC_DATA, "FL", outline.ravel().tolist(), already_converted=True))
-    region.GraphicType = lead.GraphicType
-    return region
+
+    def __init__(self, lead: Dataset, character_set: str | list[str] | None) -> None:
+        lead_image = lead.ContentSequence[0]
+        region = Dataset()
+        region.RelationshipType = lead.RelationshipType
+        region.ValueType = lead.ValueType
+        region.ConceptNameCodeSequence = lead.ConceptNameCodeSequence
+        selected = Dataset()
+        selected.RelationshipType = lead_image.RelationshipType
+        selected.ValueType = lead_image.ValueType
+        selected.ConceptNameCodeSequence = lead_image.ConceptNameCodeSequence
+        graphic_type = Dataset()
+        graphic_type.GraphicType = lead.GraphicType
+        # Element order: RelationshipType, ValueType, ConceptNameCodeSequence (0040,A0xx), then
+        # ContentSequence (0040,A730), GraphicData (0070,0022), GraphicType (0070,0023); in the
+        # selected image item ReferencedSOPSequence (0008,1199) comes before the rest.
+        self.head, self.selected_tail, self.tail = (
+            _elements(ds, character_set) for ds in (region, selected, graphic_type)
+        )
+
+    def encode(self, outline: NDArray[np.float32], image: Dataset) -> bytes:
+        if outline.ndim != 2 or outline.shape[1] != 2 or outline.shape[0] < 2:
+            raise ValueError(f"an outline is (n >= 2, 2) (column, row) pairs, got shape {outline.shape}")
+        reference = explicit_vr.item(
+            explicit_vr.element(0x00081150, b"UI", explicit_vr.uid(str(image.SOPClassUID)))
+            + explicit_vr.element(0x00081155, b"UI", explicit_vr.uid(str(image.SOPInstanceUID)))
+        )
+        selected = explicit_vr.item(explicit_vr.sequence(0x00081199, [reference]) + self.selected_tail)
+        return explicit_vr.item(
+            self.head
+            + explicit_vr.sequence(CONTENT_SEQUENCE, [selected])
+            + explicit_vr.element(GRAPHIC_DATA, b"FL", np.asarray(outline, dtype="<f4").tobytes())
+            + self.tail
+        )
+
+
+def _elements(ds: Dataset, character_set: str | list[str] | None) -> bytes:
+    """The elements of ``ds`` as the writer encodes them inside a document in ``character_set``."""
+    (encoded,) = explicit_vr.encoded_items([ds], character_set)
+    return encoded[8:]  # without the item tag and length
 
 
 def segment_outlines(
@@ -482,7 +600,8 @@ def segment_outlines(
         raise ValueError(f"mask must be 3D (slice, row, column), got shape {mask.shape}")
     graph = _CrackGraph(np.asarray(mask, dtype=bool))
     chosen = graph.largest_outer_loops()
-    outlines = _simplify_loops([graph.corners(e) for e in chosen.values()], max_points)
+    points, counts = graph.walks(list(chosen.values()))
+    outlines = _simplify_loops(np.split(points, np.cumsum(counts)[:-1]) if counts.size else [], max_points)
     return {z: o.astype(np.float32) for z, o in zip(chosen, outlines, strict=True)}
 
 
@@ -603,15 +722,29 @@ class _CrackGraph:
 
     def corners(self, edge: int) -> NDArray[np.float64]:
         """Corner points (x, y) of the loop through ``edge``, in walking order."""
+        points, _ = self.walks([edge])
+        return points
+
+    def walks(self, edges: Sequence[int]) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+        """:meth:`corners` of the loops through ``edges``, one after the other, and how many
+        each has: the loops walked in one Python loop, their corners picked in one pass."""
         successor = self.successor
-        order = [edge]
-        e = successor[edge]
-        while e != edge:
-            order.append(e)
-            e = successor[e]
+        order: list[int] = []
+        sizes = []
+        for edge in edges:
+            start = len(order)
+            order.append(edge)
+            e = successor[edge]
+            while e != edge:
+                order.append(e)
+                e = successor[e]
+            sizes.append(len(order) - start)
         walk = np.asarray(order, dtype=np.int64)
-        x, y = self._xy(self.end[walk[self.corner_after[walk]]])
-        return np.stack([x, y], axis=1).astype(np.float64)
+        corner = self.corner_after[walk]
+        x, y = self._xy(self.end[walk[corner]])
+        loop = np.repeat(np.arange(len(sizes)), sizes)
+        counts: NDArray[np.int64] = np.bincount(loop[corner], minlength=len(sizes)).astype(np.int64)
+        return np.stack([x, y], axis=1).astype(np.float64), counts
 
 
 def _simplify_loops(
@@ -623,6 +756,11 @@ def _simplify_loops(
     "significance > t" is exactly the Douglas-Peucker result at tolerance t). A loop keeps
     its ``max_points`` most significant points above ``tolerance``. Each loop is split at
     point 0 and the point farthest from it; the result is closed (first point repeated).
+
+    The points are pixel corners (whole numbers): the farthest point from a chord is then the
+    one with the largest cross product with it (an exact whole number; dividing by the
+    chord's length keeps the order and the ties), so the distance is computed for the
+    farthest point of each chord only.
     """
     if not loops:
         return []
@@ -633,6 +771,9 @@ def _simplify_loops(
     sizes = np.array([len(p) for p in loops], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
     closed = np.concatenate([np.vstack([p, p[:1]]) for p in loops])
+    if not np.array_equal(closed, np.round(closed)):
+        raise ValueError("the outline's points must be pixel corners (whole numbers)")
+    x, y = np.ascontiguousarray(closed[:, 0]), np.ascontiguousarray(closed[:, 1])
     loop_of = np.repeat(np.arange(len(loops)), sizes + 1)
     significance = np.full(len(closed), -1.0)
     small = sizes + 1 <= max_points
@@ -647,7 +788,7 @@ def _simplify_loops(
         significance[np.concatenate([first, far, last])] = np.inf
         a = np.concatenate([first, far])
         b = np.concatenate([far, last])
-        budget = _BudgetCut(loop_of, offsets, in_big, max_points)
+        budget = _BudgetCut(loop_of, offsets, sizes, big, max_points)
         while a.size:
             live = b - a > 1
             a, b = a[live], b[live]
@@ -656,29 +797,51 @@ def _simplify_loops(
             counts = b - a - 1
             # Every interior point of every live chain, vectorised across chains.
             chain = np.repeat(np.arange(a.size), counts)
-            idx = a[chain] + 1 + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            pa = closed[a[chain]]
-            d = closed[b[chain]] - pa
-            rel = closed[idx] - pa
-            length = np.hypot(d[:, 0], d[:, 1])
-            cross = np.abs(d[:, 0] * rel[:, 1] - d[:, 1] * rel[:, 0])
-            dist = np.where(length > 0, cross / np.maximum(length, 1e-12), np.hypot(rel[:, 0], rel[:, 1]))
-            pick = _first_max_per_group(dist, chain)
-            best, best_dist = idx[pick], dist[pick]
+            idx = np.arange(counts.sum()) + np.repeat(a + 1 - (np.cumsum(counts) - counts), counts)
+            dx, dy = x[b] - x[a], y[b] - y[a]
+            # |d x rel| = |dx (y - ya) - dy (x - xa)|, exact in whole numbers.
+            cross = np.abs(
+                np.repeat(dx, counts) * y[idx]
+                - np.repeat(dy, counts) * x[idx]
+                - np.repeat(dx * y[a] - dy * x[a], counts)
+            )
+            pick = _first_max_per_group(cross, chain)
+            best = idx[pick]
+            length = np.hypot(dx, dy)
+            # A chord of length 0 (its ends on one point): the distance from that point.
+            best_dist = np.where(length > 0, cross[pick] / np.maximum(length, 1e-12), 0.0)
+            point = length == 0
+            if point.any():
+                best[point], best_dist[point] = _farthest_from_point(x, y, a[point], b[point])
             # Neither a point below the tolerance nor one below its loop's budget so far is
             # ever kept, and significance only falls down the tree: stop those chains.
             cut = budget.cut(significance)
             split = best_dist > np.maximum(tolerance, cut[loop_of[a]])
             a, b, best, best_dist = a[split], b[split], best[split], best_dist[split]
             significance[best] = np.minimum(best_dist, np.minimum(significance[a], significance[b]))
+            budget.found(loop_of[best])
             a, b = np.concatenate([a, best]), np.concatenate([best, b])
 
-    # Keep each loop's max_points most significant points above the tolerance.
-    order = np.lexsort((-significance, loop_of))
-    rank = np.empty(len(closed), dtype=np.int64)
-    rank[order] = np.arange(len(closed)) - offsets[loop_of[order]]
-    keep = (significance > tolerance) & (rank < max_points)
+    # Keep each loop's max_points most significant points above the tolerance (the others
+    # are never kept: only these are ranked).
+    candidates = np.flatnonzero(significance > tolerance)
+    order = candidates[np.lexsort((-significance[candidates], loop_of[candidates]))]
+    starts = np.searchsorted(loop_of[order], np.arange(len(loops)))
+    keep = np.zeros(len(closed), dtype=bool)
+    keep[order[np.arange(order.size) - starts[loop_of[order]] < max_points]] = True
     return [closed[o : o + s + 1][keep[o : o + s + 1]] for o, s in zip(offsets, sizes, strict=True)]
+
+
+def _farthest_from_point(
+    x: NDArray[np.float64], y: NDArray[np.float64], a: NDArray[np.int64], b: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """For chains whose ends are one point: the first interior point farthest from it, and its distance."""
+    counts = b - a - 1
+    chain = np.repeat(np.arange(a.size), counts)
+    idx = np.arange(counts.sum()) + np.repeat(a + 1 - (np.cumsum(counts) - counts), counts)
+    dist = np.hypot(x[idx] - np.repeat(x[a], counts), y[idx] - np.repeat(y[a], counts))
+    pick = _first_max_per_group(dist, chain)
+    return idx[pick], dist[pick]
 
 
 def _first_max_per_group(values: NDArray[np.float64], group: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -692,28 +855,45 @@ def _first_max_per_group(values: NDArray[np.float64], group: NDArray[np.int64]) 
 
 class _BudgetCut:
     """Per loop, the ``max_points``-th largest significance among the points of the big loops
-    found so far (0 while fewer): a table of one row per loop, partitioned at every call."""
+    found so far (0 while fewer): by partitioning a table of one row per loop, for the loops
+    that have that many points found and found more since it was last computed (a loop's
+    answer changes only then)."""
 
     def __init__(
         self,
         loop_of: NDArray[np.int64],
         offsets: NDArray[np.int64],
-        points: NDArray[np.int64],
+        sizes: NDArray[np.int64],
+        big: NDArray[np.int64],
         max_points: int,
     ) -> None:
-        self.points = points
-        self.loops, self.row = np.unique(loop_of[points], return_inverse=True)
-        self.col = points - offsets[loop_of[points]]
-        self.table = np.full((self.loops.size, int(np.max(self.col)) + 1), -1.0)
-        self.kth = self.table.shape[1] - max_points  # ascending position of the max_points-th largest
-        self.n_loops = int(loop_of[-1]) + 1
+        self.max_points = max_points
+        self.big = big
+        # Row r: the points of loop big[r] (first to last, closing point included), then padding
+        # (index -1: a significance of -1 appended when reading).
+        width = int(np.max(sizes[big])) + 1
+        col = np.arange(width)
+        self.points = np.where(col < sizes[big, None] + 1, offsets[big, None] + col, -1)
+        self.kth = width - max_points  # ascending position of the max_points-th largest
+        n_loops = int(loop_of[-1]) + 1
+        self.found_in = np.zeros(n_loops, dtype=np.int64)
+        self.found_in[big] = 3  # first, farthest, last (at most: they may coincide)
+        self.changed = np.zeros(n_loops, dtype=bool)
+        self.changed[big] = True
+        self.answer = np.zeros(n_loops)
+
+    def found(self, loops: NDArray[np.int64]) -> None:
+        """Points of ``loops`` (one entry per point) got their significance."""
+        np.add.at(self.found_in, loops, 1)
+        self.changed[loops] = True
 
     def cut(self, significance: NDArray[np.float64]) -> NDArray[np.float64]:
-        self.table[self.row, self.col] = significance[self.points]
-        cut = np.zeros(self.n_loops)
-        if self.kth >= 0:
-            cut[self.loops] = np.maximum(np.partition(self.table, self.kth, axis=1)[:, self.kth], 0.0)
-        return cut
+        rows = np.flatnonzero((self.found_in[self.big] >= self.max_points) & self.changed[self.big])
+        if rows.size:
+            table = np.append(significance, -1.0)[self.points[rows]]
+            self.answer[self.big[rows]] = np.maximum(np.partition(table, self.kth, axis=1)[:, self.kth], 0.0)
+            self.changed[self.big[rows]] = False
+        return self.answer
 
 
 def assessed_region(
@@ -722,16 +902,19 @@ def assessed_region(
     """A rectangle around everything segmented on the key slice (or the fullest slice): where a
     whole-organ classification is shown. Viewers such as OHIF place every measurement group on
     an image region and fail on a group that has none."""
-    # A few slices at a time: count_nonzero over an axis makes a boolean copy of what it counts.
-    per_slice = np.concatenate(
-        [
-            np.count_nonzero(labels[z : z + BOX_SLAB].reshape(-1, labels[0].size), axis=1)
-            for z in range(0, labels.shape[0], BOX_SLAB)
-        ]
-    )
-    if not per_slice.any():
-        return None
-    k = key_slice if key_slice is not None and per_slice[key_slice] > 0 else int(np.argmax(per_slice))
+    if key_slice is not None and labels[key_slice].any():
+        k = key_slice
+    else:
+        # A few slices at a time: count_nonzero over an axis makes a boolean copy of what it counts.
+        per_slice = np.concatenate(
+            [
+                np.count_nonzero(labels[z : z + BOX_SLAB].reshape(-1, labels[0].size), axis=1)
+                for z in range(0, labels.shape[0], BOX_SLAB)
+            ]
+        )
+        if not per_slice.any():
+            return None
+        k = int(np.argmax(per_slice))
     rows = np.flatnonzero(labels[k].any(axis=1))
     cols = np.flatnonzero(labels[k].any(axis=0))
     r0, r1 = max(0, int(rows[0]) - 2), min(labels.shape[1] - 1, int(rows[-1]) + 2)

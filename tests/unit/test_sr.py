@@ -17,10 +17,11 @@ from pydicom.sr.codedict import codes as dcm_codes
 from scipy import ndimage
 
 from orthanc_plugin.core.results import SegmentSpec, VolumeMeasurement
+from orthanc_plugin.outputs import explicit_vr
 from orthanc_plugin.outputs.sr import (
     MAX_POLYGON_POINTS,
     _key_slice,
-    _region_like,
+    _RegionEncoder,
     build_sr,
     device_observer_uid,
     image_regions,
@@ -165,40 +166,48 @@ def test_regions_outline_each_slice(sr: pydicom.Dataset, ct: list[pydicom.Datase
             assert points[:, 1].min() == rows.min() and points[:, 1].max() == rows.max() + 1
 
 
-def _encoded(item: pydicom.Dataset) -> bytes:
-    buffer = pydicom.filebase.DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    pydicom.filewriter.write_dataset(buffer, item)
-    return buffer.getvalue()
+def _encoded_item(item: pydicom.Dataset, charset: Any) -> bytes:
+    (encoded,) = explicit_vr.encoded_items([item], charset)
+    return encoded
+
+
+def _parsed_item(encoded: bytes) -> pydicom.Dataset:
+    holder = pydicom.Dataset()
+    explicit_vr.raw_sequence(holder, 0x0040A730, [encoded])
+    items: list[pydicom.Dataset] = list(holder.ContentSequence)  # reading the element parses the bytes
+    assert len(items) == 1
+    return items[0]
 
 
 def test_further_regions_encode_like_highdicoms(ct: list[pydicom.Dataset], labels: Array) -> None:
-    """The regions after the first are made without highdicom: byte for byte what
-    hd.sr.ImageRegion makes for the same outline and image, and read back the same."""
+    """The regions after the first are encoded without highdicom: byte for byte what pydicom
+    writes for hd.sr.ImageRegion of the same outline and image, and read back the same."""
     found = image_regions(labels == 2, ct)
     assert found is not None
     lead, more = found
     assert len(more) == int((labels == 2).any(axis=(1, 2)).sum()) - 1
     rng = np.random.default_rng(7)
-    outlines = [region.GraphicData for region in more] + [
-        rng.uniform(0, 511, size=(n, 2)).astype(np.float32).ravel().tolist() for n in (2, 3, 64)
+    outlines = [outline for outline, _ in more] + [
+        rng.uniform(0, 511, size=(n, 2)).astype(np.float32) for n in (2, 3, 64)
     ]
-    for k, data in enumerate(outlines):
-        outline = np.asarray(data, dtype=np.float32).reshape(-1, 2)
-        image = ct[k % len(ct)]
-        reference = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=outline,
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
-            ),
-        )
-        ours = _region_like(lead, outline, image)
-        assert _encoded(ours) == _encoded(reference)
-        read = hd.sr.ImageRegion.from_dataset(pydicom.dataset.Dataset(ours))
-        assert np.array_equal(read.value, outline)
+    for charset in (ct[0].get("SpecificCharacterSet"), "ISO_IR 192", None):
+        encoder = _RegionEncoder(lead, charset)
+        for k, outline in enumerate(outlines):
+            image = ct[k % len(ct)]
+            reference = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=outline,
+                source_image=hd.sr.SourceImageForRegion(
+                    referenced_sop_class_uid=image.SOPClassUID,
+                    referenced_sop_instance_uid=image.SOPInstanceUID,
+                ),
+            )
+            ours = encoder.encode(outline, image)
+            assert ours == _encoded_item(reference, charset)
+            read = hd.sr.ImageRegion.from_dataset(_parsed_item(ours))
+            assert np.array_equal(read.value, outline)
     with pytest.raises(ValueError, match="outline"):
-        _region_like(lead, np.zeros((1, 2), dtype=np.float32), ct[0])
+        encoder.encode(np.zeros((1, 2), dtype=np.float32), ct[0])
 
 
 def test_seg_and_sources_are_evidence(
@@ -319,11 +328,9 @@ def test_regions_traced_in_the_box_are_those_of_the_whole_grid() -> None:
         )
         assert np.array_equal(np.asarray(lead.GraphicData, dtype=np.float32), plain[lead_z].ravel())
         rest = [z for z in sorted(plain) if z != lead_z]
-        assert [r.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in more] == [
-            f"2.25.{z + 1}" for z in rest
-        ]
-        for region, z in zip(more, rest, strict=True):
-            assert region.GraphicData == plain[z].ravel().tolist()
+        assert [image.SOPInstanceUID for _, image in more] == [f"2.25.{z + 1}" for z in rest]
+        for (outline, _), z in zip(more, rest, strict=True):
+            assert outline.dtype == np.float32 and np.array_equal(outline, plain[z])
         values = [1, 2] if trial % 4 == 0 else [1 + trial % 2]
         present = np.ones(40, dtype=bool)
         total = np.zeros(40, dtype=np.int64)
