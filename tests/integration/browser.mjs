@@ -241,8 +241,9 @@ export async function settle(page, what, inspect, arg = null, { until = () => tr
 
 // Runs in the page: the active viewport as the next step of a check needs it. imageId is the image
 // it is on, rendered the last image Cornerstone finished drawing in it (ohifContext() listens),
-// status Cornerstone's viewportStatus; canvas counts the drawn pixels (inked: not black, coloured:
-// not grey, which on a CT is the segmentation overlay) with a checksum of them all; svg holds the
+// status Cornerstone's viewportStatus; canvas, read once that image is drawn (reading a picture
+// is the slow part), counts the drawn pixels (inked: not black, coloured: not grey, which on a CT
+// is the segmentation overlay) with a checksum of them all; svg holds the
 // texts and the shapes (contours, measurements) drawn over the image, annotations the Cornerstone
 // annotations (contours, measurements) that belong to the image.
 export function viewportState() {
@@ -272,7 +273,7 @@ export function viewportState() {
   // The picture is read at a quarter of its size through a canvas of our own: reading the
   // viewport's own canvas back would slow Cornerstone's drawing into it.
   const { canvas } = viewport;
-  if (canvas?.width && canvas.height) {
+  if (state.imageId && state.rendered === state.imageId && state.status === 'rendered' && canvas?.width && canvas.height) {
     const small = (window.__viewportStateCanvas ??= document.createElement('canvas'));
     small.width = Math.ceil(canvas.width / 4);
     small.height = Math.ceil(canvas.height / 4);
