@@ -231,10 +231,11 @@ export async function settle(page, what, inspect, arg = null, { until = () => tr
       throw new Error(`timed out after ${timeout} ms waiting for ${what}; last seen: ${seen.slice(0, 1500)}`);
     }
     previous = seen;
-    // the next frame (a page without frames, one in the background, still gets polled)
+    // the next frame; a page that draws none (its GPU work still queued, or in the background) is
+    // looked at again after 100 ms
     await page.evaluate(() => new Promise((resolve) => {
       requestAnimationFrame(() => resolve());
-      setTimeout(resolve, 250);
+      setTimeout(resolve, 100);
     }));
   }
 }

@@ -52,14 +52,15 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-failure.png' }
   await page.getByRole('button', { name: 'Yes', exact: true }).click();
   await waitForSegmentationOnCt(page, { polling: 100 });
   mark('seg_loaded');
-  // Show the first segment's middle slice and the panel that lists the segment names.
-  const jump = await jumpToSegmentCentre(page, { segmentIndex: 1 });
-  if (!jump.target) throw new Error(`OHIF has no centre for segment 1 of the SEG to jump to: ${JSON.stringify(jump)}`);
+  // Show the panel that lists the segment names, then the first segment's middle slice (opening
+  // the panel narrows the viewport: after the jump it would be drawn once more).
   await page.evaluate(() => window.services.panelService
     .activatePanel('@ohif/extension-cornerstone.panelModule.panelSegmentation', true));
   await page.getByText('Right lung').first().waitFor();
-  // The jump and the overlay render asynchronously (the panel also narrows the viewport): done once
-  // the slice jumped to is drawn with the overlay's colours and the picture holds still.
+  const jump = await jumpToSegmentCentre(page, { segmentIndex: 1 });
+  if (!jump.target) throw new Error(`OHIF has no centre for segment 1 of the SEG to jump to: ${JSON.stringify(jump)}`);
+  // The jump and the overlay render asynchronously: done once the slice jumped to is drawn with the
+  // overlay's colours and the picture holds still.
   const segShown = await waitForRenderedImage(page, `the SEG overlay drawn on the slice jumped to (image ${jump.targetIndex})`,
     (s) => s.imageId === jump.target && s.canvas?.coloured > 0);
   report.seg = await page.evaluate(inspectSegmentation);
