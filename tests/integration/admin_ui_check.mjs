@@ -67,12 +67,21 @@ await drive({ ...check, failureShot: 'admin-ui-failure.png', fullPage: true }, a
   mark('succeeded again');
 
   report.step = 'cancel a finished job';  // the API refuses (409): the page must say why
+  // After the answer the page shows it, then refreshes its tables and writes #updated last: count
+  // the refreshes that end while the refusal is on screen.
+  await page.evaluate(() => {
+    window.__refreshedAfterRefusal = 0;
+    new MutationObserver(() => {
+      if (/refused/.test(document.getElementById('message').innerText)) window.__refreshedAfterRefusal += 1;
+    }).observe(document.getElementById('updated'), { childList: true, characterData: true, subtree: true });
+  });
   await page.$eval(`${rowSel} button.cancel`, (b) => { b.disabled = false; });
   page.once('dialog', (d) => d.accept());
   await page.click(`${rowSel} button.cancel`);
   await page.waitForFunction(() => /refused/.test(document.getElementById('message').innerText));
   report.refusal = await page.$eval('#message', (m) => m.innerText);
-  await page.waitForTimeout(300);
+  await page.waitForFunction((sel) => window.__refreshedAfterRefusal > 0
+    && document.querySelector(`${sel}[data-state="succeeded"]`), rowSel);
   await shot('admin-ui.png');
 
   report.step = 'Orthanc Explorer';

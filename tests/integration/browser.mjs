@@ -12,6 +12,11 @@
 //     check.report.step = '...'; ...; check.report.ok = true;
 //   });
 //
+// A check waits for the condition its next step needs, never for a time: settle() polls an inspector
+// once per animation frame until two consecutive answers are equal and satisfy a predicate (with a
+// deadline and an error naming what it waited for), waitForRenderedImage() does that for the active
+// OHIF viewport (the image it is on is drawn, the picture holds still). report.waits lists each.
+//
 // Exit status 0 when the report was written (even if the page misbehaved), 2 on a usage error.
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
@@ -56,13 +61,16 @@ export function parseArgs(argv, { usage, required = [], defaults = {}, numbers =
   return args;
 }
 
+// What each settle() waited for, how long (ms) and how many frames it looked at: report.waits.
+const settled = [];
+
 // The arguments, the report every check prints (more fields in `fields`), and mark(name), which
 // records the seconds since the start in report.timings.
 export function start(options, fields = {}) {
   const args = parseArgs(process.argv.slice(2), options);
   const report = {
     ok: false, step: 'launch', error: null, timings: {}, console: [], errorBoundary: [], httpErrors: [],
-    screenshots: [], ...fields,
+    screenshots: [], waits: settled, ...fields,
   };
   const t0 = Date.now();
   const mark = (name) => { report.timings[name] = (Date.now() - t0) / 1000; };
@@ -147,6 +155,14 @@ export async function ohifContext(browser, { tours = ['basicViewerTour'], user =
   await context.addInitScript((shown) => {
     localStorage.setItem('shownTours', JSON.stringify(shown));
     sessionStorage.setItem('investigationalUseDialog', 'hidden');
+    // The image each viewport last finished drawing (Cornerstone's IMAGE_RENDERED, caught on its way
+    // down to the viewport's element): viewportState() compares it with the image the viewport is on.
+    window.__renderedImage = {};
+    document.addEventListener('CORNERSTONE_IMAGE_RENDERED', (event) => {
+      const id = event.detail?.viewportId;
+      const viewport = id && window.cornerstone?.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
+      if (viewport) window.__renderedImage[id] = viewport.getCurrentImageId?.() ?? null;
+    }, true);
   }, tours);
   return context;
 }
@@ -193,4 +209,133 @@ export function waitForSegmentationOnCt(page, { contour = false, answerPrompt = 
     }
     return now - window.__stableSince > 1000;
   }, { contour, answerPrompt }, { polling });
+}
+
+// ---- waiting for what the next step needs, not for a time
+
+// Until `inspect(arg)`, run in the page after each animation frame, gives the same answer on two
+// consecutive frames and `until(answer)` holds: a render has finished and nothing is still moving.
+// Returns that answer. Past `timeout` ms throws an Error that names `what` and shows the last answer.
+export async function settle(page, what, inspect, arg = null, { until = () => true, timeout = 30000 } = {}) {
+  const began = Date.now();
+  const deadline = began + timeout;
+  let previous = null;
+  for (let looks = 1; ; looks++) {
+    const answer = await page.evaluate(inspect, arg);
+    const seen = JSON.stringify(answer);
+    if (seen === previous && until(answer)) {
+      settled.push({ what, ms: Date.now() - began, looks });
+      return answer;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeout} ms waiting for ${what}; last seen: ${seen.slice(0, 1500)}`);
+    }
+    previous = seen;
+    // the next frame; a page that draws none (its GPU work still queued, or in the background) is
+    // looked at again after 100 ms
+    await page.evaluate(() => new Promise((resolve) => {
+      requestAnimationFrame(() => resolve());
+      setTimeout(resolve, 100);
+    }));
+  }
+}
+
+// Runs in the page: the active viewport as the next step of a check needs it. imageId is the image
+// it is on, rendered the last image Cornerstone finished drawing in it (ohifContext() listens),
+// status Cornerstone's viewportStatus; canvas, read once that image is drawn (reading a picture
+// is the slow part), counts the drawn pixels (inked: not black, coloured: not grey, which on a CT
+// is the segmentation overlay) with a checksum of them all; svg holds the
+// texts and the shapes (contours, measurements) drawn over the image, annotations the Cornerstone
+// annotations (contours, measurements) that belong to the image.
+export function viewportState() {
+  const { viewportGridService } = window.services;
+  const id = viewportGridService.getActiveViewportId();
+  const displaySets = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
+  const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
+  if (!viewport) return { viewportId: id, displaySets, imageId: null };
+  const state = {
+    viewportId: id,
+    displaySets,
+    imageId: viewport.getCurrentImageId?.() ?? null,
+    imageIndex: viewport.getCurrentImageIdIndex?.() ?? null,
+    rendered: window.__renderedImage?.[id] ?? null,
+    status: viewport.viewportStatus ?? null,
+    canvas: null,
+    svg: {
+      text: [...(viewport.element?.querySelectorAll('svg text') ?? [])].map((t) => t.textContent).filter(Boolean),
+      shapes: viewport.element?.querySelectorAll('svg path, svg polyline').length ?? 0,
+    },
+    annotations: 0,
+  };
+  if (state.imageId) {
+    state.annotations = window.cornerstoneTools.annotation.state.getAllAnnotations()
+      .filter((a) => a.metadata?.referencedImageId === state.imageId).length;
+  }
+  // The picture is read at a quarter of its size through a canvas of our own: reading the
+  // viewport's own canvas back would slow Cornerstone's drawing into it.
+  const { canvas } = viewport;
+  if (state.imageId && state.rendered === state.imageId && state.status === 'rendered' && canvas?.width && canvas.height) {
+    const small = (window.__viewportStateCanvas ??= document.createElement('canvas'));
+    small.width = Math.ceil(canvas.width / 4);
+    small.height = Math.ceil(canvas.height / 4);
+    const context = small.getContext('2d');
+    context.imageSmoothingEnabled = false;
+    context.drawImage(canvas, 0, 0, small.width, small.height);
+    const px = context.getImageData(0, 0, small.width, small.height).data;
+    let inked = 0;
+    let coloured = 0;
+    let checksum = 0;
+    for (let i = 0; i < px.length; i += 4) {
+      const r = px[i];
+      const g = px[i + 1];
+      const b = px[i + 2];
+      if (r || g || b) inked += 1;
+      if (Math.max(r, g, b) - Math.min(r, g, b) > 24) coloured += 1;
+      checksum = (checksum * 31 + r + 3 * g + 7 * b) >>> 0;
+    }
+    state.canvas = { width: small.width, height: small.height, inked, coloured, checksum };
+  }
+  return state;
+}
+
+// Until the active viewport has finished drawing the image it is on, its picture is the same on two
+// consecutive frames and `until(viewportState())` holds. Returns that state.
+export function waitForRenderedImage(page, what, until = () => true, { timeout = 30000 } = {}) {
+  return settle(page, what, viewportState, null, {
+    until: (s) => Boolean(s.imageId) && s.rendered === s.imageId && s.status === 'rendered' && until(s),
+    timeout,
+  });
+}
+
+// Jumps the active viewport to the centre of a segment (OHIF's jumpToSegmentCenter, without the
+// highlight animation) and returns the image it must land on (target, and its index in the stack):
+// the one whose plane lies nearest the centre OHIF computed for the segment (null when OHIF has
+// none and stays where it is). With `contour`, of the segmentation made of an RT Structure Set,
+// else of the first one.
+export function jumpToSegmentCentre(page, { segmentIndex = null, contour = false } = {}) {
+  return page.evaluate(({ index, wantContour }) => {
+    const { segmentationService, viewportGridService } = window.services;
+    const all = segmentationService.getSegmentations();
+    const s = wantContour ? all.find((x) => x.representationData?.Contour) : all[0];
+    const segment = index ?? Math.min(...Object.keys(s.segments).map(Number).filter((k) => s.segments[k]));
+    const viewportId = viewportGridService.getActiveViewportId();
+    const stats = s.segments[segment]?.cachedStats;
+    const world = stats?.center?.world ?? stats?.namedStats?.center?.value ?? null;
+    let target = null;
+    let targetIndex = null;
+    if (world) {
+      const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === viewportId).viewport;
+      let best = Infinity;
+      for (const [k, imageId] of viewport.getImageIds().entries()) {
+        const plane = window.cornerstone.metaData.get('imagePlaneModule', imageId);
+        if (!plane?.imagePositionPatient) continue;
+        const [r, c] = [plane.rowCosines, plane.columnCosines];
+        const normal = [r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0]];
+        const d = Math.abs(normal.reduce((sum, n, k) => sum + n * (world[k] - plane.imagePositionPatient[k]), 0));
+        if (d < best) [best, target, targetIndex] = [d, imageId, k];
+      }
+    }
+    segmentationService.jumpToSegmentCenter(s.segmentationId, segment, viewportId, 0.9, false, 0);
+    return { segment, world, target, targetIndex };
+  }, { index: segmentIndex, wantContour: contour });
 }

@@ -6,7 +6,7 @@
 //
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if the page misbehaved), 2 on a usage error.
-import { SOFTWARE_WEBGL, drive, newPage, screenshots, start } from './browser.mjs';
+import { SOFTWARE_WEBGL, drive, newPage, screenshots, settle, start } from './browser.mjs';
 
 const check = start({
   usage: 'monitoring_ui_check.mjs --base <orthanc url> --model <name> --out <dir> [--chromium PATH]',
@@ -32,11 +32,19 @@ await drive({ ...check, flags: SOFTWARE_WEBGL }, async (browser) => {
   await page.waitForSelector('#models[data-loaded="true"]');
   await page.selectOption('#model-select', args.model);
   await page.waitForSelector(`#models-body section.version`);
-  // every chart drawn by Chart.js (the view draws them after its data arrives)
-  await page.waitForFunction(() => {
-    const canvases = [...document.querySelectorAll('#models-body figure.chart canvas')];
-    return canvases.length > 0 && canvases.every((c) => window.Chart && window.Chart.getChart(c));
-  });
+  // every chart drawn by Chart.js (the view draws them after its data arrives, Chart.js animates
+  // the drawing): done once no chart is animating, every one has ink on its canvas and none
+  // changes between two frames.
+  await settle(page, 'every chart of the Models view drawn and holding still', () => [
+    ...document.querySelectorAll('#models-body figure.chart canvas'),
+  ].map((canvas) => {
+    const chart = window.Chart?.getChart(canvas);
+    if (!chart || window.Chart.animator.running(chart) || !canvas.width || !canvas.height) return 0;
+    const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let inked = 0;
+    for (let i = 3; i < px.length; i += 4) if (px[i] > 0) inked += 1;
+    return inked;
+  }), null, { until: (inked) => inked.length > 0 && inked.every((n) => n > 0) });
   mark('models');
   report.models = await page.evaluate(() => {
     const figures = [...document.querySelectorAll('#models-body figure.chart')];

@@ -10,7 +10,8 @@
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if OHIF misbehaved), 2 on a usage error.
 import {
-  SOFTWARE_WEBGL, drive, newPage, ohifContext, screenshots, start, waitForFirstImage, waitForSegmentationOnCt,
+  SOFTWARE_WEBGL, drive, jumpToSegmentCentre, newPage, ohifContext, screenshots, start, waitForFirstImage,
+  waitForRenderedImage, waitForSegmentationOnCt,
 } from './browser.mjs';
 
 const check = start({
@@ -51,16 +52,19 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-failure.png' }
   await page.getByRole('button', { name: 'Yes', exact: true }).click();
   await waitForSegmentationOnCt(page, { polling: 100 });
   mark('seg_loaded');
-  // Show the first segment's middle slice and the panel that lists the segment names.
-  await page.evaluate(() => {
-    const { segmentationService, panelService, viewportGridService } = window.services;
-    const id = segmentationService.getSegmentations()[0].segmentationId;
-    segmentationService.jumpToSegmentCenter(id, 1, viewportGridService.getActiveViewportId(), 0.9, false, 0);
-    panelService.activatePanel('@ohif/extension-cornerstone.panelModule.panelSegmentation', true);
-  });
+  // Show the panel that lists the segment names, then the first segment's middle slice (opening
+  // the panel narrows the viewport: after the jump it would be drawn once more).
+  await page.evaluate(() => window.services.panelService
+    .activatePanel('@ohif/extension-cornerstone.panelModule.panelSegmentation', true));
   await page.getByText('Right lung').first().waitFor();
-  await page.waitForTimeout(1500); // the jump and the overlay render asynchronously
+  const jump = await jumpToSegmentCentre(page, { segmentIndex: 1 });
+  if (!jump.target) throw new Error(`OHIF has no centre for segment 1 of the SEG to jump to: ${JSON.stringify(jump)}`);
+  // The jump and the overlay render asynchronously: done once the slice jumped to is drawn with the
+  // overlay's colours and the picture holds still.
+  const segShown = await waitForRenderedImage(page, `the SEG overlay drawn on the slice jumped to (image ${jump.targetIndex})`,
+    (s) => s.imageId === jump.target && s.canvas?.coloured > 0);
   report.seg = await page.evaluate(inspectSegmentation);
+  report.seg.shown = { imageIndex: segShown.imageIndex, canvas: segShown.canvas };
   report.seg.panelText = await page.locator('body').innerText();
   report.seg.panelText = ['Right lung', 'Left lung'].filter((t) => report.seg.panelText.includes(t));
   await shot('ohif-seg.png');
@@ -75,10 +79,10 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-failure.png' }
     const ds = displaySetService.getDisplaySetByUID(uid);
     return shown && ds?.isLoaded && (ds.measurements ?? []).length > 0;
   }, sr.uid);
-  // The SR viewport draws its measurements as SVG text next to the image.
-  await page.waitForFunction(() => [...document.querySelectorAll('svg text')].some((t) => /Volume/.test(t.textContent)))
-    .catch(() => {});
-  await page.waitForTimeout(1500);
+  // The SR viewport draws its measurements as SVG text next to the image: done once its image is
+  // drawn with a volume written on it and both hold still.
+  const srShown = await waitForRenderedImage(page, 'the SR viewport drawing its image with a volume label',
+    (s) => s.displaySets.includes(sr.uid) && s.canvas?.inked > 0 && s.svg.text.some((t) => /Volume/.test(t)));
   report.sr = await page.evaluate((uid) => {
     const ds = window.services.displaySetService.getDisplaySetByUID(uid);
     return {
@@ -92,9 +96,9 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-failure.png' }
       svgText: [...document.querySelectorAll('svg text')].map((t) => t.textContent).filter(Boolean),
     };
   }, sr.uid);
+  report.sr.shown = { imageIndex: srShown.imageIndex, svgShapes: srShown.svg.shapes };
   await shot('ohif-sr.png');
   mark('sr_screenshot');
-  await page.waitForTimeout(500);
   report.ok = true;
 
   // The RT Structure Set, when the study has one: its own try, so that a failure here is reported
@@ -110,26 +114,14 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-failure.png' }
       await waitForSegmentationOnCt(page, { contour: true, answerPrompt: true });
       mark('rtstruct_loaded');
       // Show the middle of the first ROI, where both lungs are drawn.
-      await page.evaluate(() => {
-        const { segmentationService, viewportGridService } = window.services;
-        const contour = segmentationService.getSegmentations().find((s) => s.representationData?.Contour);
-        const first = Math.min(...Object.keys(contour.segments).map(Number).filter((k) => contour.segments[k]));
-        segmentationService.jumpToSegmentCenter(
-          contour.segmentationId, first, viewportGridService.getActiveViewportId(), 0.9, false, 0,
-        );
-      });
-      // Done once the slice on screen carries contour annotations of the structure set.
-      await page.waitForFunction(() => {
-        const { viewportGridService } = window.services;
-        const id = viewportGridService.getActiveViewportId();
-        const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
-        const imageId = viewport?.getCurrentImageId?.();
-        return window.cornerstoneTools.annotation.state.getAllAnnotations()
-          .some((a) => a.metadata?.referencedImageId === imageId && a.data?.segmentation);
-      }, null, { polling: 200 }).catch(() => {});
-      await page.waitForTimeout(1000); // the contours are drawn (SVG) on the next render
+      const rtJump = await jumpToSegmentCentre(page, { contour: true });
+      // Done once the slice jumped to (where OHIF knows the ROI's centre) is drawn, carries
+      // annotations and has its contours drawn (SVG), and both hold still.
+      const rtShown = await waitForRenderedImage(page, `the RTSTRUCT contours drawn on the slice jumped to (image ${rtJump.targetIndex})`,
+        (s) => (!rtJump.target || s.imageId === rtJump.target) && s.annotations > 0 && s.svg.shapes > 0);
       report.rtstruct = await page.evaluate(inspectContours, rt.uid);
       report.rtstruct.error = null;
+      report.rtstruct.shown = { jumpTarget: rtJump.target, imageIndex: rtShown.imageIndex, svgShapes: rtShown.svg.shapes };
       await shot('ohif-rtstruct.png');
       mark('rtstruct_screenshot');
     } catch (err) {

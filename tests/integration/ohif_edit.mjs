@@ -12,7 +12,8 @@
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if OHIF misbehaved), 2 on a usage error.
 import {
-  SOFTWARE_WEBGL, drive, newPage, ohifContext, screenshots, start, waitForFirstImage, waitForSegmentationOnCt,
+  SOFTWARE_WEBGL, drive, jumpToSegmentCentre, newPage, ohifContext, screenshots, start, waitForFirstImage,
+  waitForRenderedImage, waitForSegmentationOnCt,
 } from './browser.mjs';
 
 const check = start({
@@ -59,13 +60,12 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-edit-failure.p
   await page.locator('[data-cy="Eraser-btn"]').click();
   await page.waitForFunction(() => window.cornerstoneTools.ToolGroupManager.getAllToolGroups()
     .some((g) => g.getActivePrimaryMouseButtonTool() === 'CircularEraser'));
-  // Show the middle of the segment to erase.
-  await page.evaluate((index) => {
-    const { segmentationService, viewportGridService } = window.services;
-    const [s] = segmentationService.getSegmentations();
-    segmentationService.jumpToSegmentCenter(s.segmentationId, index, viewportGridService.getActiveViewportId(), 0.9, false, 0);
-  }, segmentIndex);
-  await page.waitForTimeout(500); // the jump renders asynchronously
+  // Show the middle of the segment to erase: done once the slice jumped to is drawn with the
+  // overlay's colours and the picture holds still.
+  const jump = await jumpToSegmentCentre(page, { segmentIndex });
+  if (!jump.target) throw new Error(`OHIF has no centre for '${args.segment}' to jump to: ${JSON.stringify(jump)}`);
+  await waitForRenderedImage(page, `the SEG overlay drawn on the slice jumped to (image ${jump.targetIndex})`,
+    (s) => s.imageId === jump.target && s.canvas?.coloured > 0);
 
   report.step = 'erase';
   for (let n = 0; n < args.slices; n++) {
@@ -87,13 +87,9 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-edit-failure.p
       const viewportBox = stroke.viewportCentre;
       await page.mouse.move(viewportBox[0], viewportBox[1]);
       await page.mouse.wheel(0, 120);
-      await page.waitForFunction((previous) => {
-        const { viewportGridService } = window.services;
-        const id = viewportGridService.getActiveViewportId();
-        const vp = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
-        return vp && vp.getCurrentImageIdIndex() !== previous;
-      }, stroke.imageIndex, { polling: 100, timeout: 15000 });
-      await page.waitForTimeout(300); // the new slice's overlay is drawn on the next frame
+      // Done once another slice is drawn with its overlay and the picture holds still.
+      await waitForRenderedImage(page, `the next slice after ${stroke.imageIndex} drawn with its overlay`,
+        (s) => s.imageIndex !== stroke.imageIndex && s.canvas?.coloured > 0);
     }
   }
   report.after = await page.evaluate(countVoxels);
@@ -117,7 +113,18 @@ await drive({ ...check, flags: SOFTWARE_WEBGL, failureShot: 'ohif-edit-failure.p
   } catch {
     report.stow.body = text.slice(0, 2000);
   }
-  await page.waitForTimeout(1500); // OHIF shows the stored series in the study browser
+  // OHIF adds the stored series to the study browser: done once a display set holds the stored
+  // instance and its thumbnail is on screen.
+  report.step = 'the stored SEG in the study browser';
+  const storedUid = await page.waitForFunction((uids) => {
+    const sets = window.services.displaySetService.getActiveDisplaySets();
+    const set = sets.find((d) => (d.instances ?? [d.instance]).some((i) => uids.includes(i?.SOPInstanceUID)));
+    return set?.displaySetInstanceUID;
+  }, report.stow.sopInstanceUIDs, { timeout: 30000 }).then((h) => h.jsonValue()).catch((err) => {
+    throw new Error(`no display set holds the stored instance ${report.stow.sopInstanceUIDs}: ${err.message}`);
+  });
+  await page.locator(`#thumbnail-${storedUid}`).waitFor({ state: 'visible' });
+  report.stow.displaySet = storedUid;
   await shot('ohif-edit-stored.png');
   mark('stored');
   report.ok = true;

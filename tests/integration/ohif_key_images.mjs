@@ -7,7 +7,9 @@
 //
 // Prints one JSON object on the last line of stdout; the Python test makes the assertions.
 // Exit status 0 when the report was written (even if OHIF misbehaved), 2 on a usage error.
-import { SOFTWARE_WEBGL, drive, newPage, ohifContext, screenshots, start, waitForFirstImage } from './browser.mjs';
+import {
+  SOFTWARE_WEBGL, drive, newPage, ohifContext, screenshots, start, waitForFirstImage, waitForRenderedImage,
+} from './browser.mjs';
 
 const check = start({
   usage: 'ohif_key_images.mjs --url <viewer url> --out <dir> [--chromium PATH] [--timeout ms]',
@@ -34,20 +36,17 @@ await drive({ ...check, flags: SOFTWARE_WEBGL }, async (browser) => {
 
   report.step = 'show the key images';
   await page.locator(`#thumbnail-${keys.uid}`).dblclick();
-  await page.waitForFunction((uid) => {
-    const { viewportGridService } = window.services;
-    const id = viewportGridService.getActiveViewportId();
-    const shown = viewportGridService.getState().viewports.get(id)?.displaySetInstanceUIDs ?? [];
-    const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
-    return shown.includes(uid) && viewport?.getCurrentImageId?.();
-  }, keys.uid, { polling: 200 });
-  await page.waitForTimeout(1500); // the image renders asynchronously
+  // The image renders asynchronously: done once the viewport shows the key image series, has drawn
+  // its image and the picture holds still.
+  const shown = await waitForRenderedImage(page, 'the key image drawn in the viewport',
+    (s) => s.displaySets.includes(keys.uid) && s.canvas?.inked > 0);
   report.shown = await page.evaluate(() => {
     const { viewportGridService } = window.services;
     const id = viewportGridService.getActiveViewportId();
     const viewport = window.cornerstone.getEnabledElements().find((e) => e.viewport.id === id)?.viewport;
     return { imageId: viewport.getCurrentImageId(), images: viewport.getImageIds?.().length ?? null };
   });
+  report.shown.canvas = shown.canvas;
   await shot('ohif-key-images.png');
   report.ok = true;
 });
