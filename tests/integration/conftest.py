@@ -6,6 +6,7 @@ temporary folder, so a running local stack is never disturbed.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 import yaml
 from pydicom.uid import generate_uid
@@ -71,6 +73,23 @@ def upload_folder(client: httpx.Client, folder: Path) -> str:
         r.raise_for_status()
         study = r.json()["ParentStudy"]
     return study
+
+
+def upload_as_new_study(client: httpx.Client, folder: Path) -> str:
+    """``folder`` uploaded as a study of its own (new Study/Series/SOP Instance UIDs, in memory only):
+    its job leaves the jobs of the other tests of the session (sharing one Orthanc) as they expect them."""
+    study, series = generate_uid(), generate_uid()
+    study_id = ""
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        r = client.post("/instances", content=buf.getvalue(), headers={"Content-Type": "application/dicom"})
+        r.raise_for_status()
+        study_id = r.json()["ParentStudy"]
+    return study_id
 
 
 def study_uid(client: httpx.Client, study_id: str) -> str:

@@ -9,43 +9,23 @@ page carries an "AI jobs" button that opens the page. ``test-artifacts/admin-ui.
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from devstack.stack import OrthancServer
 
 from ..conftest import CT_B40, require_data
 from .browser import require_browser, run_check
-from .conftest import study_uid, wait_job_done
+from .conftest import study_uid, upload_as_new_study, wait_job_done
 
 pytestmark = pytest.mark.integration
 
 CHECK_SCRIPT = Path(__file__).with_name("admin_ui_check.mjs")
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
-
-
-def upload_as_new_study(client: httpx.Client, folder: Path) -> str:
-    """``folder`` uploaded as a study of its own (new Study/Series/SOP Instance UIDs, in memory only):
-    retrying its job here leaves the jobs of the other tests of the session as they expect them."""
-    study, series = generate_uid(), generate_uid()
-    study_id = ""
-    for f in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        buf = io.BytesIO()
-        ds.save_as(buf)
-        r = client.post("/instances", content=buf.getvalue(), headers={"Content-Type": "application/dicom"})
-        r.raise_for_status()
-        study_id = r.json()["ParentStudy"]
-    return study_id
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,12 @@ def processed(orthanc: OrthancServer) -> dict:
     """Upload the two-series demo study once and wait for its job."""
     require_data(CT_B40, CT_B70)
     with httpx.Client(base_url=orthanc.url, timeout=60) as c:
+        # The job must see both series arrive: a study another test of this session's Orthanc
+        # sent before (its B40f alone) would already have its job, chosen among what was there.
+        uid = pydicom.dcmread(next(CT_B40.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+        assert not c.post("/tools/lookup", content=uid).json(), (
+            "the demo study is already in this Orthanc: a test that shares it must send a copy as a new study"
+        )
         upload_folder(c, CT_B70)
         sid = upload_folder(c, CT_B40)
         uid = study_uid(c, sid)

@@ -22,7 +22,7 @@ from devstack.viewer import DEFAULT_DIST, ViewerServer
 
 from ..conftest import CT_B40, require_data
 from .browser import require_browser, run_check
-from .conftest import study_uid, upload_folder, wait_job_done
+from .conftest import study_uid, upload_as_new_study, wait_job_done
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,9 @@ def ohif(viewer_tools: None, orthanc: OrthancServer, artifacts: Path) -> dict[st
     """Process the chest CT, then let OHIF open it, load the SEG and the SR; OHIF's report."""
     require_data(CT_B40)
     with httpx.Client(base_url=orthanc.url, timeout=60) as c:
-        uid = study_uid(c, upload_folder(c, CT_B40))
+        # A copy as a new study: the session's Orthanc keeps the demo study's own UIDs for
+        # test_e2e_ct_lung.py, which sends both of its series.
+        uid = study_uid(c, upload_as_new_study(c, CT_B40))
         job = wait_job_done(c, uid, orthanc=orthanc)
     assert job["state"] == "succeeded", f"the AI job did not succeed, nothing to show: {job['error']}"
     for name in (
