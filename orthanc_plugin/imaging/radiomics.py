@@ -426,7 +426,6 @@ def intensity(values: NDArray[Any]) -> dict[str, float]:
     d = x - mu
     buf = d * d
     var = float(buf.mean())
-    sd = math.sqrt(var)
     np.multiply(buf, d, out=buf)
     third = float(buf.mean())
     np.multiply(d, d, out=buf)
@@ -454,6 +453,40 @@ def intensity(values: NDArray[Any]) -> dict[str, float]:
     rmad = float(robust.mean())
     del robust, buf
     energy = float(np.dot(x, x))
+    return _statistics(
+        x.size,
+        mu,
+        var,
+        third,
+        fourth,
+        lowest,
+        highest,
+        (p10, p25, median, p75, p90),
+        mad,
+        rmad,
+        medad,
+        energy,
+    )
+
+
+def _statistics(
+    n: int,
+    mu: float,
+    var: float,
+    third: float,
+    fourth: float,
+    lowest: float,
+    highest: float,
+    percentiles: tuple[float, float, float, float, float],
+    mad: float,
+    rmad: float,
+    medad: float,
+    energy: float,
+) -> dict[str, float]:
+    """The intensity-based statistics from the moments and order statistics of ``n`` values
+    (``percentiles``: the 10th, 25th, 50th, 75th and 90th)."""
+    p10, p25, median, p75, p90 = percentiles
+    sd = math.sqrt(var)
     return {
         "stat.mean": mu,
         "stat.var": var,
@@ -472,7 +505,7 @@ def intensity(values: NDArray[Any]) -> dict[str, float]:
         "stat.cov": sd / mu if mu != 0 else math.nan,
         "stat.qcod": (p75 - p25) / (p75 + p25) if (p75 + p25) != 0 else math.nan,
         "stat.energy": energy,
-        "stat.rms": math.sqrt(energy / x.size),
+        "stat.rms": math.sqrt(energy / n),
     }
 
 
@@ -490,7 +523,6 @@ def _intensity_of_integers(x: NDArray[np.integer[Any]], lowest: int, highest: in
     mu = float(int(counts @ values)) / n
     squares, cubes, fourths, distances = _deviation_sums(x, mu, moments=True)
     var = squares / n
-    sd = math.sqrt(var)
     third = cubes / n
     fourth = fourths / n
     mad = distances / n
@@ -515,26 +547,10 @@ def _intensity_of_integers(x: NDArray[np.integer[Any]], lowest: int, highest: in
     else:  # no value from p10 to p90 (two values): NaN, as NumPy's mean of none
         rmad = math.nan
     energy = float(int(counts @ (values * values)))
-    return {
-        "stat.mean": mu,
-        "stat.var": var,
-        "stat.skew": third / var**1.5 if var > 0 else 0.0,
-        "stat.kurt": fourth / var**2 - 3 if var > 0 else 0.0,
-        "stat.median": median,
-        "stat.min": float(lowest),
-        "stat.p10": p10,
-        "stat.p90": p90,
-        "stat.max": float(highest),
-        "stat.iqr": p75 - p25,
-        "stat.range": float(highest) - float(lowest),
-        "stat.mad": mad,
-        "stat.rmad": rmad,
-        "stat.medad": medad,
-        "stat.cov": sd / mu if mu != 0 else math.nan,
-        "stat.qcod": (p75 - p25) / (p75 + p25) if (p75 + p25) != 0 else math.nan,
-        "stat.energy": energy,
-        "stat.rms": math.sqrt(energy / n),
-    }
+    return _statistics(
+        n, mu, var, third, fourth, float(lowest), float(highest), (p10, p25, median, p75, p90), mad, rmad, medad,
+        energy,
+    )  # fmt: skip
 
 
 def _deviation_sums(x: NDArray[Any], centre: float, *, moments: bool) -> tuple[float, float, float, float]:
