@@ -47,13 +47,19 @@ def test_dicomweb_and_wado_paths_pass_unchanged(raw: bytes) -> None:
     assert upstream_path(raw) == raw.decode()
 
 
-@pytest.fixture
-def client(tmp_path: Path) -> TestClient:
+def _viewer_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in OHIF build (its index.html) and app-config.js."""
     dist = tmp_path / "dist"
     dist.mkdir()
     (dist / "index.html").write_text("<html>OHIF</html>")
     config = tmp_path / "app-config.js"
     config.write_text("window.config = {};")
+    return dist, config
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    dist, config = _viewer_files(tmp_path)
     # Orthanc's address is a closed port: nothing refused below may reach it (it would be a 502).
     return TestClient(create_app("http://127.0.0.1:9", dist, config))
 
@@ -89,20 +95,24 @@ STOW = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b
 
 
 @pytest.fixture
-def stow_client(tmp_path: Path) -> Iterator[tuple[TestClient, type[_Recorder]]]:
+def orthanc_stand_in() -> Iterator[tuple[str, type[_Recorder]]]:
+    """Orthanc's stand-in on a free port: its URL and the recorder of what reached it."""
     recorder = type("Recorder", (_Recorder,), {"seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    dist = tmp_path / "dist"
-    dist.mkdir()
-    (dist / "index.html").write_text("<html>OHIF</html>")
-    config = tmp_path / "app-config.js"
-    config.write_text("window.config = {};")
-    app = create_app(f"http://127.0.0.1:{server.server_port}", dist, config, local_origins(3000))
     try:
-        yield TestClient(app, base_url=ORIGIN), recorder
+        yield f"http://127.0.0.1:{server.server_port}", recorder
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def stow_client(
+    tmp_path: Path, orthanc_stand_in: tuple[str, type[_Recorder]]
+) -> tuple[TestClient, type[_Recorder]]:
+    url, recorder = orthanc_stand_in
+    dist, config = _viewer_files(tmp_path)
+    return TestClient(create_app(url, dist, config, local_origins(3000)), base_url=ORIGIN), recorder
 
 
 @pytest.mark.parametrize("path", ["/dicom-web/studies", "/dicom-web/studies/1.2.840.113619.2.1"])
@@ -241,19 +251,15 @@ def test_origins_are_scheme_host_and_port_only() -> None:
             parse_origins([bad])
 
 
-def test_the_product_command_serves_reads_and_stores_only_from_its_configured_origin(tmp_path: Path) -> None:
+def test_the_product_command_serves_reads_and_stores_only_from_its_configured_origin(
+    tmp_path: Path, orthanc_stand_in: tuple[str, type[_Recorder]]
+) -> None:
     """``python -m orthanc_plugin viewer`` as docker-compose.yml runs it (a real process, real HTTP)."""
-    recorder = type("Recorder", (_Recorder,), {"seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    dist = tmp_path / "dist"
-    dist.mkdir()
-    (dist / "index.html").write_text("<html>OHIF</html>")
-    config = tmp_path / "app-config.js"
-    config.write_text("window.config = {};")
+    orthanc_url, recorder = orthanc_stand_in
+    dist, config = _viewer_files(tmp_path)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orthanc_plugin", "viewer", f"--orthanc=http://127.0.0.1:{server.server_port}",
+        [sys.executable, "-m", "orthanc_plugin", "viewer", f"--orthanc={orthanc_url}",
          f"--listen=127.0.0.1:{port}", f"--dist={dist}", f"--config={config}", "--origin=https://pacs.example"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -285,7 +291,6 @@ def test_the_product_command_serves_reads_and_stores_only_from_its_configured_or
     finally:
         proc.terminate()
         proc.wait(10)
-        server.shutdown()
 
 
 def test_the_product_command_refuses_a_bad_origin_before_listening(tmp_path: Path) -> None:
