@@ -18,7 +18,6 @@ when they are not.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import statistics
 import sys
@@ -31,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.filebase import DicomBytesIO
 
 from devstack.common import ROOT
 from devstack.derive import resample_z, sorted_slices
@@ -40,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 from orthanc_plugin.core.codes import Code  # noqa: E402
 from orthanc_plugin.core.config import load_pipelines, segment_specs  # noqa: E402
 from orthanc_plugin.core.results import (  # noqa: E402
-    AlgorithmInfo,
     ClassificationResult,
     FeatureValue,
     SegmentFeatures,
@@ -49,22 +46,12 @@ from orthanc_plugin.core.results import (  # noqa: E402
 from orthanc_plugin.imaging.radiomics import FEATURES_BY_ID  # noqa: E402
 from orthanc_plugin.outputs import rtstruct, seg, sr  # noqa: E402
 from tests.unit import rtstruct_reference, sr_reference  # noqa: E402
+
+# The byte comparison of the unit tests: the same algorithm, creation time and clock-free bytes.
+from tests.unit.test_outline_encoders import ALGORITHM, CREATED, written  # noqa: E402
 from triton_models.ct_lung.reference_labels import reference_labels  # noqa: E402
 
 CT = ROOT.parent / "shared" / "data" / "ct" / "A0001-5mm"
-ALGORITHM = AlgorithmInfo(name="orthanc-ai ct-lung", version="1.0.0", model_name="ct_lung", model_version="1")
-CREATED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
-
-
-def written(ds: pydicom.Dataset) -> bytes:
-    if "InstanceCreationTime" in ds:  # highdicom takes the SR's creation time from the clock
-        ds.InstanceCreationDate, ds.InstanceCreationTime = "20240506", "070809"
-    for item in ds.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = "20240506070809"
-    buffer = DicomBytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def inputs(images: list[pydicom.Dataset]) -> dict[str, Any]:
